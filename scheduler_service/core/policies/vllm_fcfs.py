@@ -1,0 +1,57 @@
+"""vLLM V1's default scheduler, the baseline users run today.
+
+Running requests first, in admission order, each taking what it needs of a static token budget
+(``max_num_batched_tokens``; chunked prefill splits a prompt that does not fit); then waiting
+requests first-come-first-served until the budget, the sequence limit or the KV cache runs out.
+When a running request cannot get a block, the most recently admitted one is preempted by
+recompute; no new request is admitted in an iteration that preempted. Defaults are vLLM 0.32's
+for an A100 behind the OpenAI server (2048 tokens, 256 sequences).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scheduler_service.core.batch_builder import BatchBuilder
+from scheduler_service.core.policies.base import Policy
+from scheduler_service.core.profile import DeviceProfile
+from scheduler_service.core.slo import SLOCatalog
+
+
+@dataclass(frozen=True, slots=True)
+class VLLMConfig:
+    max_num_batched_tokens: int = 2048
+
+
+class VLLMPolicy(Policy):
+    name = "vllm"
+
+    def __init__(self, profile: DeviceProfile, catalog: SLOCatalog, config: VLLMConfig | None = None) -> None:
+        super().__init__(profile, catalog)
+        self.config = config or VLLMConfig()
+
+    def fill(self, batch: BatchBuilder, now: float) -> None:
+        batch.set_budget(self.config.max_num_batched_tokens)
+        core = self.bound
+        preempted_any = False
+        for request in list(core.running):
+            if batch.tokens_left <= 0:
+                break
+            if request not in core.running:  # preempted earlier in this loop
+                continue
+            _, preempted = self.schedule_running_or_preempt(batch, request)
+            preempted_any |= preempted
+        if preempted_any:
+            return
+        admit_fcfs(batch)
+
+
+def admit_fcfs(batch: BatchBuilder) -> None:
+    """Admit waiting requests in queue order; the first that does not fit blocks the rest."""
+    core = batch.core
+    slots = core.config.max_num_seqs - len(core.running)
+    for request in core.waiting.head(max(0, slots)):
+        if batch.tokens_left <= 0 or not batch.can_admit_more():
+            return
+        if batch.schedule(request) == 0:
+            return

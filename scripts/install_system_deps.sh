@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the project needs, only where they are missing.
+set -euo pipefail
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+python3.11 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3.11-venv)
+[ ${#need[@]} -eq 0 ] && exit 0
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+$SUDO apt-get update -q
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${need[@]}"
