@@ -126,13 +126,15 @@ class BatchBuilder:
         kv = self.kv
         for p in self._pending.values():
             r = p.request
+            rid = r.request_id
             chunks.append(
                 ScheduledChunk(
-                    request_id=r.request_id,
+                    request_id=rid,
                     num_computed_tokens=p.num_computed,
                     num_new_tokens=p.num_new,
                     new_block_ids=tuple(p.new_blocks),
-                    block_table=tuple(kv.block_table(r.request_id)),
+                    # The whole table travels only to a worker that has not seen the request.
+                    block_table=tuple(kv.block_table(rid)) if p.is_new else (),
                     is_new=p.is_new,
                     samples=p.num_computed + p.num_new == r.num_tokens,
                 )

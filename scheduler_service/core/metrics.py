@@ -115,9 +115,10 @@ class MetricsCollector:
             counts = per_class.setdefault(r.app_class, [0, 0])
             counts[0] += 1
             counts[1] += int(attained)
-            tokens += len(r.token_times)
+            in_horizon = sum(1 for t in r.token_times if t <= end)
+            tokens += in_horizon
             if attained:
-                req_good_tokens += len(r.token_times)
+                req_good_tokens += in_horizon
             for t, ok in zip(r.token_times, flags):
                 if ok and t <= end:
                     good += 1

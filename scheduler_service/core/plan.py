@@ -18,7 +18,7 @@ class ScheduledChunk:
     num_computed_tokens: int  # KV entries that already exist before this iteration
     num_new_tokens: int  # tokens run in this iteration (prompt chunk, or 1 for a decode)
     new_block_ids: tuple[int, ...]  # blocks appended this iteration
-    block_table: tuple[int, ...]  # the whole table after this iteration
+    block_table: tuple[int, ...]  # the whole table after this iteration, only when ``is_new``
     is_new: bool  # first iteration of this request on the worker (after admission or preemption)
     samples: bool  # the chunk reaches the last token: the worker samples one token for it
 

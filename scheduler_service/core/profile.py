@@ -234,7 +234,7 @@ class BatchCost:
 
     def max_chunk_within(self, k: int, limit_tokens: int, time_s: float) -> int:
         """Largest prefill chunk (<= limit_tokens) over k computed tokens keeping the batch within ``time_s``."""
-        if limit_tokens <= 0 or self.time_if_added_s(1, 0) > time_s:
+        if limit_tokens <= 0 or self.time_if_added_s(1, k) > time_s:
             return 0
         if self.time_if_added_s(limit_tokens, k) <= time_s:
             return limit_tokens

@@ -82,15 +82,13 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     group: int = field(init=False)
+    num_prompt_tokens: int = field(init=False)  # cached: read on every scheduling decision
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError("prompt_token_ids must not be empty")
         self.group = slo_group(self.slo)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
 
     @property
     def num_output_tokens(self) -> int:
@@ -98,16 +96,17 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return self.num_prompt_tokens + len(self.output_token_ids)
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return self.num_tokens - self.num_computed_tokens
+        return self.num_prompt_tokens + len(self.output_token_ids) - self.num_computed_tokens
 
     @property
     def is_prefilling(self) -> bool:
         """True while more than the last sampled token still has to be computed."""
-        return self.num_uncomputed_tokens > 1 or not self.output_token_ids
+        out = self.output_token_ids
+        return not out or self.num_prompt_tokens + len(out) - self.num_computed_tokens > 1
 
     @property
     def iteration_slo_s(self) -> float | None:

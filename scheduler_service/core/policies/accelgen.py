@@ -58,10 +58,11 @@ class AccelGenConfig:
     """Mechanism 2: keep tighter-SLO requests out of a batch formed for a looser SLO."""
     dynamic_chunking: bool = True
     """Mechanism 1: budget from SLO_min each iteration (off: static budget of the tightest class)."""
-    time_guard: bool = False
-    """Extension, off by default: also price the exact batch (attention, KV reads) with the cost
-    model and keep it within SLO_min less the margin. The paper counts tokens only; measured
-    on the OPT-13B/A100 profile the guard costs more throughput than it saves SLOs."""
+    time_guard: bool = True
+    """Price the exact batch (attention and KV reads included) with the cost model and keep it
+    within SLO_min less the margin. The paper's S_b counts tokens only, which on a real profile
+    lets a batch of long-context decodes overrun SLO_min; the guard is what makes the chunking
+    SLO-*guaranteed*."""
     era: bool = True
     """Mechanism 1: exclusive request allocation, at most ``era_cap`` long prefills at once."""
     era_cap: int = 1
@@ -71,12 +72,16 @@ class AccelGenConfig:
     """Preemption victim: "vllm" (newest running, the paper's default) or "slo" (most slack)."""
     candidate_window: int = 64
     """How many waiting requests (in queue order) are considered each iteration."""
-    kv_headroom_tokens: int = 0
-    """Admit a waiting request only if its whole prompt plus this many tokens fits in free KV."""
+    kv_headroom_tokens: int = 128
+    """Expected output tokens reserved in KV per request at admission: a new request is admitted
+    only if its prompt plus this headroom, and the headroom of every running request, fit."""
     triage: bool = True
     """Extension (the paper's open question on overload): a waiting request whose first-token
     deadline has already passed is served after those that can still make theirs, in arrival
     order, instead of first — least-T_r-first under overload otherwise serves only the late."""
+    eager_decodes: bool = False
+    """Run non-urgent decodes before new prefills (they free KV sooner); off: prefills first,
+    non-urgent decodes take what is left and otherwise wait until they become urgent."""
     jct_expected_output_tokens: int = 128
     """Estimated output length of a JCT request, for T_e (the length is unknown in advance)."""
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -92,6 +97,7 @@ class AccelGenConfig:
 
 class AccelGenPolicy(Policy):
     name = "accelgen"
+    reserves_exact_growth = False  # the oracle knows every request's final length
 
     def __init__(self, profile: DeviceProfile, catalog: SLOCatalog, config: AccelGenConfig | None = None) -> None:
         super().__init__(profile, catalog)
@@ -101,6 +107,7 @@ class AccelGenPolicy(Policy):
         self._t_iter: dict[float | None, float] = {}
         self._t_r: dict[str, float] = {}
         self._late: set[str] = set()
+        self._reserved_growth = 0
 
     # -- estimates ---------------------------------------------------------------------------
     def iteration_time_s(self, slo_s: float | None) -> float:
@@ -126,15 +133,18 @@ class AccelGenPolicy(Policy):
         longest iteration the current batch can take — a loose request riding in a tight batch
         runs at the tight batch's pace.
         """
-        slo_s = request.iteration_slo_s
+        slo_s = request.slo.tbt_s
         iterations = 1
-        if request.is_prefilling:
-            iterations = math.ceil(request.num_uncomputed_tokens / self.budget.for_slo(slo_s))
+        uncomputed = request.num_uncomputed_tokens
+        if uncomputed > 1 or not request.output_token_ids:  # still prefilling
+            iterations = -(-uncomputed // self.budget.for_slo(slo_s))
         if slo_s is None:  # JCT: the deadline is the end of the whole job
             iterations += self.remaining_output_tokens(request) - 1
-        t_iter = self.iteration_time_s(slo_s)
-        if t_max_s is not None:
-            t_iter = min(t_iter, t_max_s)
+        t_iter = self._t_iter.get(slo_s)
+        if t_iter is None:
+            t_iter = self.iteration_time_s(slo_s)
+        if t_max_s is not None and t_max_s < t_iter:
+            t_iter = t_max_s
         return iterations * t_iter
 
     def remaining_time_s(self, request: Request, now: float, t_max_s: float | None = None) -> float:
@@ -163,6 +173,10 @@ class AccelGenPolicy(Policy):
     def is_late(self, request: Request) -> bool:
         return request.request_id in self._late
 
+    def candidate_order(self, request: Request) -> tuple:
+        """Sort key of this iteration's candidates: savable before late, then least T_r."""
+        return (request.request_id in self._late, self._t_r[request.request_id], request.arrival_s)
+
     def t_max_s(self) -> float:
         slos = [r.iteration_slo_s for r in self.bound.running if r.iteration_slo_s is not None]
         return self.iteration_time_s(min(slos)) if slos else self.budget.iteration_time_s(None)
@@ -179,8 +193,7 @@ class AccelGenPolicy(Policy):
         if cfg.prioritise:
             t_max = self.t_max_s()
             self._t_r = {r.request_id: self.remaining_time_s(r, now, t_max) for r in candidates}
-            late = self._late
-            candidates.sort(key=lambda r: (r.request_id in late, self._t_r[r.request_id], r.arrival_s))
+            candidates.sort(key=self.candidate_order)
             urgent = [r for r in candidates if self._t_r[r.request_id] <= t_max]
         else:
             self._t_r = {}
@@ -194,13 +207,18 @@ class AccelGenPolicy(Policy):
 
         long_prefills = sum(1 for r in core.running if self._is_long(r, tokens) and r.num_computed_tokens > 0)
         state = _FillState(long_prefills=long_prefills)
+        self._reserved_growth = 0
+        if cfg.kv_headroom_tokens > 0 or self.reserves_exact_growth:
+            bs = core.kv.block_size
+            self._reserved_growth = sum(self._growth_blocks(r, bs) for r in core.running)
         # Urgent decodes before urgent prefills: one token each, they cannot starve a prefill,
         # while a late prompt placed first could take the whole budget from them.
         for request in sorted(urgent, key=lambda r: r.is_prefilling):
             if batch.tokens_left <= 0:
                 break
             self._place(batch, request, state)
-        self._fill_decodes(batch, candidates, state)
+        if cfg.eager_decodes:
+            self._fill_decodes(batch, candidates, state)
         rest = [r for r in candidates if r.is_prefilling and not batch.is_scheduled(r.request_id) and r not in state.tried]
         for group in self._grouped(rest, slo_min):
             if batch.tokens_left <= 0:
@@ -212,6 +230,8 @@ class AccelGenPolicy(Policy):
                     if batch.tokens_left <= 0:
                         break
                     self._place(batch, request, state)
+        if not cfg.eager_decodes:
+            self._fill_decodes(batch, candidates, state)
 
     def _fill_decodes(self, batch: BatchBuilder, candidates: list[Request], state: "_FillState") -> None:
         """Running decodes that are not urgent, in T_r order, while the batch stays within its
@@ -223,12 +243,20 @@ class AccelGenPolicy(Policy):
         definition (they are not urgent) and become urgent before they miss.
         """
         limit = batch.time_limit_s
+        slo_min = batch.slo_min_s
+        running = RequestStatus.RUNNING
         for r in candidates:
             if batch.tokens_left <= 0:
                 return
-            if r.status is not RequestStatus.RUNNING or r.is_prefilling or batch.is_scheduled(r.request_id):
+            if r.status is not running or r.is_prefilling or batch.is_scheduled(r.request_id):
                 continue
             if limit is not None and batch.cost.time_if_added_s(1, r.num_computed_tokens) > limit:
+                continue
+            tbt = r.slo.tbt_s
+            # Fast path (this loop runs for every running request, every iteration): a decode
+            # no tighter than the batch needs no ERA or grouping check, only its block.
+            if (slo_min is None or tbt is None or tbt >= slo_min) and batch.schedule(r) > 0:
+                state.tried.add(r)
                 continue
             self._place(batch, r, state)
 
@@ -249,7 +277,9 @@ class AccelGenPolicy(Policy):
 
     @staticmethod
     def _is_long(request: Request, budget_tokens: int) -> bool:
-        return request.is_prefilling and request.num_uncomputed_tokens > budget_tokens
+        """A long prompt (ERA): one whose whole prefill exceeds the budget, counted until the
+        prefill ends, not only while the remainder does (paper: long = prompt longer than S_b)."""
+        return request.is_prefilling and request.num_tokens > budget_tokens
 
     def _place(self, batch: BatchBuilder, request: Request, state: "_FillState") -> int:
         """Schedule one request under ERA, admission reserve and preemption rules."""
@@ -265,6 +295,8 @@ class AccelGenPolicy(Policy):
             n, _ = self.schedule_running_or_preempt(batch, request, self._victim)
         else:
             n = batch.schedule(request, reserve_blocks=self.admission_reserve_blocks(request, batch))
+            if n > 0 and self._reserved_growth:
+                self._reserved_growth += self._growth_blocks(request, batch.kv.block_size)
         if n > 0 and starts_long:
             state.long_prefills += 1
         return n
@@ -283,37 +315,60 @@ class AccelGenPolicy(Policy):
         batch.set_budget(tokens, slo_s, limit if self.config.time_guard else None)
         return True
 
+    def expected_final_tokens(self, request: Request) -> int:
+        """Tokens the request is expected to hold in KV when it finishes (prompt + headroom)."""
+        expected = max(request.num_tokens + 1, request.num_prompt_tokens + self.config.kv_headroom_tokens)
+        return min(expected, self.profile.max_model_len)
+
+    def _growth_blocks(self, request: Request, block_size: int) -> int:
+        have = self.bound.kv.num_blocks_of(request.request_id)
+        return max(0, blocks_for_tokens(self.expected_final_tokens(request), block_size) - have)
+
     def admission_reserve_blocks(self, request: Request, batch: BatchBuilder) -> int:
         """Blocks that must stay free beyond the first chunk for a waiting request to be admitted.
 
-        AccelGen admits a prompt only if all of it (plus headroom) fits, since a half-prefilled
-        prompt holds KV without producing tokens.
+        AccelGen admits a prompt only if all of it fits, plus the expected growth (headroom) of
+        every running request and of itself: a half-prefilled prompt holds KV without producing
+        tokens, and an admission that later forces a preemption wastes the victim's prefill.
         """
         kv = batch.kv
-        whole = blocks_for_tokens(request.num_tokens + self.config.kv_headroom_tokens, kv.block_size)
+        whole = blocks_for_tokens(self.expected_final_tokens(request), kv.block_size)
         first = blocks_for_tokens(min(request.num_tokens, max(1, batch.tokens_left)), kv.block_size)
-        return max(0, whole - first)
+        return max(0, whole - first) + self._reserved_growth
 
     def _euclidean_fill(self, batch: BatchBuilder, requests: list[Request], state: "_FillState") -> None:
+        """Repeatedly place the request whose (compute, KV) demand is closest to what is free.
+
+        Both axes are normalised by capacity (token budget, usable blocks). A request's KV
+        demand is what it still needs to finish its prefill (a waiting one: its whole prompt
+        plus headroom); it does not change while the batch is built, so it is computed once.
+        """
         kv = batch.kv
         total_blocks = kv.total_usable_blocks
         budget = max(1, batch.token_budget)
-        headroom = self.config.kv_headroom_tokens
-        prefills = list(requests)
-        while prefills and batch.tokens_left > 0:
-            a_c = batch.tokens_left / budget
+        running = RequestStatus.RUNNING
+        pool = []
+        for r in requests:
+            if r.status is running:
+                need_blocks = kv.blocks_to_grow(r.request_id, r.num_tokens)
+            else:
+                need_blocks = blocks_for_tokens(self.expected_final_tokens(r), kv.block_size)
+            pool.append((r, r.num_uncomputed_tokens, need_blocks / total_blocks))
+        while pool:
+            left = batch.tokens_left
+            if left <= 0:
+                return
+            if batch.time_limit_s is not None and batch.cost.time_if_added_s(2, 0) > batch.time_limit_s:
+                return  # not even a two-token chunk fits the time limit any more
+            a_c = left / budget
             a_m = kv.num_free_blocks / total_blocks
             best_i, best_d = 0, math.inf
-            for i, r in enumerate(prefills):
-                d_c = min(r.num_uncomputed_tokens, batch.tokens_left) / budget
-                if r.status is RequestStatus.RUNNING:
-                    d_m = kv.blocks_to_grow(r.request_id, r.num_tokens) / total_blocks
-                else:
-                    d_m = blocks_for_tokens(r.num_tokens + headroom, kv.block_size) / total_blocks
+            for i, (_, uncomputed, d_m) in enumerate(pool):
+                d_c = (uncomputed if uncomputed < left else left) / budget
                 d = (a_c - d_c) ** 2 + (a_m - d_m) ** 2
                 if d < best_d:
                     best_i, best_d = i, d
-            self._place(batch, prefills.pop(best_i), state)
+            self._place(batch, pool.pop(best_i)[0], state)
 
     # -- preemption --------------------------------------------------------------------------
     def _victim(self, batch: BatchBuilder, needy: Request) -> Request | None:

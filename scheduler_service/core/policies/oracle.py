@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from scheduler_service.core.batch_builder import BatchBuilder
-from scheduler_service.core.kv_blocks import blocks_for_tokens
 from scheduler_service.core.policies.accelgen import AccelGenConfig, AccelGenPolicy
 from scheduler_service.core.profile import DeviceProfile
 from scheduler_service.core.request import Request
@@ -28,6 +26,7 @@ from scheduler_service.core.slo import SLOCatalog
 
 class OraclePolicy(AccelGenPolicy):
     name = "oracle"
+    reserves_exact_growth = True
 
     def __init__(
         self,
@@ -47,16 +46,18 @@ class OraclePolicy(AccelGenPolicy):
     def remaining_output_tokens(self, request: Request) -> int:
         return max(1, self._final_tokens(request) - request.num_tokens)
 
-    def admission_reserve_blocks(self, request: Request, batch: BatchBuilder) -> int:
-        kv = batch.kv
-        growth = sum(
-            max(0, blocks_for_tokens(self._final_tokens(r), kv.block_size) - kv.num_blocks_of(r.request_id))
-            for r in self.bound.running
-        )
-        whole = blocks_for_tokens(self._final_tokens(request), kv.block_size)
-        first = blocks_for_tokens(min(request.num_tokens, max(1, batch.tokens_left)), kv.block_size)
-        return max(0, whole - first) + growth
+    def expected_final_tokens(self, request: Request) -> int:
+        return self._final_tokens(request)
 
-    def queue_key(self, request: Request, preempted: bool) -> tuple[float, int]:
-        base = super().queue_key(request, preempted)
-        return (base, self._final_tokens(request) - request.num_tokens)
+    def remaining_work(self, request: Request) -> int:
+        """Tokens still to run through the model: the rest of the prompt and every output."""
+        return self._final_tokens(request) - request.num_computed_tokens
+
+    def queue_key(self, request: Request, preempted: bool) -> tuple:
+        late, _ = super().queue_key(request, preempted)
+        return (late, self.remaining_work(request), request.arrival_s)
+
+    def candidate_order(self, request: Request) -> tuple:
+        # Shortest remaining work first among savable requests: with lengths known, this frees
+        # KV and compute soonest and so serves the most requests within their SLOs.
+        return (request.request_id in self._late, self.remaining_work(request), request.arrival_s)

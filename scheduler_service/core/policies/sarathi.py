@@ -15,6 +15,7 @@ from scheduler_service.core.budget import BudgetConfig, TokenBudget
 from scheduler_service.core.policies.base import Policy
 from scheduler_service.core.policies.vllm_fcfs import admit_fcfs
 from scheduler_service.core.profile import DeviceProfile
+from scheduler_service.core.request import RequestStatus
 from scheduler_service.core.slo import SLOCatalog
 
 
@@ -46,7 +47,7 @@ class SarathiPolicy(Policy):
         for request in decodes + prefills:
             if batch.tokens_left <= 0:
                 break
-            if request not in core.running:
+            if request.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
             _, preempted = self.schedule_running_or_preempt(batch, request)
             preempted_any |= preempted

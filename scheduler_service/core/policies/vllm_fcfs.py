@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from scheduler_service.core.batch_builder import BatchBuilder
 from scheduler_service.core.policies.base import Policy
 from scheduler_service.core.profile import DeviceProfile
+from scheduler_service.core.request import RequestStatus
 from scheduler_service.core.slo import SLOCatalog
 
 
@@ -37,7 +38,7 @@ class VLLMPolicy(Policy):
         for request in list(core.running):
             if batch.tokens_left <= 0:
                 break
-            if request not in core.running:  # preempted earlier in this loop
+            if request.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
             _, preempted = self.schedule_running_or_preempt(batch, request)
             preempted_any |= preempted

@@ -1,0 +1,185 @@
+"""Regenerate docs/results.md and its figures: `make results` (or `python scripts/make_results.py`).
+
+Everything in the document comes from runs this script makes: the policy comparison at one
+load, the load sweep (figure), the AccelGen ablation and the scheduling-overhead benchmark.
+The simulations are seeded and deterministic; only the overhead timings vary between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import overhead  # noqa: E402
+from bench.compare import (ABLATIONS, RunSpec, WorkloadSpec, headline, markdown_table, plot_policies,  # noqa: E402
+                           plot_sweep, run_many)
+from scheduler_service.core.budget import TokenBudget  # noqa: E402
+from scheduler_service.core.policies.registry import POLICY_NAMES  # noqa: E402
+from scheduler_service.core.slo import SLOCatalog  # noqa: E402
+from scheduler_service.profiles import DEFAULT_PROFILE, load_profile  # noqa: E402
+
+DOCS = ROOT / "docs"
+FIG = DOCS / "figures"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b > 0 else "n/a"
+
+
+def _check(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rate", type=float, default=2.5, help="load of the main comparison (req/s)")
+    ap.add_argument("--sweep", default="1,1.5,2,2.5,3,4")
+    ap.add_argument("--duration", type=float, default=300.0)
+    ap.add_argument("--overhead-repeats", type=int, default=300)
+    args = ap.parse_args()
+    FIG.mkdir(parents=True, exist_ok=True)
+    rates = [float(r) for r in args.sweep.split(",")]
+    wl = WorkloadSpec(name="paper-mix", rate=args.rate, duration_s=args.duration, seed=0)
+
+    main_specs = [RunSpec(wl, p) for p in POLICY_NAMES]
+    sweep_specs = [RunSpec(WorkloadSpec(name="paper-mix", rate=r, duration_s=args.duration, seed=0), p)
+                   for r in rates for p in POLICY_NAMES]
+    abl_specs = [RunSpec(wl, "accelgen", policy_overrides=o, label=n) for n, o in ABLATIONS.items()]
+    results = run_many(main_specs + sweep_specs + abl_specs)
+    main_rows = {p: headline(results[i]) for i, p in enumerate(POLICY_NAMES)}
+    off = len(main_specs)
+    sweep = {p: [headline(results[off + i * len(POLICY_NAMES) + j]) for i in range(len(rates))]
+             for j, p in enumerate(POLICY_NAMES)}
+    off += len(sweep_specs)
+    abl_rows = {n: headline(results[off + i]) for i, n in enumerate(ABLATIONS)}
+
+    plot_policies(main_rows, FIG / "comparison.png", f"paper-mix at {args.rate} req/s, OPT-13B / A100 profile")
+    plot_sweep(rates, sweep, FIG / "sweep.png", "paper-mix: goodput and SLO attainment vs load")
+    ov = overhead.run([100, 1000, 10000], args.overhead_repeats)
+    (DOCS / "results.json").write_text(json.dumps(
+        {"comparison": main_rows, "sweep": {"rates": rates, "policies": sweep}, "ablation": abl_rows,
+         "overhead": ov}, indent=2) + "\n")
+    DOCS.joinpath("results.md").write_text(render(args, rates, main_rows, sweep, abl_rows, ov))
+    print(f"wrote {DOCS / 'results.md'}")
+    return 0
+
+
+def render(args, rates, main_rows, sweep, abl_rows, ov) -> str:
+    profile = load_profile(DEFAULT_PROFILE)
+    budget = TokenBudget(profile)
+    catalog = SLOCatalog()
+    a, v, s, o = (main_rows[k] for k in ("accelgen", "vllm", "sarathi", "oracle"))
+    classes = ", ".join(f"{c.name} (TTFT {c.slo.ttft_s:g} s, TBT {c.slo.tbt_s * 1000:g} ms, "
+                        f"S_b = {budget.for_slo(c.slo.tbt_s)} tokens)"
+                        for c in catalog.classes if c.slo.tbt_s is not None)
+    sweep_lines = ["| rate (req/s) | " + " | ".join(f"{p} goodput / attainment" for p in POLICY_NAMES) + " |",
+                   "|" + "---|" * (len(POLICY_NAMES) + 1)]
+    for i, r in enumerate(rates):
+        sweep_lines.append(f"| {r:g} | " + " | ".join(
+            f"{sweep[p][i]['goodput_tok_s']:.0f} / {sweep[p][i]['slo_attainment']:.0%}" for p in POLICY_NAMES) + " |")
+    ov_text = overhead.format_results(ov)
+    acc_1000 = ov["policies"]["accelgen"]["1000"]["p99_ms"]
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""# Results
+
+Regenerate everything on this page (tables, figures, `docs/results.json`) with one command:
+
+    make results        # = .venv/bin/python scripts/make_results.py
+
+Last generated {when} on `{platform.node()}` ({platform.processor() or platform.machine()}, Python
+{platform.python_version()}). Simulations are seeded and deterministic; the overhead timings are
+wall-clock measurements on this 2-core machine and vary from run to run.
+
+## Setup
+
+- **Device profile**: `{profile.name}`, from DistServe's A100-80GB fits for OPT-13B
+  (`scripts/convert_distserve_profile.py`): `S_pf` = **{profile.s_pf}** tokens (the paper reports 768
+  for OPT-13B), `T_pf` = {profile.t_pf_s * 1000:.1f} ms, {profile.num_blocks - 1} KV blocks of
+  {profile.block_size} tokens ({profile.kv_capacity_tokens} tokens), context {profile.max_model_len}.
+- **Workload**: `paper-mix`, {args.duration:g} s of Poisson arrivals, seed 0: 35% long prompts (BWB / arXiv
+  lengths), 65% ShareGPT lengths, truncated to the 2,048-token context; each request draws one class
+  uniformly: {classes}.
+- **Simulator**: the scheduling core of the service under a virtual clock; each iteration costs the
+  profile's time for the exact batch (chunk sizes, decodes, context lengths).
+- **Policies**: `vllm` = vLLM V1 default (FCFS, 2,048-token budget, 256 sequences, A100 defaults);
+  `sarathi` = stall-free batching with a static budget for the tightest class; `edf` = earliest deadline
+  first with the same static budget; `accelgen` = all mechanisms; `oracle` = AccelGen knowing output lengths.
+
+## Comparison at {args.rate:g} req/s
+
+![comparison](figures/comparison.png)
+
+{markdown_table(main_rows)}
+
+Acceptance targets of the scheduling-core issue, measured on this run (vLLM's overall SLO attainment
+here is {v['slo_attainment']:.1%}):
+
+| target | measured | |
+|---|---|---|
+| accelgen goodput >= 1.4x vllm | {_ratio(a['goodput_tok_s'], v['goodput_tok_s'])} | {_check(a['goodput_tok_s'] >= 1.4 * v['goodput_tok_s'])} |
+| accelgen goodput >= 1.1x sarathi | {_ratio(a['goodput_tok_s'], s['goodput_tok_s'])} | {_check(a['goodput_tok_s'] >= 1.1 * s['goodput_tok_s'])} |
+| accelgen attainment above vllm and sarathi | {a['slo_attainment']:.1%} vs {v['slo_attainment']:.1%} / {s['slo_attainment']:.1%} | {_check(a['slo_attainment'] > max(v['slo_attainment'], s['slo_attainment']))} |
+| accelgen goodput >= 85% of oracle | {_ratio(a['goodput_tok_s'], o['goodput_tok_s'])} | {_check(a['goodput_tok_s'] >= 0.85 * o['goodput_tok_s'])} |
+| accelgen p99 decision < 1 ms at 1,000 waiting | {acc_1000:.3f} ms | {_check(acc_1000 < 1.0)} |
+
+## Load sweep
+
+![sweep](figures/sweep.png)
+
+{chr(10).join(sweep_lines)}
+
+## Ablation: each AccelGen mechanism off in turn ({args.rate:g} req/s)
+
+{markdown_table(abl_rows, title="variant")}
+
+## Scheduling overhead
+
+One scheduling decision, 256-token prompts, 128 output tokens, 4,096 KV blocks, up to 256 running,
+waiting queue held at the given size (`python -m bench.overhead`); vLLM's own V1
+`Scheduler.schedule()` on the same queue shape (CPU build, the tiny test model's config, no model
+execution; `bench/vllm_sched_overhead.py`).
+
+```
+{ov_text}
+```
+
+{ANALYSIS}
+"""
+
+
+ANALYSIS = """## What the numbers say
+
+These notes were written after reading the runs above; the numbers they cite are in the tables.
+
+- **The targets are not met in this setting.** AccelGen does not beat vLLM or Sarathi-Serve on goodput
+  here. No baseline was weakened: `vllm` uses vLLM 0.32's own A100 defaults, and `sarathi` and `edf`
+  use the same SLO-derived static budget AccelGen would pick for the tightest class.
+- **Small iterations are expensive on this profile.** DistServe's A100 fit costs `18.1 ms + 0.102 ms`
+  per token, plus `0.63 us` per context token of every decode. There is no flat region below `S_pf`,
+  so a 50 ms iteration carries at most 282 tokens at about 6 tokens/ms, against about 8 tokens/ms at
+  2,048. The paper's premise is that tokens below the pivot are nearly free, which would make a
+  tight-SLO batch cost little throughput. On this profile it costs about a quarter of it.
+- **The workload is KV-bound.** After truncation to OPT's 2,048-token context, ShareGPT and arXiv
+  prompts average 1,300–1,850 tokens, and many are exactly 2,047. So the 66,144-token KV cache holds
+  only about 40 requests. Under that limit the policies that decode every running request in every
+  iteration (vLLM, Sarathi) free their KV fastest. AccelGen's urgency rule defers non-urgent work, so
+  requests stay in the cache longer.
+- **What helps and what hurts (ablation).** Whole-prompt KV admission and ERA reduce preemptions.
+  The extra cost-model time guard (off by default) protects the 50 ms class but costs more goodput
+  than it saves. Switching off the Euclidean pick or the SLO ordering changes goodput only a little
+  at this load.
+- **The oracle** never preempts, but it reserves KV for each request's whole output. In a KV-bound
+  regime that admits fewer requests, so it is not an upper bound on goodput here. Its docstring says
+  exactly what it optimises.
+"""
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
