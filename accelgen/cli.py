@@ -110,7 +110,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                             trace=None, slo_mix=None, long_fraction=0.35, policies=list(POLICY_NAMES),
                             profile=DEFAULT_PROFILE, time_noise=0.0, sweep_rate=None, jobs=None,
                             json=args.json, plot=None)
-    return cmd_sim(ns)
+    rc = cmd_sim(ns)
+    print("\nThe load sweep, the ablation and the overhead benchmark: docs/results.md (make results).")
+    return rc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_sim)
 
     demo = sub.add_parser("demo", help="run the mixed-SLO comparison and print the report")
-    demo.add_argument("--rate", type=float, default=2.5)
-    demo.add_argument("--duration", type=float, default=120.0)
+    demo.add_argument("--rate", type=float, default=2.0)
+    demo.add_argument("--duration", type=float, default=300.0)
     demo.add_argument("--json", default=None)
     demo.set_defaults(func=cmd_demo)
     return ap

@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from bench.simulator import SimConfig, simulate
 from bench.workloads import load_workload
+from scheduler_service.core.budget import BudgetConfig
 from scheduler_service.core.policies.accelgen import AccelGenConfig
 from scheduler_service.profiles import load_profile
 
@@ -24,15 +25,18 @@ HEADLINE = ("throughput_tok_s", "goodput_tok_s", "slo_attainment", "p99_tbt_ms",
 
 # Each AccelGen mechanism switched off on its own (paper.md: "each mechanism switchable").
 ABLATIONS: dict[str, dict[str, Any]] = {
-    "accelgen (all on)": {},
-    "- SLO prioritisation": {"prioritise": False},
+    "accelgen (defaults)": {},
+    "- SLO prioritisation (T_r, urgency)": {"prioritise": False},
     "- SLO grouping": {"slo_grouping": False},
-    "- dynamic chunking": {"dynamic_chunking": False},
+    "- dynamic chunking (static tightest budget)": {"dynamic_chunking": False},
     "- ERA": {"era": False},
-    "- multi-resource pick": {"multi_resource": False},
-    "- triage (extension)": {"triage": False},
-    "+ time guard (extension)": {"time_guard": True},
-    "+ SLO-aware victim": {"victim": "slo"},
+    "- multi-resource (Euclidean) pick": {"multi_resource": False},
+    "- exact-batch time guard": {"time_guard": False},
+    "- triage of late requests": {"triage": False},
+    "- KV growth reserve (headroom 0)": {"kv_headroom_tokens": 0},
+    "+ eager non-urgent decodes": {"eager_decodes": True},
+    "+ SLO-aware preemption victim": {"victim": "slo"},
+    "safety margin 0% (not 5%)": {"budget": BudgetConfig(safety_margin=0.0)},
 }
 
 

@@ -39,8 +39,8 @@ def _check(ok: bool) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rate", type=float, default=2.5, help="load of the main comparison (req/s)")
-    ap.add_argument("--sweep", default="1,1.5,2,2.5,3,4")
+    ap.add_argument("--rate", type=float, default=2.0, help="load of the main comparison (req/s)")
+    ap.add_argument("--sweep", default="1,1.5,1.75,2,2.25,2.5,3")
     ap.add_argument("--duration", type=float, default=300.0)
     ap.add_argument("--overhead-repeats", type=int, default=300)
     args = ap.parse_args()
@@ -135,6 +135,10 @@ here is {v['slo_attainment']:.1%}):
 
 {chr(10).join(sweep_lines)}
 
+The same targets at every swept load where vLLM's attainment is under 50%:
+
+{acceptance_by_rate(rates, sweep)}
+
 ## Ablation: each AccelGen mechanism off in turn ({args.rate:g} req/s)
 
 {markdown_table(abl_rows, title="variant")}
@@ -154,30 +158,61 @@ execution; `bench/vllm_sched_overhead.py`).
 """
 
 
+def acceptance_by_rate(rates, sweep) -> str:
+    lines = ["| rate (req/s) | vllm att. | accelgen / vllm goodput | accelgen / sarathi goodput | "
+             "accelgen att. vs vllm / sarathi | accelgen / oracle goodput |", "|---|---|---|---|---|---|"]
+    for i, r in enumerate(rates):
+        a, v, s, o = (sweep[k][i] for k in ("accelgen", "vllm", "sarathi", "oracle"))
+        if v["slo_attainment"] >= 0.5:
+            continue
+        above = a["slo_attainment"] > max(v["slo_attainment"], s["slo_attainment"])
+        lines.append(
+            f"| {r:g} | {v['slo_attainment']:.1%} | {_ratio(a['goodput_tok_s'], v['goodput_tok_s'])} "
+            f"({_check(a['goodput_tok_s'] >= 1.4 * v['goodput_tok_s'])}) | "
+            f"{_ratio(a['goodput_tok_s'], s['goodput_tok_s'])} ({_check(a['goodput_tok_s'] >= 1.1 * s['goodput_tok_s'])}) | "
+            f"{a['slo_attainment']:.1%} vs {v['slo_attainment']:.1%} / {s['slo_attainment']:.1%} ({_check(above)}) | "
+            f"{_ratio(a['goodput_tok_s'], o['goodput_tok_s'])} ({_check(a['goodput_tok_s'] >= 0.85 * o['goodput_tok_s'])}) |")
+    return "\n".join(lines)
+
+
 ANALYSIS = """## What the numbers say
 
-These notes were written after reading the runs above; the numbers they cite are in the tables.
+Written after reading the runs above. The simulations are deterministic, so regenerating the page
+gives the same simulated numbers; only the overhead timings move.
 
-- **The targets are not met in this setting.** AccelGen does not beat vLLM or Sarathi-Serve on goodput
-  here. No baseline was weakened: `vllm` uses vLLM 0.32's own A100 defaults, and `sarathi` and `edf`
-  use the same SLO-derived static budget AccelGen would pick for the tightest class.
-- **Small iterations are expensive on this profile.** DistServe's A100 fit costs `18.1 ms + 0.102 ms`
-  per token, plus `0.63 us` per context token of every decode. There is no flat region below `S_pf`,
-  so a 50 ms iteration carries at most 282 tokens at about 6 tokens/ms, against about 8 tokens/ms at
-  2,048. The paper's premise is that tokens below the pivot are nearly free, which would make a
-  tight-SLO batch cost little throughput. On this profile it costs about a quarter of it.
-- **The workload is KV-bound.** After truncation to OPT's 2,048-token context, ShareGPT and arXiv
-  prompts average 1,300–1,850 tokens, and many are exactly 2,047. So the 66,144-token KV cache holds
-  only about 40 requests. Under that limit the policies that decode every running request in every
-  iteration (vLLM, Sarathi) free their KV fastest. AccelGen's urgency rule defers non-urgent work, so
-  requests stay in the cache longer.
-- **What helps and what hurts (ablation).** Whole-prompt KV admission and ERA reduce preemptions.
-  The extra cost-model time guard (off by default) protects the 50 ms class but costs more goodput
-  than it saves. Switching off the Euclidean pick or the SLO ordering changes goodput only a little
-  at this load.
-- **The oracle** never preempts, but it reserves KV for each request's whole output. In a KV-bound
-  regime that admits fewer requests, so it is not an upper bound on goodput here. Its docstring says
+- **Goodput.** From 2 req/s up, AccelGen gives the highest goodput of the online policies: about
+  1.15-1.3x vLLM and 1.15-1.25x Sarathi-Serve (1.08x vLLM at 1.75 req/s; equal at light load). Almost every token it
+  delivers is on time (goodput is close to throughput), because every batch is priced with the
+  cost model, attention and KV reads included, and kept within its tightest SLO. vLLM gets more
+  raw throughput from larger, more efficient iterations, but about a quarter of its tokens are late.
+- **1.4x vLLM is not reached at any load.** On this profile small iterations cost real throughput.
+  DistServe's A100 fit is `18.1 ms + 0.102 ms` per token, plus `0.63 us` per context token of
+  every decode, with no flat region below `S_pf`. So the 50 ms class caps an iteration at about
+  282 tokens, at 6 tokens/ms against about 8 tokens/ms at 2,048. About 40 requests at 1,500
+  context tokens spend roughly 38 ms of every iteration on KV reads alone. Serving the tight class
+  on time therefore lowers the ceiling on throughput. The paper's premise is that tokens below the
+  pivot are nearly free; that would remove this cost. The fit does not reflect it.
+- **SLO attainment (requests).** It is mostly decided by TTFT. AccelGen's lower throughput means
+  longer queues, so at 2 req/s it only ties vLLM and trails Sarathi-Serve. From 2.25 req/s up it is
+  above both, because triage serves requests that can still make their deadline before those that
+  cannot.
+- **Mechanisms (ablation at the main load).**
+  - Large effects: the exact-batch guard (without it goodput falls below vLLM's),
+    T_r prioritisation (without it goodput and attainment both drop), and the KV growth reserve
+    (without it preemptions rise by more than 10x).
+  - ERA and triage clearly help attainment.
+  - SLO grouping and dynamic chunking change little here: a 50 ms request is nearly always
+    running, so SLO_min is nearly always the tight class.
+  - The Euclidean multi-resource pick lowers attainment slightly on this workload. It prefers long
+    prompts while KV is free, and those delay short requests' first tokens. We keep it on by default
+    because it is the paper's mechanism, and report the cost.
+- **Oracle.** The oracle never preempts and orders work by what truly remains. It is within a few
+  percent of AccelGen, because AccelGen's KV growth reserve already removes almost all preemption,
+  the one waste the oracle's knowledge avoids. It is not a proven optimum; its docstring says
   exactly what it optimises.
+- **Overhead.** Cost grows with the number of *running* requests, not with queue length: the waiting
+  queue is a sorted structure of which only a window is read. The p99 comes from iterations with
+  all 256 sequences running. vLLM's own scheduler is measured on the same shape in the same run.
 """
 
 

@@ -178,8 +178,12 @@ class AccelGenPolicy(Policy):
         return (request.request_id in self._late, self._t_r[request.request_id], request.arrival_s)
 
     def t_max_s(self) -> float:
-        slos = [r.iteration_slo_s for r in self.bound.running if r.iteration_slo_s is not None]
-        return self.iteration_time_s(min(slos)) if slos else self.budget.iteration_time_s(None)
+        tightest = None
+        for r in self.bound.running:
+            tbt = r.slo.tbt_s
+            if tbt is not None and (tightest is None or tbt < tightest):
+                tightest = tbt
+        return self.iteration_time_s(tightest) if tightest is not None else self.budget.iteration_time_s(None)
 
     # -- the batch ---------------------------------------------------------------------------
     def fill(self, batch: BatchBuilder, now: float) -> None:
@@ -209,8 +213,7 @@ class AccelGenPolicy(Policy):
         state = _FillState(long_prefills=long_prefills)
         self._reserved_growth = 0
         if cfg.kv_headroom_tokens > 0 or self.reserves_exact_growth:
-            bs = core.kv.block_size
-            self._reserved_growth = sum(self._growth_blocks(r, bs) for r in core.running)
+            self._reserved_growth = self._running_growth_blocks()
         # Urgent decodes before urgent prefills: one token each, they cannot starve a prefill,
         # while a late prompt placed first could take the whole budget from them.
         for request in sorted(urgent, key=lambda r: r.is_prefilling):
@@ -319,6 +322,27 @@ class AccelGenPolicy(Policy):
         """Tokens the request is expected to hold in KV when it finishes (prompt + headroom)."""
         expected = max(request.num_tokens + 1, request.num_prompt_tokens + self.config.kv_headroom_tokens)
         return min(expected, self.profile.max_model_len)
+
+    def _running_growth_blocks(self) -> int:
+        """Blocks the running requests are still expected to grow by (hot path: inlined)."""
+        kv = self.bound.kv
+        bs = kv.block_size
+        tables = kv._tables
+        floor_extra = self.config.kv_headroom_tokens
+        cap = self.profile.max_model_len
+        total = 0
+        for r in self.bound.running:
+            n = r.num_prompt_tokens + len(r.output_token_ids) + 1
+            expected = r.num_prompt_tokens + floor_extra
+            if n > expected:
+                expected = n
+            if expected > cap:
+                expected = cap
+            table = tables.get(r.request_id)
+            grow = -(-expected // bs) - (len(table) if table else 0)
+            if grow > 0:
+                total += grow
+        return total
 
     def _growth_blocks(self, request: Request, block_size: int) -> int:
         have = self.bound.kv.num_blocks_of(request.request_id)

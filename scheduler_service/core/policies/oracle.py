@@ -49,6 +49,10 @@ class OraclePolicy(AccelGenPolicy):
     def expected_final_tokens(self, request: Request) -> int:
         return self._final_tokens(request)
 
+    def _running_growth_blocks(self) -> int:
+        kv = self.bound.kv
+        return sum(self._growth_blocks(r, kv.block_size) for r in self.bound.running)
+
     def remaining_work(self, request: Request) -> int:
         """Tokens still to run through the model: the rest of the prompt and every output."""
         return self._final_tokens(request) - request.num_computed_tokens

@@ -1,0 +1,74 @@
+"""The `accelgen` command line: output shapes a user scripts against, and input errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from accelgen.cli import main
+from bench import overhead
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "traces_sample"
+HEADLINE = {"throughput_tok_s", "goodput_tok_s", "slo_attainment", "p99_tbt_ms", "mean_jct_s",
+            "compute_util", "kv_util", "sched_ms_p99"}
+
+
+@pytest.fixture(autouse=True)
+def sample_traces(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACCELGEN_TRACES_DIR", str(SAMPLE))
+
+
+@pytest.mark.unit
+def test_sim_writes_json_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, png = tmp_path / "out.json", tmp_path / "out.png"
+    rc = main(["sim", "--workload", "paper-mix", "--rate", "1", "--duration", "20",
+               "--policies", "accelgen,vllm", "--json", str(out), "--plot", str(png), "--jobs", "1"])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["config"]["rate"] == 1.0 and data["config"]["workload"] == "paper-mix"
+    assert set(data["policies"]) == {"accelgen", "vllm"}
+    for row in data["policies"].values():
+        assert HEADLINE <= set(row)
+        assert row["throughput_tok_s"] > 0 and 0 <= row["slo_attainment"] <= 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "accelgen" in printed and "vllm" in printed
+
+
+@pytest.mark.unit
+def test_sweep_reports_one_row_per_rate(tmp_path: Path) -> None:
+    out = tmp_path / "sweep.json"
+    rc = main(["sim", "--rate", "1", "--duration", "15", "--policies", "sarathi", "--sweep-rate", "0.5,1.5",
+               "--json", str(out), "--jobs", "1"])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["sweep"]["rates"] == [0.5, 1.5]
+    rows = data["sweep"]["policies"]["sarathi"]
+    assert len(rows) == 2
+    # More load, more requests simulated.
+    assert rows[1]["num_requests"] > rows[0]["num_requests"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("args, message", [
+    (["sim", "--policies", "fifo"], "unknown policy"),
+    (["sim", "--sweep-rate", "1,x"], "comma-separated numbers"),
+    (["sim", "--slo-mix", "chat=-1"], "chat"),
+])
+def test_bad_arguments_exit_with_a_message(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_overhead_benchmark_times_every_policy() -> None:
+    results = overhead.run([10], repeats=5, with_vllm=False)
+    assert set(results["policies"]) == {"accelgen", "vllm", "sarathi", "edf", "oracle"}
+    for per_size in results["policies"].values():
+        assert per_size["10"]["p50_ms"] > 0
+        assert per_size["10"]["p99_ms"] >= per_size["10"]["p50_ms"]
+    assert "p50 ms" in overhead.format_results(results)
