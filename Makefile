@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo results bench clean
+.PHONY: install test demo results bench protos clean
 
 $(STAMP): pyproject.toml
 	bash scripts/install_system_deps.sh
@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: install
+	$(BIN)/python scripts/gen_protos.py --check
 	$(BIN)/python -m pytest -q
 
 demo: install
@@ -30,6 +31,9 @@ results: install
 
 bench: install
 	$(BIN)/python -m bench.overhead --json bench/out/overhead.json
+
+protos: install
+	$(BIN)/python scripts/gen_protos.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
