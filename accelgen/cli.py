@@ -115,6 +115,95 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return rc
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    """The whole stack in one process tree, on embedded defaults; Ctrl-C stops it all."""
+    import signal
+    import threading
+
+    from accelgen.stack import start_stack
+
+    worker_args = ["--time-scale", str(args.time_scale)]
+    if args.model:
+        worker_args += ["--model", args.model]
+    stack = start_stack(workers=args.workers, executor=args.executor, worker_args=worker_args,
+                        gateway_args=(["--model", args.model] if args.model else []),
+                        scheduler_args=["--policy", args.policy], http_port=args.http_port or None,
+                        grpc_port=args.grpc_port or None, log_dir=Path(args.log_dir) if args.log_dir else None)
+    print(f"AccelGen is up: gateway gRPC {stack.gateway_address}, OpenAI HTTP http://127.0.0.1:{stack.http_port}/v1, "
+          f"scheduler {stack.scheduler_address}, Redis {stack.redis_url}, {args.workers} {args.executor} worker(s). "
+          "Ctrl-C stops everything.", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        while not done.wait(0.5):
+            dead = [p.name for p in stack.procs if not p.alive()]
+            if dead:
+                print(f"{', '.join(dead)} exited; stopping", file=sys.stderr)
+                break
+    finally:
+        stack.stop()
+        print("stopped", flush=True)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from accelgen.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+    sp = common_pb2.SamplingParams(temperature=args.temperature, max_new_tokens=args.max_tokens)
+    req = gateway_pb2.GenerateRequest(text=args.prompt, sampling_params=sp, app_class=args.app_class, stream=True)
+    if args.tbt_ms:
+        req.slo.CopyFrom(common_pb2.SLOSpec(ttft_ms=args.ttft_ms, tbt_ms=args.tbt_ms))
+    with grpc.insecure_channel(args.gateway) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        try:
+            for resp in stub.Generate(req, timeout=args.timeout):
+                if resp.HasField("chunk"):
+                    print(resp.chunk.text or " ".join(map(str, resp.chunk.token_ids)), end="", flush=True)
+                else:
+                    c = resp.complete
+                    print(f"\n[{resp.request_id}: {c.completion_tokens} tokens, finish={c.finish_reason}, "
+                          f"TTFT {c.ttft_ms:.1f} ms, mean TBT {c.mean_tbt_ms:.1f} ms, SLO met: {c.slo_met}]")
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from bench.loadgen import run_load
+    from scheduler_service.core.slo import SLOCatalog
+    from scheduler_service.profiles import load_profile
+
+    profile = load_profile(args.profile)
+    spec = WorkloadSpec(name=args.workload, rate=args.rate, duration_s=args.duration, seed=args.seed,
+                        time_scale=args.time_scale, trace=args.trace, slo_mix=args.slo_mix,
+                        long_fraction=args.long_fraction)
+    workload = spec.build(profile.max_model_len)
+    print(f"replaying {len(workload)} requests ({args.workload}) against {args.gateway} ...", flush=True)
+    result = run_load(args.gateway, workload, SLOCatalog(), profile.s_pf)
+    row = headline(result.summary)
+    print(format_table({"service": result.summary}))
+    if result.errors:
+        print(f"errors: {result.errors}")
+    out = {"config": {"workload": args.workload, "rate": args.rate, "duration_s": args.duration, "seed": args.seed,
+                      "gateway": args.gateway, "profile": args.profile, "source": "service (client-side timing)"},
+           "policies": {args.policy_label: row}, "errors": result.errors}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0 if not result.errors else 1
+
+
+def _run_service(module: str, argv: list[str]) -> int:
+    import importlib
+
+    return int(importlib.import_module(module).main(argv) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="accelgen", description="Heterogeneous-SLO LLM serving (AccelGen)")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -132,6 +221,40 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--plot", default=None, help="write a PNG figure here")
     sim.set_defaults(func=cmd_sim)
 
+    up = sub.add_parser("up", help="start Redis, the scheduler, N workers and the gateway; Ctrl-C stops all")
+    up.add_argument("--workers", type=int, default=1)
+    up.add_argument("--executor", default="sim", help="sim (cost model) or vllm")
+    up.add_argument("--model", default=None, help="model path or name for vllm workers and the gateway tokenizer")
+    up.add_argument("--policy", default="accelgen")
+    up.add_argument("--time-scale", type=float, default=1.0, help="sim executor: scale of the simulated iteration time")
+    up.add_argument("--grpc-port", type=int, default=50050)
+    up.add_argument("--http-port", type=int, default=8000)
+    up.add_argument("--log-dir", default=None, help="write each service's log here")
+    up.set_defaults(func=cmd_up)
+
+    gen = sub.add_parser("generate", help="send one request to a gateway and stream the answer")
+    gen.add_argument("prompt")
+    gen.add_argument("--gateway", default="127.0.0.1:50050")
+    gen.add_argument("--app-class", default="chat")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--ttft-ms", type=float, default=0.0)
+    gen.add_argument("--tbt-ms", type=float, default=0.0)
+    gen.add_argument("--timeout", type=float, default=600.0)
+    gen.set_defaults(func=cmd_generate)
+
+    load = sub.add_parser("load", help="replay a workload against a gateway; prints the same table as sim")
+    add_workload_args(load)
+    load.add_argument("--gateway", default="127.0.0.1:50050")
+    load.add_argument("--profile", default=DEFAULT_PROFILE, help="profile for S_pf (compute utilisation)")
+    load.add_argument("--policy-label", default="service", help="row name in the JSON")
+    load.add_argument("--json", default=None)
+    load.set_defaults(func=cmd_load)
+
+    for name in SERVICES:
+        # Dispatched before parsing (see main) so the service's own parser sees every flag.
+        sub.add_parser(name, help=f"run the {name} service (accelgen {name} --help for its flags)", add_help=False)
+
     demo = sub.add_parser("demo", help="run the mixed-SLO comparison and print the report")
     demo.add_argument("--rate", type=float, default=2.0)
     demo.add_argument("--duration", type=float, default=300.0)
@@ -140,7 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+SERVICES = {"scheduler": "scheduler_service.main", "worker": "worker_service.main", "gateway": "gateway.main"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SERVICES:
+        return _run_service(SERVICES[argv[0]], argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -83,6 +83,32 @@ class SchedulerCore:
         self.requests[request.request_id] = request
         self.waiting.add(request)
 
+    def adopt(self, request: Request) -> None:
+        """Take over a request that was running elsewhere (a dead worker, a restarted scheduler).
+
+        Its outputs so far are kept; its KV is gone, so everything is recomputed, exactly as
+        after a recompute preemption.
+        """
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        request.num_computed_tokens = 0
+        resumed = bool(request.output_token_ids)
+        request.status = RequestStatus.PREEMPTED if resumed else RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.add(request, preempted=resumed)
+
+    def release_unfinished(self) -> list[Request]:
+        """Hand back every unfinished request (this core's worker is gone); the core is then empty."""
+        out = [r for r in self.requests.values() if not r.status.is_done]
+        for r in out:
+            self.kv.free(r.request_id)
+        self.running.clear()
+        for r in list(self.waiting):
+            self.waiting.remove(r.request_id)
+        self.requests = {rid: r for rid, r in self.requests.items() if r.status.is_done}
+        self.on_worker.clear()
+        return out
+
     def cancel(self, request_id: str, now: float) -> bool:
         """Cancel a live request; returns False if unknown or already done."""
         request = self.requests.get(request_id)

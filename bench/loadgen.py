@@ -1,0 +1,76 @@
+"""Replay a workload against a running gateway and measure it like the simulator does.
+
+Each workload request is sent at its arrival time through the gateway's gRPC ``Generate``
+(streaming), with its true output length as ``max_new_tokens`` and ``ignore_eos`` so the
+service produces exactly the tokens the simulator would. Token times are taken when tokens
+arrive here; the metrics module is the simulator's, so the two reports line up column by column.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import grpc
+
+from accelgen.grpc_server import CHANNEL_OPTIONS
+from accelgen.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from bench.workloads import WorkloadRequest
+from scheduler_service.core.metrics import MetricsCollector
+from scheduler_service.core.slo import SLOCatalog
+
+PROMPT_TOKEN = 7
+
+
+@dataclass
+class LoadResult:
+    summary: dict[str, Any]
+    errors: dict[str, int]
+    wall_s: float
+
+
+async def _one(stub: gateway_pb2_grpc.GatewayStub, item: WorkloadRequest, t0: float, metrics: MetricsCollector,
+               errors: dict[str, int], timeout_s: float) -> None:
+    delay = t0 + item.arrival_s - time.monotonic()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    req = gateway_pb2.GenerateRequest(
+        request_id=f"load-{item.request_id}-{int(t0 * 1000) % 100000}",
+        tokenized=common_pb2.TokenizedInput(input_ids=[PROMPT_TOKEN] * item.prompt_len),
+        sampling_params=common_pb2.SamplingParams(max_new_tokens=item.output_len, ignore_eos=True),
+        app_class=item.app_class, stream=True)
+    sent = time.monotonic() - t0
+    rec = metrics.requests[item.request_id]
+    rec.arrival_s = sent
+    try:
+        async for resp in stub.Generate(req, timeout=timeout_s):
+            now = time.monotonic() - t0
+            if resp.HasField("chunk"):
+                for _ in resp.chunk.token_ids:
+                    metrics.on_token(item.request_id, now)
+            elif resp.HasField("complete"):
+                metrics.on_finish(item.request_id, now, resp.complete.finish_reason)
+    except grpc.aio.AioRpcError as exc:
+        errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+
+
+async def replay(address: str, workload: Sequence[WorkloadRequest], catalog: SLOCatalog, s_pf: int,
+                 timeout_s: float = 3600.0) -> LoadResult:
+    metrics = MetricsCollector(s_pf)
+    for item in workload:
+        metrics.on_arrival(item.request_id, item.app_class, catalog.get(item.app_class).slo, item.arrival_s,
+                           item.prompt_len)
+    errors: dict[str, int] = {}
+    started = time.monotonic()
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        t0 = time.monotonic() + 0.2
+        await asyncio.gather(*(_one(stub, item, t0, metrics, errors, timeout_s) for item in workload))
+    summary = metrics.summary()
+    return LoadResult(summary=summary, errors=errors, wall_s=time.monotonic() - started)
+
+
+def run_load(address: str, workload: Sequence[WorkloadRequest], catalog: SLOCatalog, s_pf: int) -> LoadResult:
+    return asyncio.run(replay(address, workload, catalog, s_pf))

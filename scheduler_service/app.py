@@ -1,0 +1,323 @@
+"""The scheduler service's state machine around the pure core: routing, workers, recovery, delivery.
+
+- **Routing.** Each worker has a lane (its own core and KV accounting); a new request goes to
+  the lane with the least work left.
+- **Workers.** Registered workers are kept in Redis with a heartbeat TTL. A worker that stops
+  heart-beating, fails an iteration or deregisters is dropped: its unfinished requests are
+  adopted by the other lanes and recomputed (their outputs so far are kept).
+- **Recovery.** A (re)started scheduler takes the leader lease, starts a new *epoch* (workers
+  drop their caches when they see it), and adopts every live request from Redis: nothing
+  accepted is lost, and since every block table starts empty, no KV block is leaked.
+- **Delivery.** Tokens are published to watchers only after the iteration's Redis write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import structlog
+
+from accelgen.v1 import scheduler_pb2
+from scheduler_service import convert
+from scheduler_service.config import SchedulerConfig
+from scheduler_service.core.profile import DeviceProfile
+from scheduler_service.core.request import Request
+from scheduler_service.lane import WorkerLane
+from scheduler_service.profiles import load_profile
+from scheduler_service.state.store import RedisStore, StoredRequest
+
+log = structlog.get_logger("scheduler")
+
+
+class ServiceError(Exception):
+    """An error with a gRPC status name ("INVALID_ARGUMENT", ...); mapped in server.py only."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class RequestChannel:
+    """What watchers of one request see: its tokens so far and whether it is done."""
+
+    prompt_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str = ""
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def notify(self) -> None:
+        self.event.set()
+        self.event = asyncio.Event()
+
+
+class SchedulerApp:
+    def __init__(self, config: SchedulerConfig, store: RedisStore) -> None:
+        self.config = config
+        self.store = store
+        self.catalog = config.catalog()
+        self.profile = load_profile(config.profile)
+        self.epoch = uuid.uuid4().hex[:12]
+        self.lanes: dict[str, WorkerLane] = {}
+        self.owner: dict[str, str] = {}  # request id -> worker id
+        self.channels: dict[str, RequestChannel] = {}
+        self.orphans: list[Request] = []  # unfinished requests with no live worker to run them
+        self._monitor: asyncio.Task | None = None
+        self._stopping = False
+
+    # -- life cycle ---------------------------------------------------------------------------
+    async def start(self, lease_wait_s: float = 60.0) -> None:
+        deadline = time.monotonic() + lease_wait_s
+        ttl_ms = int(self.config.lease_ttl_s * 1000)
+        while not await self.store.acquire_lease(self.config.instance_id, ttl_ms):
+            if time.monotonic() > deadline:
+                raise RuntimeError("another scheduler holds the leader lease")
+            await asyncio.sleep(min(0.5, self.config.lease_ttl_s / 4))
+        await self.store.clear_block_tables()
+        for wid, desc in (await self.store.live_workers()).items():
+            self._add_lane(wid, desc)
+        recovered = await self.store.load_live()
+        for rec in recovered:
+            self._adopt(rec)
+        log.info("scheduler_started", epoch=self.epoch, workers=len(self.lanes), recovered=len(recovered))
+        self._monitor = asyncio.create_task(self._monitor_loop(), name="monitor")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._monitor is not None:
+            self._monitor.cancel()
+        for lane in list(self.lanes.values()):
+            await lane.stop()
+        await self.store.release_lease(self.config.instance_id)
+
+    async def _monitor_loop(self) -> None:
+        ttl_ms = int(self.config.lease_ttl_s * 1000)
+        while not self._stopping:
+            await asyncio.sleep(min(self.config.heartbeat_interval_s, self.config.lease_ttl_s / 3))
+            try:
+                if not await self.store.acquire_lease(self.config.instance_id, ttl_ms):
+                    log.error("lease_lost", instance=self.config.instance_id)
+            except Exception as exc:  # Redis down: keep serving from memory, retry next tick
+                log.warning("lease_renew_failed", error=str(exc))
+            now = time.monotonic()
+            for wid, lane in list(self.lanes.items()):
+                if now - lane.last_heartbeat > self.config.heartbeat_ttl_s:
+                    await self.drop_worker(wid, reason="heartbeat timeout")
+
+    # -- workers ------------------------------------------------------------------------------
+    def _lane_profile(self, desc: dict) -> DeviceProfile:
+        if desc.get("profile_json"):
+            try:
+                return DeviceProfile.from_dict(json.loads(desc["profile_json"]))
+            except ValueError as exc:
+                log.warning("bad_worker_profile", error=str(exc))
+        return self.profile
+
+    def _add_lane(self, worker_id: str, desc: dict) -> WorkerLane:
+        lane = WorkerLane(self, worker_id, desc["address"], self._lane_profile(desc), int(desc["num_blocks"]),
+                          int(desc["block_size"]), self.config.policy, self.catalog, self.config.max_num_seqs)
+        lane.model = str(desc.get("model") or lane.profile.name)
+        self.lanes[worker_id] = lane
+        lane.start()
+        return lane
+
+    async def register_worker(self, worker_id: str, desc: dict) -> None:
+        if desc.get("num_blocks", 0) < 2 or desc.get("block_size", 0) < 1:
+            raise ServiceError("INVALID_ARGUMENT", "description.num_blocks must be >= 2 and block_size >= 1")
+        if worker_id in self.lanes:
+            await self.drop_worker(worker_id, reason="re-registered")
+        await self.store.register_worker(worker_id, desc, self.config.heartbeat_ttl_s)
+        self._add_lane(worker_id, desc)
+        orphans, self.orphans = self.orphans, []
+        for r in orphans:
+            self._route(r, adopt=True)
+        log.info("worker_registered", worker=worker_id, address=desc["address"], blocks=desc["num_blocks"])
+
+    async def heartbeat(self, worker_id: str) -> bool:
+        lane = self.lanes.get(worker_id)
+        if lane is None:
+            return False
+        lane.last_heartbeat = time.monotonic()
+        await self.store.heartbeat(worker_id, self.config.heartbeat_ttl_s)
+        return True
+
+    async def drop_worker(self, worker_id: str, reason: str) -> None:
+        lane = self.lanes.pop(worker_id, None)
+        if lane is None:
+            return
+        await lane.stop()
+        moved = lane.core.release_unfinished()
+        await self.store.remove_worker(worker_id)
+        for r in moved:
+            self._route(r, adopt=True)
+        log.warning("worker_dropped", worker=worker_id, reason=reason, requeued=len(moved))
+
+    # -- requests -----------------------------------------------------------------------------
+    def _pick_lane(self) -> WorkerLane | None:
+        return min(self.lanes.values(), key=WorkerLane.load, default=None)
+
+    def _route(self, request: Request, adopt: bool) -> None:
+        lane = self._pick_lane()
+        if lane is None:
+            self.orphans.append(request)
+            self.owner.pop(request.request_id, None)
+            return
+        if adopt:
+            lane.core.adopt(request)
+        else:
+            lane.core.add_request(request)
+        self.owner[request.request_id] = lane.worker_id
+        lane.wakeup.set()
+
+    def _adopt(self, rec: StoredRequest) -> None:
+        r = rec.request
+        ch = RequestChannel(prompt_tokens=r.num_prompt_tokens, tokens=list(r.output_token_ids), times=list(rec.emitted_at))
+        self.channels[r.request_id] = ch
+        self._route(r, adopt=True)
+
+    def num_unfinished(self) -> int:
+        return sum(lane.core.num_unfinished for lane in self.lanes.values()) + len(self.orphans)
+
+    async def submit(self, msg: scheduler_pb2.SubmitRequest) -> Request:
+        max_len = min((lane.profile.max_model_len for lane in self.lanes.values()), default=self.profile.max_model_len)
+        try:
+            request = convert.request_from_submit(msg, self.catalog, max_len, time.time())
+        except convert.InvalidInput as exc:
+            raise ServiceError("INVALID_ARGUMENT", str(exc)) from None
+        if not self.lanes:
+            raise ServiceError("UNAVAILABLE", "no worker is registered; start a worker and retry")
+        self._check_feasible(request)
+        if self.num_unfinished() >= self.config.max_queue:
+            raise ServiceError("RESOURCE_EXHAUSTED", f"the queue is full ({self.config.max_queue} unfinished "
+                                                     "requests); retry later")
+        if request.request_id in self.channels or request.request_id in self.owner:
+            raise ServiceError("ALREADY_EXISTS", f"request_id {request.request_id!r} is already in use")
+        lane = self._pick_lane()
+        assert lane is not None
+        try:
+            await self.store.add_request(request, lane.worker_id)
+        except Exception as exc:
+            raise ServiceError("UNAVAILABLE", f"the state store (Redis) is unavailable: {exc}") from None
+        self.channels[request.request_id] = RequestChannel(prompt_tokens=request.num_prompt_tokens)
+        lane.core.add_request(request)
+        self.owner[request.request_id] = lane.worker_id
+        lane.wakeup.set()
+        return request
+
+    def _check_feasible(self, request: Request) -> None:
+        """An SLO that no worker's profile can meet is refused up front, with the numbers."""
+        tbt = request.slo.tbt_s
+        if tbt is None:
+            return
+        fastest = min(lane.profile.forward_time_s(1) for lane in self.lanes.values())
+        if tbt < fastest:
+            raise ServiceError("RESOURCE_EXHAUSTED",
+                               f"slo.tbt_ms={tbt * 1000:g} cannot be met: one decode iteration takes at least "
+                               f"{fastest * 1000:.2f} ms on the registered workers")
+
+    async def commit(self, lane: WorkerLane, plan, outcome, now: float) -> None:
+        changes = lane.changes_for(plan, outcome)
+        delay = 0.05
+        while True:
+            try:
+                await self.store.commit_iteration(changes)
+                break
+            except Exception as exc:  # Redis briefly down: hold the tokens until they are durable
+                log.warning("commit_retry", worker=lane.worker_id, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+        touched = set()
+        for ev in outcome.tokens:
+            ch = self.channels.get(ev.request_id)
+            if ch is not None:
+                ch.tokens.append(ev.token_id)
+                ch.times.append(ev.time_s)
+                touched.add(ev.request_id)
+        for r in outcome.finished:
+            self._close(r.request_id, r.finish_reason.value if r.finish_reason else "")
+            lane.core.forget(r.request_id)
+            touched.discard(r.request_id)
+        for rid in touched:
+            self.channels[rid].notify()
+
+    def _close(self, request_id: str, reason: str) -> None:
+        self.owner.pop(request_id, None)
+        ch = self.channels.get(request_id)
+        if ch is None:
+            return
+        ch.finished = True
+        ch.finish_reason = reason
+        ch.notify()
+        # Keep the channel a while for late watchers; Redis keeps the record longer.
+        asyncio.get_running_loop().call_later(60.0, self.channels.pop, request_id, None)
+
+    async def cancel(self, request_id: str) -> bool:
+        wid = self.owner.get(request_id)
+        lane = self.lanes.get(wid) if wid else None
+        if lane is None or not lane.core.cancel(request_id, time.time()):
+            orphan = next((r for r in self.orphans if r.request_id == request_id), None)
+            if orphan is None:
+                raise ServiceError("NOT_FOUND", f"request {request_id!r} is not running or waiting")
+            self.orphans.remove(orphan)
+        from scheduler_service.state.store import IterationChanges
+
+        await self.store.commit_iteration(IterationChanges(worker_id=wid or "", status={request_id: ("cancelled", "abort")},
+                                                           finished=[request_id], freed_tables=[request_id]))
+        if lane is not None:
+            lane.core.forget(request_id)
+            lane.wakeup.set()
+        self._close(request_id, "abort")
+        return True
+
+    async def watch(self, request_id: str, start_index: int) -> AsyncIterator[scheduler_pb2.TokenBatch]:
+        ch = self.channels.get(request_id)
+        if ch is None:
+            rec = await self.store.load_request(request_id)
+            if rec is None:
+                raise ServiceError("NOT_FOUND", f"request {request_id!r} is unknown (or expired)")
+            r = rec.request
+            done = r.status.is_done
+            yield scheduler_pb2.TokenBatch(token_ids=r.output_token_ids[start_index:], start_index=start_index,
+                                           emitted_at=rec.emitted_at[start_index:], finished=done,
+                                           finish_reason=r.finish_reason.value if r.finish_reason else "",
+                                           prompt_tokens=r.num_prompt_tokens)
+            if done:
+                return
+            raise ServiceError("UNAVAILABLE", f"request {request_id!r} is being recovered; watch again")
+        idx = start_index
+        while True:
+            event = ch.event
+            if idx < len(ch.tokens) or ch.finished:
+                yield scheduler_pb2.TokenBatch(token_ids=ch.tokens[idx:], start_index=idx, emitted_at=ch.times[idx:],
+                                               finished=ch.finished, finish_reason=ch.finish_reason,
+                                               prompt_tokens=ch.prompt_tokens)
+                idx = len(ch.tokens)
+                if ch.finished:
+                    return
+            await event.wait()
+
+    def server_info(self) -> scheduler_pb2.ServerInfo:
+        lanes = list(self.lanes.values())
+        return scheduler_pb2.ServerInfo(
+            model=self.profile.name if not lanes else lanes[0].model,
+            max_model_len=min((ln.profile.max_model_len for ln in lanes), default=self.profile.max_model_len),
+            block_size=lanes[0].core.kv.block_size if lanes else self.profile.block_size,
+            live_workers=len(lanes), queued_requests=self.num_unfinished(), policy=self.config.policy,
+            app_classes=list(self.catalog.names), iterations=sum(ln.stats.iterations for ln in lanes),
+            **self._decision_percentiles(lanes))
+
+    @staticmethod
+    def _decision_percentiles(lanes: list[WorkerLane]) -> dict[str, float]:
+        recent = [d for ln in lanes for d in list(ln.stats.decision_s)[-2000:]]
+        if not recent:
+            return {"sched_ms_p50": 0.0, "sched_ms_p99": 0.0}
+        recent.sort()
+        pick = lambda q: recent[min(len(recent) - 1, int(q * len(recent)))] * 1000.0  # noqa: E731
+        return {"sched_ms_p50": pick(0.5), "sched_ms_p99": pick(0.99)}

@@ -1,0 +1,143 @@
+"""One worker's lane: its scheduling core, its gRPC stub, and the iteration loop that joins them.
+
+Each worker has its own KV pool, so each lane has its own ``SchedulerCore`` (policy, block
+accounting) sized from what the worker reported. The loop: plan -> ExecuteIteration -> apply
+the result -> write the iteration's changes to Redis in one round trip -> publish the tokens.
+Tokens reach clients only after they are durable, so a crash never shows a client a token that
+a restarted scheduler would not know.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import grpc
+import structlog
+
+from accelgen.grpc_server import CHANNEL_OPTIONS
+from accelgen.v1 import worker_pb2_grpc
+from scheduler_service import convert
+from scheduler_service.core.kv_blocks import KVBlockManager
+from scheduler_service.core.policies.registry import make_policy
+from scheduler_service.core.profile import DeviceProfile
+from scheduler_service.core.scheduler import CoreConfig, SchedulerCore
+from scheduler_service.core.slo import SLOCatalog
+from scheduler_service.state.store import IterationChanges
+
+if TYPE_CHECKING:
+    from scheduler_service.app import SchedulerApp
+
+log = structlog.get_logger("scheduler.lane")
+
+
+@dataclass
+class LaneStats:
+    iterations: int = 0
+    last_iteration_s: float = 0.0
+    decision_s: deque = field(default_factory=lambda: deque(maxlen=5000))
+
+
+class WorkerLane:
+    def __init__(self, app: "SchedulerApp", worker_id: str, address: str, profile: DeviceProfile,
+                 num_blocks: int, block_size: int, policy: str, catalog: SLOCatalog, max_num_seqs: int) -> None:
+        self.app = app
+        self.worker_id = worker_id
+        self.address = address
+        self.profile = profile
+        self.model = profile.name
+        policy_obj = make_policy(policy, profile, catalog)
+        self.core = SchedulerCore(policy_obj, profile, kv=KVBlockManager(num_blocks, block_size),
+                                  config=CoreConfig(max_num_seqs=max_num_seqs))
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = worker_pb2_grpc.WorkerStub(self.channel)
+        self.wakeup = asyncio.Event()
+        self.last_heartbeat = time.monotonic()
+        self.stats = LaneStats()
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+
+    # -- load ---------------------------------------------------------------------------------
+    def load(self) -> int:
+        """Tokens still to run on this lane: where the router sends the next request."""
+        return sum(r.num_uncomputed_tokens for r in self.core.requests.values() if not r.status.is_done)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"lane-{self.worker_id}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self.wakeup.set()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self.channel.close()
+
+    # -- the loop -----------------------------------------------------------------------------
+    async def _run(self) -> None:
+        core = self.core
+        while not self._stopping:
+            if not core.has_work() and not core._to_free:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            t0 = time.perf_counter()
+            plan = core.step(time.time())
+            decision = time.perf_counter() - t0
+            if plan.is_empty and not plan.freed_request_ids:
+                # Work exists but none fits now (e.g. KV full of finished-but-unfreed requests):
+                # wait for a new arrival, a cancel, or a short while.
+                self.wakeup.clear()
+                try:
+                    await asyncio.wait_for(self.wakeup.wait(), timeout=0.01)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            msg = convert.plan_to_proto(plan, core.requests, self.app.epoch)
+            try:
+                reply = await self.stub.ExecuteIteration(msg, timeout=self.app.config.worker_rpc_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("worker_failed", worker=self.worker_id, code=exc.code().name, details=exc.details())
+                asyncio.create_task(self.app.drop_worker(self.worker_id, reason=f"ExecuteIteration: {exc.code().name}"))
+                return
+            now = time.time()
+            outcome = core.complete(plan, convert.result_from_proto(reply), now)
+            self.stats.iterations += 1
+            self.stats.last_iteration_s = reply.elapsed_s
+            self.stats.decision_s.append(decision)
+            await self.app.commit(self, plan, outcome, now)
+
+    def changes_for(self, plan, outcome) -> IterationChanges:
+        """What this iteration changed, for one Redis round trip."""
+        core = self.core
+        ch = IterationChanges(worker_id=self.worker_id, free_blocks=core.kv.num_free_blocks)
+        for ev in outcome.tokens:
+            toks, times = ch.tokens.setdefault(ev.request_id, ([], []))
+            toks.append(ev.token_id)
+            times.append(ev.time_s)
+        for c in plan.chunks:
+            if c.new_block_ids or c.is_new:
+                table = core.kv.block_table(c.request_id)
+                if table:
+                    ch.block_tables[c.request_id] = table
+        for rid in plan.preempted_request_ids:
+            r = core.requests.get(rid)
+            if r is not None:
+                ch.status[rid] = ("preempted", "")
+                ch.preemptions[rid] = r.num_preemptions
+                ch.freed_tables.append(rid)
+        for r in outcome.finished:
+            ch.status[r.request_id] = ("finished", r.finish_reason.value if r.finish_reason else "")
+            ch.finished.append(r.request_id)
+            ch.freed_tables.append(r.request_id)
+        for c in plan.chunks:
+            r = core.requests.get(c.request_id)
+            if c.is_new and r is not None and c.request_id not in ch.status:
+                ch.status[c.request_id] = ("running", "")
+        return ch

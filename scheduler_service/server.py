@@ -1,0 +1,97 @@
+"""The Scheduler gRPC servicer: thin, over ``SchedulerApp``. Errors map to status codes here only."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import grpc
+import structlog
+
+from accelgen.v1 import gateway_pb2, scheduler_pb2, scheduler_pb2_grpc
+from scheduler_service import convert
+from scheduler_service.app import SchedulerApp, ServiceError
+
+log = structlog.get_logger("scheduler.rpc")
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    """The one place where errors become gRPC status codes."""
+    if isinstance(exc, ServiceError):
+        await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+    if isinstance(exc, (ConnectionError, OSError)) or type(exc).__module__.startswith("redis"):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"the state store (Redis) is unavailable: {exc}")
+    log.exception("internal_error")
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+
+
+def describe_to_dict(worker_id: str, msg: scheduler_pb2.RegisterWorkerRequest) -> dict:
+    d = msg.description
+    return {"worker_id": worker_id, "address": msg.address, "model": d.model, "executor": d.executor,
+            "block_size": d.block_size, "num_blocks": d.num_blocks, "max_model_len": d.max_model_len,
+            "profile_json": d.profile_json, "eos_token_id": d.eos_token_id, "vocab_size": d.vocab_size}
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, app: SchedulerApp) -> None:
+        self.app = app
+
+    async def Submit(self, request, context):
+        structlog.contextvars.bind_contextvars(request_id=request.request_id)
+        try:
+            r = await self.app.submit(request)
+        except Exception as exc:
+            await _abort(context, exc)
+        log.info("submitted", prompt_tokens=r.num_prompt_tokens, app_class=r.app_class, worker=self.app.owner.get(r.request_id))
+        return scheduler_pb2.SubmitResponse(request_id=r.request_id, slo=convert.slo_to_proto(r.slo))
+
+    async def Watch(self, request, context) -> AsyncIterator[scheduler_pb2.TokenBatch]:
+        try:
+            async for batch in self.app.watch(request.request_id, request.start_index):
+                yield batch
+        except Exception as exc:
+            await _abort(context, exc)
+
+    async def Cancel(self, request, context):
+        try:
+            ok = await self.app.cancel(request.request_id)
+        except Exception as exc:
+            await _abort(context, exc)
+        return gateway_pb2.CancelResponse(cancelled=ok)
+
+    async def GetRequest(self, request, context):
+        try:
+            rec = await self.app.store.load_request(request.request_id)
+        except Exception as exc:
+            await _abort(context, exc)
+        if rec is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"request {request.request_id!r} is unknown (or expired)")
+        r = rec.request
+        return gateway_pb2.RequestState(
+            request_id=r.request_id, status=r.status.name.lower(), output_ids=r.output_token_ids,
+            finish_reason=r.finish_reason.value if r.finish_reason else "", app_class=r.app_class,
+            slo=convert.slo_to_proto(r.slo), prompt_tokens=r.num_prompt_tokens, num_preemptions=r.num_preemptions)
+
+    async def GetServerInfo(self, request, context):
+        return self.app.server_info()
+
+    async def RegisterWorker(self, request, context):
+        if not request.worker_id or not request.address:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "worker_id and address are required")
+        try:
+            await self.app.register_worker(request.worker_id, describe_to_dict(request.worker_id, request))
+        except Exception as exc:
+            await _abort(context, exc)
+        cfg = self.app.config
+        return scheduler_pb2.RegisterWorkerResponse(heartbeat_interval_s=cfg.heartbeat_interval_s,
+                                                    heartbeat_ttl_s=cfg.heartbeat_ttl_s)
+
+    async def Heartbeat(self, request, context):
+        try:
+            known = await self.app.heartbeat(request.worker_id)
+        except Exception as exc:
+            await _abort(context, exc)
+        return scheduler_pb2.HeartbeatResponse(known=known)
+
+    async def DeregisterWorker(self, request, context):
+        await self.app.drop_worker(request.worker_id, reason="deregistered")
+        return scheduler_pb2.DeregisterWorkerResponse()

@@ -1,0 +1,263 @@
+"""Redis: the source of truth for everything that must survive a scheduler crash.
+
+Layout (every key under a configurable prefix, default ``accelgen:``):
+
+- ``req:{id}``        hash: prompt (uint32 array), sampling / slo (JSON), app_class, arrival,
+                      eos, status, finish_reason, preemptions, worker
+- ``out:{id}``        string: output token ids, appended 4 bytes a token (APPEND is O(1))
+- ``tim:{id}``        string: emission times, appended 8 bytes a token
+- ``live``            sorted set: unfinished request ids by arrival — the durable queue
+- ``workers``         hash: worker id -> description JSON
+- ``alive:{worker}``  string with a TTL, refreshed by heartbeats
+- ``kv:{worker}``     hash: request id -> block table (uint32 array); ``kvfree:{worker}``: free count
+- ``leader``          the scheduler's lease (SET NX PX)
+
+Each iteration's changes go to Redis in one pipelined MULTI/EXEC round trip.
+Finished requests leave ``live`` and keep their record for ``finished_ttl_s`` so that
+``GetRequest`` and a late ``Watch`` still find them.
+"""
+
+from __future__ import annotations
+
+import json
+from array import array
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from scheduler_service.core.request import Request, RequestStatus, SamplingParams
+from scheduler_service.core.slo import SLO
+
+
+def pack_u32(values: list[int]) -> bytes:
+    return array("I", values).tobytes()
+
+
+def unpack_u32(data: bytes | None) -> list[int]:
+    out = array("I")
+    if data:
+        out.frombytes(data)
+    return out.tolist()
+
+
+def unpack_f64(data: bytes | None) -> list[float]:
+    out = array("d")
+    if data:
+        out.frombytes(data)
+    return out.tolist()
+
+
+def sampling_to_json(sp: SamplingParams) -> str:
+    return json.dumps({"max_tokens": sp.max_tokens, "temperature": sp.temperature, "top_p": sp.top_p,
+                       "top_k": sp.top_k, "seed": sp.seed, "stop_token_ids": list(sp.stop_token_ids),
+                       "ignore_eos": sp.ignore_eos})
+
+
+def sampling_from_json(text: str) -> SamplingParams:
+    d = json.loads(text)
+    d["stop_token_ids"] = tuple(d.get("stop_token_ids", ()))
+    return SamplingParams(**d)
+
+
+def slo_to_json(slo: SLO) -> str:
+    return json.dumps({"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s, "jct_s": slo.jct_s})
+
+
+@dataclass
+class StoredRequest:
+    """A request as persisted, plus what it has produced so far."""
+
+    request: Request
+    emitted_at: list[float]
+    worker_id: str = ""
+
+
+@dataclass
+class IterationChanges:
+    """Everything one iteration changed, written in one round trip."""
+
+    worker_id: str
+    tokens: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+    status: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (status, finish_reason)
+    preemptions: dict[str, int] = field(default_factory=dict)
+    block_tables: dict[str, list[int]] = field(default_factory=dict)  # changed tables
+    freed_tables: list[str] = field(default_factory=list)
+    free_blocks: int | None = None
+    finished: list[str] = field(default_factory=list)
+
+
+# Appends every (key, bytes) pair in one command: a pipeline of hundreds of APPENDs costs more
+# in client-side command packing than the Redis work itself.
+_APPEND_ALL = "for i = 1, #KEYS do redis.call('APPEND', KEYS[i], ARGV[i]) end return #KEYS"
+
+
+class RedisStore:
+    def __init__(self, url: str, prefix: str = "accelgen:", finished_ttl_s: int = 3600) -> None:
+        self.redis = aioredis.from_url(url, decode_responses=False, socket_timeout=5.0, socket_connect_timeout=5.0)
+        self.p = prefix
+        self.finished_ttl_s = finished_ttl_s
+        self._append_all = self.redis.register_script(_APPEND_ALL)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+    # -- leader lease ------------------------------------------------------------------------
+    async def acquire_lease(self, instance: str, ttl_ms: int) -> bool:
+        key = self.p + "leader"
+        if await self.redis.set(key, instance, nx=True, px=ttl_ms):
+            return True
+        holder = await self.redis.get(key)
+        if holder == instance.encode():
+            await self.redis.pexpire(key, ttl_ms)
+            return True
+        return False
+
+    async def release_lease(self, instance: str) -> None:
+        key = self.p + "leader"
+        if await self.redis.get(key) == instance.encode():
+            await self.redis.delete(key)
+
+    # -- requests ------------------------------------------------------------------------------
+    async def add_request(self, request: Request, worker_id: str) -> None:
+        rid = request.request_id
+        fields: dict[str, Any] = {
+            "prompt": pack_u32(request.prompt_token_ids),
+            "sampling": sampling_to_json(request.sampling),
+            "slo": slo_to_json(request.slo),
+            "app_class": request.app_class,
+            "arrival": repr(request.arrival_s),
+            "eos": "" if request.eos_token_id is None else str(request.eos_token_id),
+            "status": request.status.name.lower(),
+            "finish_reason": "",
+            "preemptions": "0",
+            "worker": worker_id,
+        }
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.p + f"req:{rid}", mapping=fields)
+            pipe.zadd(self.p + "live", {rid: request.arrival_s})
+            await pipe.execute()
+
+    async def request_exists(self, request_id: str) -> bool:
+        return bool(await self.redis.exists(self.p + f"req:{request_id}"))
+
+    async def load_request(self, request_id: str) -> StoredRequest | None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.p + f"req:{request_id}")
+            pipe.get(self.p + f"out:{request_id}")
+            pipe.get(self.p + f"tim:{request_id}")
+            h, out, tim = await pipe.execute()
+        if not h:
+            return None
+        return _decode(request_id, h, out, tim)
+
+    async def load_live(self) -> list[StoredRequest]:
+        ids = [i.decode() for i in await self.redis.zrange(self.p + "live", 0, -1)]
+        records = []
+        for rid in ids:
+            rec = await self.load_request(rid)
+            if rec is not None:
+                records.append(rec)
+        return records
+
+    async def set_worker_of(self, request_ids: list[str], worker_id: str) -> None:
+        if not request_ids:
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for rid in request_ids:
+                pipe.hset(self.p + f"req:{rid}", "worker", worker_id)
+            await pipe.execute()
+
+    async def commit_iteration(self, ch: IterationChanges) -> None:
+        """One MULTI/EXEC round trip with every change of one iteration."""
+        p = self.p
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if ch.tokens:
+                keys: list[str] = []
+                args: list[bytes] = []
+                for rid, (tokens, times) in ch.tokens.items():
+                    keys += (p + f"out:{rid}", p + f"tim:{rid}")
+                    args += (pack_u32(tokens), array("d", times).tobytes())
+                await self._append_all(keys=keys, args=args, client=pipe)
+            for rid, (status, reason) in ch.status.items():
+                pipe.hset(p + f"req:{rid}", mapping={"status": status, "finish_reason": reason})
+            for rid, n in ch.preemptions.items():
+                pipe.hset(p + f"req:{rid}", "preemptions", str(n))
+            kv_key = p + f"kv:{ch.worker_id}"
+            if ch.block_tables:
+                pipe.hset(kv_key, mapping={rid: pack_u32(t) for rid, t in ch.block_tables.items()})
+            if ch.freed_tables:
+                pipe.hdel(kv_key, *ch.freed_tables)
+            if ch.free_blocks is not None:
+                pipe.set(p + f"kvfree:{ch.worker_id}", ch.free_blocks)
+            for rid in ch.finished:
+                pipe.zrem(p + "live", rid)
+                for key in (f"req:{rid}", f"out:{rid}", f"tim:{rid}"):
+                    pipe.expire(p + key, self.finished_ttl_s)
+            await pipe.execute()
+
+    # -- workers -------------------------------------------------------------------------------
+    async def register_worker(self, worker_id: str, description: dict[str, Any], ttl_s: float) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.p + "workers", worker_id, json.dumps(description))
+            pipe.set(self.p + f"alive:{worker_id}", "1", px=int(ttl_s * 1000))
+            pipe.delete(self.p + f"kv:{worker_id}")
+            await pipe.execute()
+
+    async def heartbeat(self, worker_id: str, ttl_s: float) -> None:
+        await self.redis.set(self.p + f"alive:{worker_id}", "1", px=int(ttl_s * 1000))
+
+    async def remove_worker(self, worker_id: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.p + "workers", worker_id)
+            pipe.delete(self.p + f"alive:{worker_id}", self.p + f"kv:{worker_id}", self.p + f"kvfree:{worker_id}")
+            await pipe.execute()
+
+    async def live_workers(self) -> dict[str, dict[str, Any]]:
+        raw = await self.redis.hgetall(self.p + "workers")
+        out = {}
+        for wid_b, desc in raw.items():
+            wid = wid_b.decode()
+            if await self.redis.exists(self.p + f"alive:{wid}"):
+                out[wid] = json.loads(desc)
+        return out
+
+    async def block_tables(self, worker_id: str) -> dict[str, list[int]]:
+        raw = await self.redis.hgetall(self.p + f"kv:{worker_id}")
+        return {k.decode(): unpack_u32(v) for k, v in raw.items()}
+
+    async def clear_block_tables(self) -> None:
+        """A new scheduler epoch: workers drop their caches, so every table is void."""
+        keys = [k async for k in self.redis.scan_iter(match=self.p + "kv:*")]
+        if keys:
+            await self.redis.delete(*keys)
+
+
+def _decode(rid: str, h: dict[bytes, bytes], out: bytes | None, tim: bytes | None) -> StoredRequest:
+    g = {k.decode(): v for k, v in h.items()}
+    slo = json.loads(g["slo"])
+    eos = g.get("eos", b"").decode()
+    request = Request(
+        request_id=rid,
+        prompt_token_ids=unpack_u32(g["prompt"]),
+        sampling=sampling_from_json(g["sampling"].decode()),
+        slo=SLO(**slo),
+        app_class=g["app_class"].decode(),
+        arrival_s=float(g["arrival"]),
+        eos_token_id=int(eos) if eos else None,
+    )
+    request.output_token_ids = unpack_u32(out)
+    request.status = RequestStatus[g["status"].decode().upper()]
+    reason = g.get("finish_reason", b"").decode()
+    request.num_preemptions = int(g.get("preemptions", b"0"))
+    times = unpack_f64(tim)
+    if times:
+        request.first_token_s, request.last_token_s = times[0], times[-1]
+    if reason:
+        from scheduler_service.core.request import FinishReason
+
+        request.finish_reason = FinishReason(reason)
+    return StoredRequest(request=request, emitted_at=times, worker_id=g.get("worker", b"").decode())

@@ -1,0 +1,133 @@
+"""The worker's configuration: one typed, validated dataclass; field docs become CLI help.
+
+Precedence, lowest first: field defaults, ``ACCELGEN_WORKER_<FIELD>`` environment variables
+(systemd units set these), command-line flags. The environment is read here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from scheduler_service.profiles import DEFAULT_PROFILE
+
+ENV_PREFIX = "ACCELGEN_WORKER_"
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _local_ip_towards(address: str) -> str:
+    """This machine's IP on the route to ``address`` (host:port): the address the scheduler can
+    reach us on (127.0.0.1 for a local scheduler). A UDP connect sends nothing; it only routes.
+    Falls back to the hostname when there is no route or the name does not resolve."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, int(port), type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(sockaddr)
+            return str(s.getsockname()[0])
+    except (OSError, ValueError):
+        return socket.gethostname()
+
+
+def _doc(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    scheduler: str = _doc("host:port of the scheduler's gRPC service, where the worker registers",
+                          default="127.0.0.1:50051")
+    host: str = _doc("interface the Worker service binds to", default="0.0.0.0")
+    port: int = _doc("port the Worker service binds to; 0 picks a free port", default=0)
+    advertise_host: str = _doc("host the scheduler dials back; empty = --host, or, when --host is a "
+                               "wildcard, this machine's address on the route to the scheduler", default="")
+    worker_id: str = _doc("stable name of this worker in the scheduler's registry (default hostname-pid)",
+                          default_factory=_default_worker_id)
+    executor: str = _doc("what runs the plans: 'sim' (cost model) or 'vllm'", default="sim")
+    profile: str = _doc("device profile (shipped name or JSON path): the sim's cost model and KV size",
+                        default=DEFAULT_PROFILE)
+    time_scale: float = _doc("sim: sleep this multiple of the predicted iteration time (0 = no sleep, "
+                             "for overhead benchmarks)", default=1.0)
+    vocab_size: int = _doc("sim: vocabulary size sampled tokens are drawn from", default=50272)
+    eos_token_id: int = _doc("sim: end-of-sequence token id reported to the scheduler", default=2)
+    rpc_timeout_s: float = _doc("deadline of every call to the scheduler (register, heartbeat, deregister)",
+                                default=2.0)
+    register_backoff_max_s: float = _doc("longest wait between registration attempts while the scheduler "
+                                         "is unreachable (backoff doubles from 0.1 s)", default=5.0)
+    grace_s: float = _doc("on SIGTERM, how long in-flight iterations may finish before the server stops",
+                          default=5.0)
+    log_level: str = _doc("DEBUG, INFO, WARNING or ERROR", default="INFO")
+
+    def __post_init__(self) -> None:
+        if not self.scheduler or ":" not in self.scheduler:
+            raise ValueError(f"scheduler must be host:port, got {self.scheduler!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535 (0 = free port), got {self.port}")
+        if not self.worker_id:
+            raise ValueError("worker_id must not be empty")
+        if self.time_scale < 0:
+            raise ValueError(f"time_scale must be >= 0, got {self.time_scale}")
+        if self.vocab_size <= 10:
+            raise ValueError(f"vocab_size must be > 10, got {self.vocab_size}")
+        for name in ("rpc_timeout_s", "register_backoff_max_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.grace_s < 0:
+            raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+
+    def advertised_address(self, port: int) -> str:
+        """The host:port the scheduler should dial for the Worker service bound at ``port``."""
+        host = self.advertise_host or (_local_ip_towards(self.scheduler) if self.host in _WILDCARD_HOSTS else self.host)
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # IPv6 literal
+        return f"{host}:{port}"
+
+    # -- environment and command line ------------------------------------------------------
+    @classmethod
+    def from_env_and_args(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> "WorkerConfig":
+        """Defaults, overridden by ``ACCELGEN_WORKER_*`` variables, overridden by flags."""
+        env = os.environ if env is None else env
+        types = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                try:
+                    values[f.name] = types[f.name](raw)
+                except ValueError:
+                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid "
+                                     f"{types[f.name].__name__}") from None
+        parser = argparse.ArgumentParser(prog="python -m worker_service.main",
+                                         description="AccelGen worker: runs the scheduler's batch plans")
+        add_args(parser)
+        values.update(vars(parser.parse_args(argv)))
+        return cls(**values)
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per field, help from the field's doc. Only flags given on the command line
+    appear in the parsed namespace, so they override the environment and defaults, and only they."""
+    types = typing.get_type_hints(WorkerConfig)
+    for f in dataclasses.fields(WorkerConfig):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        env_name = ENV_PREFIX + f.name.upper()
+        shown = f" (default {default!r}; env {env_name})" if default is not None else f" (env {env_name})"
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=types[f.name],
+            default=argparse.SUPPRESS,
+            help=f.metadata["help"].replace("%", "%%") + shown,
+        )

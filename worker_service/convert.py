@@ -1,0 +1,152 @@
+"""Protobuf <-> worker dataclasses, in one place: the only module here that knows ``*_pb2``.
+
+Decoding a ``BatchPlan`` also validates its shape and raises ``ValueError`` naming the field
+and the request, so the server can answer ``INVALID_ARGUMENT`` with a message that says what
+the scheduler got wrong. Checks that need the worker's state (is the request known, do the
+block ids exist) belong to the executor, which holds that state.
+"""
+
+from __future__ import annotations
+
+import math
+
+from accelgen.v1 import common_pb2, scheduler_pb2, worker_pb2
+from scheduler_service.core.request import SamplingParams
+from worker_service.plan import ChunkSpec, ExecResult, WorkerInfo, WorkerPlan
+
+# proto3 cannot say "no limit" for max_tokens except by leaving it unset; the core dataclass
+# needs a number. The server passes the model context length, which no output can exceed.
+UNBOUNDED_MAX_TOKENS = 1 << 30
+
+
+# -- sampling parameters -------------------------------------------------------------------
+def sampling_from_proto(msg: common_pb2.SamplingParams, default_max_tokens: int = UNBOUNDED_MAX_TOKENS) -> SamplingParams:
+    """Proto -> core sampling parameters. ``top_p == 0`` is proto3's "unset" and reads as 1."""
+    return SamplingParams(
+        max_tokens=msg.max_new_tokens if msg.HasField("max_new_tokens") else default_max_tokens,
+        temperature=msg.temperature,
+        top_p=msg.top_p if msg.top_p != 0 else 1.0,
+        top_k=msg.top_k,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+    )
+
+
+def sampling_to_proto(sp: SamplingParams) -> common_pb2.SamplingParams:
+    msg = common_pb2.SamplingParams(
+        temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, max_new_tokens=sp.max_tokens,
+        stop_token_ids=list(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
+    )
+    if sp.seed is not None:
+        msg.seed = sp.seed
+    return msg
+
+
+# -- the plan ------------------------------------------------------------------------------
+def _chunk_from_proto(i: int, msg: worker_pb2.ScheduledChunk, default_max_tokens: int) -> ChunkSpec:
+    rid = msg.request_id
+    where = f"chunks[{i}] (request {rid!r})"
+    if not rid:
+        raise ValueError(f"chunks[{i}].request_id is empty: every chunk names its request")
+    if not msg.token_ids:
+        raise ValueError(f"{where}.token_ids is empty: a chunk runs at least one token")
+    sampling = None
+    if msg.is_new:
+        if not msg.HasField("sampling_params"):
+            raise ValueError(f"{where}.sampling_params is missing: an is_new chunk carries the full state")
+        if msg.prompt_len <= 0:
+            raise ValueError(f"{where}.prompt_len must be > 0 for an is_new chunk, got {msg.prompt_len}")
+        if not msg.block_table:
+            raise ValueError(f"{where}.block_table is empty: an is_new chunk carries the whole table")
+        end = msg.num_computed_tokens + len(msg.token_ids)
+        if end > msg.prompt_len + msg.num_output_tokens:
+            raise ValueError(
+                f"{where}: num_computed_tokens + len(token_ids) = {end} exceeds prompt_len + "
+                f"num_output_tokens = {msg.prompt_len + msg.num_output_tokens}"
+            )
+        try:
+            sampling = sampling_from_proto(msg.sampling_params, default_max_tokens)
+        except ValueError as exc:
+            raise ValueError(f"{where}.sampling_params: {exc}") from None
+    return ChunkSpec(
+        request_id=rid,
+        num_computed_tokens=msg.num_computed_tokens,
+        token_ids=list(msg.token_ids),
+        new_block_ids=list(msg.new_block_ids),
+        is_new=msg.is_new,
+        block_table=list(msg.block_table),
+        sampling=sampling,
+        samples=msg.samples,
+        num_output_tokens=msg.num_output_tokens,
+        prompt_len=msg.prompt_len,
+    )
+
+
+def plan_from_proto(msg: worker_pb2.BatchPlan, default_max_tokens: int = UNBOUNDED_MAX_TOKENS) -> WorkerPlan:
+    """Decode and validate a ``BatchPlan``; ``ValueError`` names the offending field."""
+    if not msg.epoch:
+        raise ValueError("epoch is empty: the scheduler must name its incarnation so workers can detect restarts")
+    if not (math.isfinite(msg.predicted_time_s) and msg.predicted_time_s >= 0):
+        raise ValueError(f"predicted_time_s must be a finite number >= 0, got {msg.predicted_time_s}")
+    for j, rid in enumerate(msg.freed_request_ids):
+        if not rid:
+            raise ValueError(f"freed_request_ids[{j}] is empty")
+    seen: set[str] = set()
+    chunks = []
+    for i, c in enumerate(msg.chunks):
+        if c.request_id in seen:
+            raise ValueError(f"chunks[{i}]: request {c.request_id!r} appears twice in one plan")
+        seen.add(c.request_id)
+        chunks.append(_chunk_from_proto(i, c, default_max_tokens))
+    return WorkerPlan(
+        iteration=msg.iteration,
+        epoch=msg.epoch,
+        chunks=chunks,
+        freed_request_ids=list(msg.freed_request_ids),
+        predicted_time_s=msg.predicted_time_s,
+    )
+
+
+def plan_to_proto(plan: WorkerPlan) -> worker_pb2.BatchPlan:
+    """The inverse of ``plan_from_proto`` (tests, tools, and any Python scheduler client)."""
+    msg = worker_pb2.BatchPlan(
+        iteration=plan.iteration, epoch=plan.epoch, freed_request_ids=list(plan.freed_request_ids),
+        predicted_time_s=plan.predicted_time_s,
+    )
+    for c in plan.chunks:
+        chunk = msg.chunks.add(
+            request_id=c.request_id, num_computed_tokens=c.num_computed_tokens, token_ids=c.token_ids,
+            new_block_ids=c.new_block_ids, is_new=c.is_new, block_table=c.block_table, samples=c.samples,
+            num_output_tokens=c.num_output_tokens, prompt_len=c.prompt_len,
+        )
+        if c.sampling is not None:
+            chunk.sampling_params.CopyFrom(sampling_to_proto(c.sampling))
+    return msg
+
+
+# -- results and description ---------------------------------------------------------------
+def result_to_proto(result: ExecResult) -> worker_pb2.IterationResult:
+    return worker_pb2.IterationResult(
+        iteration=result.iteration, sampled_token_ids=result.sampled_token_ids, elapsed_s=result.elapsed_s,
+    )
+
+
+def result_from_proto(msg: worker_pb2.IterationResult) -> ExecResult:
+    return ExecResult(iteration=msg.iteration, sampled_token_ids=dict(msg.sampled_token_ids), elapsed_s=msg.elapsed_s)
+
+
+def description_to_proto(info: WorkerInfo) -> scheduler_pb2.WorkerDescription:
+    return scheduler_pb2.WorkerDescription(
+        model=info.model, executor=info.executor, block_size=info.block_size, num_blocks=info.num_blocks,
+        max_model_len=info.max_model_len, profile_json=info.profile_json, eos_token_id=info.eos_token_id,
+        vocab_size=info.vocab_size,
+    )
+
+
+def description_from_proto(msg: scheduler_pb2.WorkerDescription) -> WorkerInfo:
+    return WorkerInfo(
+        model=msg.model, executor=msg.executor, block_size=msg.block_size, num_blocks=msg.num_blocks,
+        max_model_len=msg.max_model_len, profile_json=msg.profile_json, eos_token_id=msg.eos_token_id,
+        vocab_size=msg.vocab_size,
+    )

@@ -1,0 +1,97 @@
+"""The cost-model executor: a worker without a model, timed by the device profile.
+
+It sleeps for the profile's predicted time of the exact batch (``batch_time_s`` over
+``(new tokens, computed tokens)`` per chunk), scaled by ``time_scale`` (0 = no sleep, so an
+overhead benchmark measures the scheduler and gRPC alone). Sampled tokens are a hash of
+(request id, output index): deterministic across runs, iterations and recomputation, so a
+request preempted and recomputed produces the same output, as greedy decoding would. They
+are never below 10, hence never EOS; requests end by length, as in the paper's traces.
+
+It checks plans like vLLM's runner would (``RequestTable``), so the sim catches the same
+scheduler bugs the real worker would.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from typing import TYPE_CHECKING
+
+from scheduler_service.core.profile import DeviceProfile
+from scheduler_service.profiles import DEFAULT_PROFILE, load_profile
+from worker_service.executors.base import Executor
+from worker_service.executors.request_table import RequestTable
+from worker_service.plan import ExecResult, WorkerInfo, WorkerPlan
+
+if TYPE_CHECKING:
+    from worker_service.config import WorkerConfig
+
+DEFAULT_VOCAB_SIZE = 50272  # OPT's vocabulary
+DEFAULT_EOS_TOKEN_ID = 2  # OPT's </s>
+FIRST_SAMPLED_TOKEN = 10  # sampled ids start here: never EOS or another special token
+
+
+def sim_token(request_id: str, index: int, vocab_size: int = DEFAULT_VOCAB_SIZE) -> int:
+    """The token the sim samples as output number ``index`` of ``request_id``."""
+    return FIRST_SAMPLED_TOKEN + zlib.crc32(f"{request_id}:{index}".encode()) % (vocab_size - FIRST_SAMPLED_TOKEN)
+
+
+class SimExecutor(Executor):
+    name = "sim"
+
+    def __init__(
+        self,
+        profile: DeviceProfile | str = DEFAULT_PROFILE,
+        time_scale: float = 1.0,
+        vocab_size: int = DEFAULT_VOCAB_SIZE,
+        eos_token_id: int = DEFAULT_EOS_TOKEN_ID,
+    ) -> None:
+        if time_scale < 0:
+            raise ValueError(f"time_scale must be >= 0 (0 = no sleep), got {time_scale}")
+        if vocab_size <= FIRST_SAMPLED_TOKEN:
+            raise ValueError(f"vocab_size must be > {FIRST_SAMPLED_TOKEN}, got {vocab_size}")
+        self.profile = profile if isinstance(profile, DeviceProfile) else load_profile(profile)
+        self.time_scale = time_scale
+        self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id
+        self.requests = RequestTable(self.profile.num_blocks, self.profile.block_size,
+                                     self.profile.max_model_len, vocab_size)
+        self._info = WorkerInfo(
+            model=self.profile.name,
+            executor=self.name,
+            block_size=self.profile.block_size,
+            num_blocks=self.profile.num_blocks,
+            max_model_len=self.profile.max_model_len,
+            profile_json=json.dumps(self.profile.to_dict(), sort_keys=True),
+            eos_token_id=eos_token_id,
+            vocab_size=vocab_size,
+        )
+
+    @classmethod
+    def from_config(cls, config: "WorkerConfig") -> "SimExecutor":
+        return cls(profile=config.profile, time_scale=config.time_scale, vocab_size=config.vocab_size,
+                   eos_token_id=config.eos_token_id)
+
+    def describe(self) -> WorkerInfo:
+        return self._info
+
+    def execute(self, plan: WorkerPlan) -> ExecResult:
+        prepared = self.requests.prepare(plan)  # raises before anything "runs"
+        elapsed = 0.0
+        if plan.chunks and self.time_scale > 0:
+            modeled = self.profile.batch_time_s((len(c.token_ids), c.num_computed_tokens) for c in plan.chunks)
+            start = time.perf_counter()
+            time.sleep(modeled * self.time_scale)
+            elapsed = time.perf_counter() - start
+        sampled = {
+            c.request_id: sim_token(c.request_id, c.num_computed_tokens + len(c.token_ids) - state.prompt_len,
+                                    self.vocab_size)
+            for c, state in zip(plan.chunks, prepared.states)
+            if c.samples
+        }
+        self.requests.commit(prepared)
+        return ExecResult(iteration=plan.iteration, sampled_token_ids=sampled, elapsed_s=elapsed)
+
+    def reset(self) -> None:
+        self.requests.reset()

@@ -1,0 +1,86 @@
+"""What a worker is asked to run and what it answers, as plain dataclasses.
+
+These mirror the ``accelgen.v1`` worker messages but carry no protobuf: executors (the cost
+model, vLLM's model runner) see only these types, and ``worker_service.convert`` is the one
+place that translates. A plan is *exactly* what the scheduler decided; the worker adds nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scheduler_service.core.request import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkSpec:
+    """One request's part of an iteration.
+
+    ``token_ids`` run at positions ``num_computed_tokens ..``; ``samples`` asks for one token
+    after the last of them. The full state (``block_table``, ``sampling``, ``prompt_len``)
+    travels only when ``is_new``: the first time this worker sees the request, or a resync.
+    Otherwise only ``new_block_ids`` (blocks appended this iteration) do.
+    """
+
+    request_id: str
+    num_computed_tokens: int
+    token_ids: list[int]
+    new_block_ids: list[int]
+    is_new: bool
+    block_table: list[int]
+    sampling: SamplingParams | None
+    samples: bool
+    num_output_tokens: int
+    prompt_len: int
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def end_position(self) -> int:
+        """KV entries that exist once this chunk has run."""
+        return self.num_computed_tokens + len(self.token_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPlan:
+    """One iteration. ``freed_request_ids`` are forgotten *before* the chunks run.
+
+    ``epoch`` names the scheduler incarnation that sent the plan: a different epoch means the
+    scheduler restarted and everything the worker holds about requests is stale.
+    """
+
+    iteration: int
+    epoch: str
+    chunks: list[ChunkSpec] = field(default_factory=list)
+    freed_request_ids: list[str] = field(default_factory=list)
+    predicted_time_s: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    """The answer to one plan: a token per sampling chunk and the time the model took."""
+
+    iteration: int
+    sampled_token_ids: dict[str, int]
+    elapsed_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """What the worker serves and how much KV it holds; the scheduler sizes its block
+    accounting from ``num_blocks`` (vLLM's reserved null block 0 included)."""
+
+    model: str
+    executor: str
+    block_size: int
+    num_blocks: int
+    max_model_len: int
+    profile_json: str
+    eos_token_id: int
+    vocab_size: int

@@ -1,0 +1,125 @@
+"""Keeping this worker in the scheduler's registry: register, heartbeat, re-register, leave.
+
+The scheduler's registry lives in Redis with a TTL per worker, so a worker proves it is alive
+by heartbeating. Two events mean the scheduler no longer knows us — a heartbeat answered
+``known=False`` (the entry expired, or a new scheduler started with an empty view) and a
+heartbeat that failed (the scheduler was down; it may have come back without us) — and both
+lead to registering again with the full description. Registration retries with exponential
+backoff until the scheduler answers; every call carries a deadline so a hung scheduler cannot
+stall the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable
+
+import grpc
+import structlog
+
+from accelgen.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+log = structlog.get_logger(service="worker")
+
+DEFAULT_HEARTBEAT_INTERVAL_S = 1.0  # used when the scheduler's answer leaves it unset
+INITIAL_BACKOFF_S = 0.1
+
+
+class Registration:
+    """The register/heartbeat loop of one worker. ``start()`` it, ``stop()`` it (deregisters)."""
+
+    def __init__(
+        self,
+        stub: scheduler_pb2_grpc.SchedulerStub,
+        worker_id: str,
+        address: str,
+        description: scheduler_pb2.WorkerDescription,
+        rpc_timeout_s: float = 2.0,
+        backoff_max_s: float = 5.0,
+        before_register: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._stub = stub
+        self.worker_id = worker_id
+        self.address = address
+        self.description = description
+        self.rpc_timeout_s = rpc_timeout_s
+        self.backoff_max_s = backoff_max_s
+        self._before_register = before_register
+        self.heartbeat_interval_s = DEFAULT_HEARTBEAT_INTERVAL_S
+        self.registered = asyncio.Event()  # set while the scheduler is believed to know us
+        self.num_registrations = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name=f"registration-{self.worker_id}")
+
+    async def stop(self, deregister: bool = True) -> None:
+        """End the loop, then tell the scheduler we are leaving (best effort, with a deadline)."""
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        if deregister and self.num_registrations:
+            try:
+                await self._stub.DeregisterWorker(scheduler_pb2.DeregisterWorkerRequest(worker_id=self.worker_id),
+                                                  timeout=self.rpc_timeout_s)
+                log.info("deregistered", worker=self.worker_id)
+            except grpc.aio.AioRpcError as exc:  # the scheduler's TTL will expire us instead
+                log.warning("deregister_failed", worker=self.worker_id, code=exc.code().name, error=exc.details())
+        self.registered.clear()
+
+    # -- the loop --------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        backoff = INITIAL_BACKOFF_S
+        while not self._stop.is_set():
+            if not self.registered.is_set():
+                if await self._register():
+                    backoff = INITIAL_BACKOFF_S
+                else:
+                    await self._sleep(backoff)
+                    backoff = min(backoff * 2, self.backoff_max_s)
+                continue
+            if await self._sleep(self.heartbeat_interval_s):
+                break
+            await self._heartbeat()
+
+    async def _register(self) -> bool:
+        if self._before_register is not None:
+            await self._before_register()
+        request = scheduler_pb2.RegisterWorkerRequest(worker_id=self.worker_id, address=self.address,
+                                                      description=self.description)
+        try:
+            response = await self._stub.RegisterWorker(request, timeout=self.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("register_failed", worker=self.worker_id, code=exc.code().name, error=exc.details())
+            return False
+        if response.heartbeat_interval_s > 0:
+            self.heartbeat_interval_s = response.heartbeat_interval_s
+        if 0 < response.heartbeat_ttl_s <= self.heartbeat_interval_s:
+            log.warning("heartbeat_slower_than_ttl", interval_s=self.heartbeat_interval_s,
+                        ttl_s=response.heartbeat_ttl_s)
+        self.num_registrations += 1
+        self.registered.set()
+        log.info("registered", worker=self.worker_id, address=self.address,
+                 heartbeat_interval_s=self.heartbeat_interval_s, ttl_s=response.heartbeat_ttl_s)
+        return True
+
+    async def _heartbeat(self) -> None:
+        try:
+            response = await self._stub.Heartbeat(scheduler_pb2.HeartbeatRequest(worker_id=self.worker_id),
+                                                  timeout=self.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("heartbeat_failed", worker=self.worker_id, code=exc.code().name, error=exc.details())
+            self.registered.clear()  # it may come back without us: register again
+            return
+        if not response.known:
+            log.info("scheduler_forgot_worker", worker=self.worker_id)
+            self.registered.clear()
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep, waking early on stop; True if stopping."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            return False
+        return True
