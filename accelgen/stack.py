@@ -160,7 +160,7 @@ def start_stack(workers: int = 1, executor: str = "sim", scheduler_args: Sequenc
         _wait_workers(stack.scheduler_address, workers, worker_timeout_s, stack)
         gport, stack.http_port = grpc_port or free_port(), http_port or free_port()
         stack.gateway_address = f"127.0.0.1:{gport}"
-        gw = spawn("gateway", python_module("gateway.main", "--scheduler", stack.scheduler_address, "--grpc-port",
+        gw = spawn("gateway", python_module("gateway.main", "--scheduler-address", stack.scheduler_address, "--grpc-port",
                                             str(gport), "--http-port", str(stack.http_port), *gateway_args), log_dir)
         stack.procs.append(gw)
         wait_healthy(stack.gateway_address, "accelgen.v1.Gateway", proc=gw)

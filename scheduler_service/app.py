@@ -311,6 +311,7 @@ class SchedulerApp:
             block_size=lanes[0].core.kv.block_size if lanes else self.profile.block_size,
             live_workers=len(lanes), queued_requests=self.num_unfinished(), policy=self.config.policy,
             app_classes=list(self.catalog.names), iterations=sum(ln.stats.iterations for ln in lanes),
+            overhead_ms=1000 * sum(ln.stats.overhead_s for ln in lanes) / max(1, len(lanes)),
             **self._decision_percentiles(lanes))
 
     @staticmethod

@@ -38,6 +38,7 @@ log = structlog.get_logger("scheduler.lane")
 class LaneStats:
     iterations: int = 0
     last_iteration_s: float = 0.0
+    overhead_s: float = 0.0
     decision_s: deque = field(default_factory=lambda: deque(maxlen=5000))
 
 
@@ -112,6 +113,13 @@ class WorkerLane:
             self.stats.last_iteration_s = reply.elapsed_s
             self.stats.decision_s.append(decision)
             await self.app.commit(self, plan, outcome, now)
+            self._learn_overhead(time.perf_counter() - t0 - reply.elapsed_s)
+
+    def _learn_overhead(self, overhead_s: float) -> None:
+        """EWMA of the time an iteration spends outside the model; the policy budgets around it."""
+        ewma = self.stats.overhead_s
+        self.stats.overhead_s = overhead_s if ewma == 0 else 0.9 * ewma + 0.1 * max(0.0, overhead_s)
+        self.core.policy.overhead_s = self.stats.overhead_s
 
     def changes_for(self, plan, outcome) -> IterationChanges:
         """What this iteration changed, for one Redis round trip."""

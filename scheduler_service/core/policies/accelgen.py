@@ -203,10 +203,10 @@ class AccelGenPolicy(Policy):
             self._t_r = {}
             urgent = []
         slo_min = self._slo_min(urgent or candidates[:1])
-        tokens = self.budget.for_slo(slo_min) if cfg.dynamic_chunking else self.static_budget
+        tokens = self.budget.for_slo(self._model_time(slo_min)) if cfg.dynamic_chunking else self.static_budget
         time_limit = None
         if cfg.time_guard and slo_min is not None:
-            time_limit = slo_min * (1.0 - cfg.budget.safety_margin)
+            time_limit = self._model_time(slo_min) * (1.0 - cfg.budget.safety_margin)
         batch.set_budget(tokens, slo_min, time_limit)
 
         long_prefills = sum(1 for r in core.running if self._is_long(r, tokens) and r.num_computed_tokens > 0)
@@ -263,6 +263,13 @@ class AccelGenPolicy(Policy):
                 continue
             self._place(batch, r, state)
 
+    def _model_time(self, slo_s: float | None) -> float | None:
+        """The part of an iteration SLO left for the model once the measured per-iteration
+        overhead is paid; on a 0.5 ms grid so the budget cache stays small."""
+        if slo_s is None or self.overhead_s <= 0:
+            return slo_s
+        return max(0.0005, round((slo_s - self.overhead_s) * 2000) / 2000)
+
     @staticmethod
     def _slo_min(requests: list[Request]) -> float | None:
         slos = [r.iteration_slo_s for r in requests if r.iteration_slo_s is not None]
@@ -311,8 +318,8 @@ class AccelGenPolicy(Policy):
         current = batch.slo_min_s
         if slo_s is None or (current is not None and slo_s >= current) or not self.config.dynamic_chunking:
             return True
-        tokens = self.budget.for_slo(slo_s)
-        limit = slo_s * (1.0 - self.config.budget.safety_margin)
+        tokens = self.budget.for_slo(self._model_time(slo_s))
+        limit = self._model_time(slo_s) * (1.0 - self.config.budget.safety_margin)
         if batch.tokens_used >= tokens or batch.cost.time_s() > limit:
             return False
         batch.set_budget(tokens, slo_s, limit if self.config.time_guard else None)

@@ -30,6 +30,10 @@ class Policy(ABC):
         self.profile = profile
         self.catalog = catalog
         self.core: "SchedulerCore | None" = None
+        # Time each iteration spends outside the model (decision, RPC, state write). The service
+        # measures it and sets it here; the simulator's clock has none. SLO-aware policies
+        # subtract it from the time they give the model.
+        self.overhead_s = 0.0
 
     def bind(self, core: "SchedulerCore") -> None:
         self.core = core

@@ -1,0 +1,135 @@
+"""The gateway's configuration: one typed, validated dataclass; env overrides mapped only here.
+
+Precedence: field defaults < ``ACCELGEN_GATEWAY_<FIELD>`` environment variables < command-line
+flags. Each field's help text is its CLI help, so the flags document themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping
+
+from scheduler_service.core.slo import SLOCatalog
+
+ENV_PREFIX = "ACCELGEN_GATEWAY_"
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything a gateway process needs; several gateways may share one scheduler."""
+
+    scheduler_address: str = _f("127.0.0.1:50051", "host:port of the scheduler's gRPC service")
+    host: str = _f("0.0.0.0", "interface the gRPC and HTTP servers listen on")
+    grpc_port: int = _f(50050, "gRPC port of the Gateway service (0 = any free port)")
+    http_port: int = _f(8000, "OpenAI-compatible HTTP port (0 = any free port, -1 = no HTTP server)")
+    model: str | None = _f(None, "HF model directory or name whose tokenizer is used; unset or 'sim' = "
+                                 "the byte tokenizer of the sim executor")
+    tokenizer: str | None = _f(None, "tokenizer directory or name, when it differs from --model")
+    default_app_class: str = _f("chat", "application class of requests that name none")
+    slo_ttft_ms_min: float = _f(10.0, "smallest TTFT SLO a client may ask for (ms)")
+    slo_ttft_ms_max: float = _f(600_000.0, "largest TTFT SLO a client may ask for (ms)")
+    slo_tbt_ms_min: float = _f(5.0, "smallest TBT SLO a client may ask for (ms)")
+    slo_tbt_ms_max: float = _f(60_000.0, "largest TBT SLO a client may ask for (ms)")
+    slo_jct_ms_min: float = _f(100.0, "smallest JCT SLO a client may ask for (ms)")
+    slo_jct_ms_max: float = _f(86_400_000.0, "largest JCT SLO a client may ask for (ms)")
+    slo_tbt_tolerance: float = _f(0.05, "fraction of late gaps a request may have and still count as "
+                                        "meeting its TBT SLO (same rule as the scheduler's metrics)")
+    reconnect_timeout_s: float = _f(60.0, "how long a broken token stream is re-watched before the "
+                                          "client gets UNAVAILABLE (covers a scheduler restart)")
+    submit_timeout_s: float = _f(10.0, "deadline of Submit calls to the scheduler (s)")
+    rpc_timeout_s: float = _f(5.0, "deadline of Cancel, GetRequest and GetServerInfo calls (s)")
+    watch_timeout_s: float = _f(3600.0, "deadline of one Watch stream; a request still running then "
+                                        "is re-watched from where it was")
+    server_info_ttl_s: float = _f(30.0, "how long the scheduler's ServerInfo (model, context length) "
+                                        "is cached (s)")
+    grace_s: float = _f(5.0, "on SIGTERM, how long in-flight requests may finish (s)")
+    log_level: str = _f("INFO", "DEBUG, INFO, WARNING or ERROR")
+
+    def __post_init__(self) -> None:
+        for name in ("grpc_port", "http_port"):
+            port = getattr(self, name)
+            low = -1 if name == "http_port" else 0
+            if not low <= port <= 65535:
+                raise ValueError(f"{name} must be in [{low}, 65535], got {port}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float" and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{f.name} must be a positive finite number, got {value}")
+        for kind in ("ttft", "tbt", "jct"):
+            lo, hi = getattr(self, f"slo_{kind}_ms_min"), getattr(self, f"slo_{kind}_ms_max")
+            if lo > hi:
+                raise ValueError(f"slo_{kind}_ms_min ({lo}) must not exceed slo_{kind}_ms_max ({hi})")
+        if self.slo_tbt_tolerance >= 1:
+            raise ValueError(f"slo_tbt_tolerance must be in (0, 1), got {self.slo_tbt_tolerance}")
+        if self.default_app_class not in SLOCatalog():
+            raise ValueError(f"default_app_class {self.default_app_class!r} is unknown; known classes: "
+                             f"{', '.join(SLOCatalog().names)}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        """Where the tokenizer comes from (None = byte tokenizer)."""
+        return self.tokenizer or self.model
+
+    def slo_bounds_ms(self, kind: str) -> tuple[float, float]:
+        """(min, max) milliseconds a client may ask for, kind one of ttft, tbt, jct."""
+        return getattr(self, f"slo_{kind}_ms_min"), getattr(self, f"slo_{kind}_ms_max")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "GatewayConfig":
+        """Defaults, then ``ACCELGEN_GATEWAY_<FIELD>`` variables, then ``overrides``."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                try:
+                    values[f.name] = _parse(f, raw)
+                except ValueError:
+                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {f.type}") from None
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "GatewayConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    kind = str(f.type)
+    if "int" in kind:
+        return int(raw)
+    if "float" in kind:
+        return float(raw)
+    if "None" in kind and raw.strip().lower() in ("", "none"):
+        return None
+    return raw
+
+
+def _parser_of(f: dataclasses.Field) -> Callable[[str], Any]:
+    def parse(raw: str) -> Any:
+        return _parse(f, raw)
+
+    parse.__name__ = str(f.type)  # argparse names the type in its error message
+    return parse
+
+
+def add_args(parser: argparse.ArgumentParser, base: GatewayConfig | None = None) -> None:
+    """One flag per field (``--grpc-port``...), defaults from ``base`` (env-applied by default)."""
+    base = base if base is not None else GatewayConfig.from_env()
+    for f in fields(GatewayConfig):
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=getattr(base, f.name),
+                            type=_parser_of(f),
+                            help=f"{f.metadata['help']} (env {ENV_PREFIX}{f.name.upper()}; default %(default)s)")
+
+
+def from_args(ns: argparse.Namespace) -> GatewayConfig:
+    return GatewayConfig(**{f.name: getattr(ns, f.name) for f in fields(GatewayConfig)})

@@ -1,0 +1,157 @@
+"""Client request -> scheduler ``SubmitRequest``, with every check the gateway makes.
+
+Pure functions, no I/O: the caller passes the tokenised prompt, the model's context length and
+the config. Every failure is INVALID_ARGUMENT naming the field and saying what to change, and
+happens *before* anything reaches the scheduler.
+
+Field names differ between front ends (``sampling_params.max_new_tokens`` over gRPC,
+``max_tokens`` over HTTP), so messages are written with a ``FieldNames`` table the caller
+chooses; the rules themselves exist once.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from typing import Mapping, Sequence
+
+from accelgen.v1 import common_pb2, gateway_pb2, scheduler_pb2
+from gateway.config import GatewayConfig
+from gateway.errors import invalid
+from scheduler_service.core.slo import SLO, SLOCatalog
+
+FieldNames = Mapping[str, str]
+
+# Canonical key -> the name the gRPC client wrote.
+GRPC_NAMES: FieldNames = {
+    "request_id": "request_id",
+    "prompt": "text or tokenized.input_ids",
+    "temperature": "sampling_params.temperature",
+    "top_p": "sampling_params.top_p",
+    "top_k": "sampling_params.top_k",
+    "max_new_tokens": "sampling_params.max_new_tokens",
+    "app_class": "app_class",
+    "ttft_ms": "slo.ttft_ms",
+    "tbt_ms": "slo.tbt_ms",
+    "jct_ms": "slo.jct_ms",
+}
+
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_SLO_KINDS = ("ttft", "tbt", "jct")
+
+
+def resolve_request_id(given: str, names: FieldNames = GRPC_NAMES) -> str:
+    """The client's id when it is well formed, else a fresh one; a malformed id is an error."""
+    if not given:
+        return uuid.uuid4().hex
+    if not REQUEST_ID_RE.fullmatch(given):
+        shown = given if len(given) <= 40 else given[:40] + "..."
+        raise invalid(f"{names['request_id']} must be 1 to 128 characters of [A-Za-z0-9._:-], got {shown!r} "
+                      f"({len(given)} characters); leave it empty to get a generated id", names["request_id"])
+    return given
+
+
+def validate_sampling(sp: common_pb2.SamplingParams, names: FieldNames = GRPC_NAMES) -> common_pb2.SamplingParams:
+    """Range checks; returns a copy with top_p's "unset" 0 made explicit (1.0)."""
+    if not (math.isfinite(sp.temperature) and sp.temperature >= 0):
+        raise invalid(f"{names['temperature']} must be >= 0 (0 = greedy), got {sp.temperature}", names["temperature"])
+    if not (math.isfinite(sp.top_p) and 0 <= sp.top_p <= 1):
+        raise invalid(f"{names['top_p']} must be in (0, 1] (0 = unset = 1), got {sp.top_p}", names["top_p"])
+    if sp.top_k < 0:
+        raise invalid(f"{names['top_k']} must be >= 0 (0 disables top-k), got {sp.top_k}", names["top_k"])
+    if sp.HasField("max_new_tokens") and sp.max_new_tokens < 1:
+        raise invalid(f"{names['max_new_tokens']} must be >= 1, got {sp.max_new_tokens}", names["max_new_tokens"])
+    out = common_pb2.SamplingParams()
+    out.CopyFrom(sp)
+    if out.top_p == 0:
+        out.top_p = 1.0
+    return out
+
+
+def resolve_slo(app_class: str, spec: common_pb2.SLOSpec, config: GatewayConfig,
+                catalog: SLOCatalog, names: FieldNames = GRPC_NAMES) -> tuple[str, common_pb2.SLOSpec]:
+    """(class, SLO) the request is held to: explicit fields win, else the class's default.
+
+    An unnamed class is the config's default class. Explicit values must lie within the
+    configured bounds so one client cannot claim a 1 ms TBT and starve everyone else.
+    """
+    app_class = app_class or config.default_app_class
+    if app_class not in catalog:
+        raise invalid(f"{names['app_class']} {app_class!r} is unknown; known classes: {', '.join(catalog.names)}",
+                      names["app_class"])
+    values = {k: getattr(spec, f"{k}_ms") for k in _SLO_KINDS}
+    for kind, value in values.items():
+        name = names[f"{kind}_ms"]
+        if not (math.isfinite(value) and value >= 0):
+            raise invalid(f"{name} must be a positive number of milliseconds (0 = class default), got {value}", name)
+    if not any(values.values()):
+        return app_class, slo_to_spec(catalog.get(app_class).slo)
+    if bool(values["ttft"]) != bool(values["tbt"]):
+        given, missing = ("ttft", "tbt") if values["ttft"] else ("tbt", "ttft")
+        raise invalid(f"{names[given + '_ms']} needs {names[missing + '_ms']} too: an iteration-level SLO "
+                      f"sets both (or set only {names['jct_ms']})", names[missing + "_ms"])
+    for kind, value in values.items():
+        lo, hi = config.slo_bounds_ms(kind)
+        if value and not lo <= value <= hi:
+            name = names[f"{kind}_ms"]
+            raise invalid(f"{name} = {value:g} is outside the allowed range [{lo:g}, {hi:g}] ms", name)
+    slo = SLO(ttft_s=values["ttft"] / 1000 or None, tbt_s=values["tbt"] / 1000 or None,
+              jct_s=values["jct"] / 1000 or None)
+    return app_class, slo_to_spec(slo)
+
+
+def slo_to_spec(slo: SLO) -> common_pb2.SLOSpec:
+    return common_pb2.SLOSpec(ttft_ms=(slo.ttft_s or 0) * 1000, tbt_ms=(slo.tbt_s or 0) * 1000,
+                              jct_ms=(slo.jct_s or 0) * 1000)
+
+
+def spec_to_slo(spec: common_pb2.SLOSpec) -> SLO | None:
+    """The core SLO of a spec, or None when the spec is empty or not a valid SLO."""
+    try:
+        return SLO(ttft_s=spec.ttft_ms / 1000 or None, tbt_s=spec.tbt_ms / 1000 or None,
+                   jct_s=spec.jct_ms / 1000 or None)
+    except ValueError:
+        return None
+
+
+def check_prompt(prompt_ids: Sequence[int], max_model_len: int | None, vocab_size: int | None,
+                 names: FieldNames = GRPC_NAMES) -> None:
+    """Non-empty, fits the context with room for one output token, ids inside the vocabulary."""
+    name = names["prompt"]
+    if not prompt_ids:
+        raise invalid(f"{name}: the prompt is empty; send at least one token of text", name)
+    n = len(prompt_ids)
+    if max_model_len and n >= max_model_len:
+        raise invalid(f"{name}: the prompt has {n} tokens but the model's context is {max_model_len} tokens "
+                      f"(at most {max_model_len - 1} leave room for one output token); shorten the prompt", name)
+    if vocab_size is not None:
+        for i, tok in enumerate(prompt_ids):
+            if tok >= vocab_size:
+                raise invalid(f"{name}[{i}] = {tok} is outside the vocabulary (size {vocab_size})", name)
+
+
+def has_prompt(req: gateway_pb2.GenerateRequest) -> bool:
+    which = req.WhichOneof("input")
+    return (which == "text" and bool(req.text)) or (which == "tokenized" and bool(req.tokenized.input_ids))
+
+
+def to_submit_request(request_id: str, prompt_ids: Sequence[int], sampling: common_pb2.SamplingParams,
+                      app_class: str, slo: common_pb2.SLOSpec, eos_token_id: int | None) -> scheduler_pb2.SubmitRequest:
+    msg = scheduler_pb2.SubmitRequest(request_id=request_id, prompt_token_ids=list(prompt_ids),
+                                      sampling_params=sampling, app_class=app_class, slo=slo)
+    if eos_token_id is not None:
+        msg.eos_token_id = eos_token_id
+        msg.has_eos_token_id = True
+    return msg
+
+
+def validate_request(req: gateway_pb2.GenerateRequest, config: GatewayConfig, catalog: SLOCatalog,
+                     names: FieldNames = GRPC_NAMES) -> tuple[str, common_pb2.SamplingParams, str, common_pb2.SLOSpec]:
+    """Every check that needs no tokenizer and no scheduler: (request_id, sampling, class, SLO)."""
+    request_id = resolve_request_id(req.request_id, names)
+    if not has_prompt(req):
+        raise invalid(f"{names['prompt']}: the prompt is empty; send text or token ids", names["prompt"])
+    sampling = validate_sampling(req.sampling_params, names)
+    app_class, slo = resolve_slo(req.app_class, req.slo, config, catalog, names)
+    return request_id, sampling, app_class, slo

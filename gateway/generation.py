@@ -1,0 +1,202 @@
+"""One request's path through the gateway, shared by the gRPC and the OpenAI front ends.
+
+``prepare`` validates and tokenises (nothing reaches the scheduler if it fails), ``start``
+submits, and ``ActiveRequest.deltas`` streams the output as text deltas with timings. A front
+end only translates these into its own wire format, so both behave identically: same checks,
+same SLO resolution, same resume-after-restart, same cancel-when-abandoned.
+
+A request whose consumer stops reading before it finished (client disconnected, handler
+cancelled, stream error) is cancelled at the scheduler: nobody will read its tokens, and its
+KV blocks and batch slots belong to requests someone still waits for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import AsyncGenerator
+
+import structlog
+
+from accelgen.v1 import common_pb2, gateway_pb2, scheduler_pb2
+from gateway.config import GatewayConfig
+from gateway.convert import GRPC_NAMES, FieldNames, check_prompt, spec_to_slo, to_submit_request, validate_request
+from gateway.scheduler_client import SchedulerClient
+from gateway.tokenizer import IncrementalDetokenizer, Tokenizer
+from scheduler_service.core.metrics import RequestRecord
+from scheduler_service.core.slo import SLOCatalog
+
+log = structlog.get_logger("gateway.generation")
+
+# Tokenising a long prompt takes milliseconds; off the event loop it does not delay the tokens
+# streamed to every other client meanwhile.
+_THREAD_TOKENIZE_CHARS = 4096
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated, tokenised request, ready to submit."""
+
+    submit: scheduler_pb2.SubmitRequest
+    text_output: bool          # detokenise the output (False for token-id clients over gRPC)
+    arrival_s: float           # gateway wall clock when the request arrived (for TTFT)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New output since the previous delta."""
+
+    token_ids: list[int]
+    text: str
+    emitted_at: list[float]
+    completion_tokens: int     # tokens so far, these included
+    finished: bool
+    finish_reason: str         # "" until finished
+
+
+@dataclass
+class Outcome:
+    """The whole output and how it went, once the request finished."""
+
+    output_ids: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float
+    mean_tbt_ms: float
+    slo_met: bool
+
+
+@dataclass
+class ActiveRequest:
+    """A submitted request whose tokens are being streamed."""
+
+    prepared: Prepared
+    slo: common_pb2.SLOSpec  # what the scheduler will hold it to (empty: what we resolved)
+    client: SchedulerClient
+    tokenizer: Tokenizer
+    tbt_tolerance: float
+    _output: list[int] = field(default_factory=list)
+    _times: list[float] = field(default_factory=list)
+    _text: list[str] = field(default_factory=list)
+    _finish_reason: str = ""
+    _finish_s: float | None = None
+    _detok: IncrementalDetokenizer | None = None
+
+    def __post_init__(self) -> None:
+        if self.prepared.text_output:
+            self._detok = IncrementalDetokenizer(self.tokenizer, self.prepared.submit.prompt_token_ids)
+
+    @property
+    def request_id(self) -> str:
+        return self.prepared.submit.request_id
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prepared.submit.prompt_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self._finish_s is not None
+
+    async def deltas(self) -> AsyncGenerator[Delta, None]:
+        """Stream the output from where this object stands; cancels the request if abandoned."""
+        try:
+            async with contextlib.aclosing(self.client.watch(self.request_id, len(self._output))) as batches:
+                async for batch in batches:
+                    delta = self._apply(batch)
+                    yield delta
+                    if delta.finished:
+                        return
+        finally:
+            if not self.finished:
+                log.info("request_abandoned", request_id=self.request_id, delivered=len(self._output))
+                self.client.cancel_in_background(self.request_id)
+
+    async def collect(self) -> Outcome:
+        """Read the stream to its end (non-streaming clients)."""
+        async with contextlib.aclosing(self.deltas()) as deltas:
+            async for _ in deltas:
+                pass
+        return self.outcome()
+
+    def _apply(self, batch: scheduler_pb2.TokenBatch) -> Delta:
+        ids = list(batch.token_ids)
+        times = list(batch.emitted_at)[:len(ids)]
+        times += [time.time()] * (len(ids) - len(times))  # a scheduler that sent no times
+        self._output.extend(ids)
+        self._times.extend(times)
+        text = self._detok.add(ids) if self._detok is not None else ""
+        if batch.finished:
+            self._finish_reason = batch.finish_reason or "stop"
+            self._finish_s = self._times[-1] if self._times else time.time()
+            if self._detok is not None:
+                text += self._detok.flush()
+        self._text.append(text)
+        return Delta(token_ids=ids, text=text, emitted_at=times, completion_tokens=len(self._output),
+                     finished=batch.finished, finish_reason=self._finish_reason)
+
+    def outcome(self) -> Outcome:
+        times, arrival = self._times, self.prepared.arrival_s
+        ttft_ms = max(0.0, (times[0] - arrival) * 1000) if times else 0.0
+        mean_tbt_ms = (times[-1] - times[0]) * 1000 / (len(times) - 1) if len(times) > 1 else 0.0
+        return Outcome(output_ids=list(self._output), text="".join(self._text), finish_reason=self._finish_reason,
+                       prompt_tokens=self.prompt_tokens, completion_tokens=len(self._output), ttft_ms=ttft_ms,
+                       mean_tbt_ms=mean_tbt_ms, slo_met=self._slo_met())
+
+    def _slo_met(self) -> bool:
+        # The scheduler's metrics define attainment; we apply the same rule to what we measured.
+        slo = spec_to_slo(self.slo) or spec_to_slo(self.prepared.submit.slo)
+        if slo is None or self._finish_s is None:
+            return False
+        record = RequestRecord(request_id=self.request_id, app_class=self.prepared.submit.app_class, slo=slo,
+                               arrival_s=self.prepared.arrival_s, prompt_len=self.prompt_tokens,
+                               token_times=list(self._times), finish_s=self._finish_s,
+                               finish_reason=self._finish_reason)
+        return record.attained(self.tbt_tolerance)
+
+
+class GenerationService:
+    """Validation, tokenisation and the scheduler calls, behind both front ends."""
+
+    def __init__(self, client: SchedulerClient, tokenizer: Tokenizer, config: GatewayConfig,
+                 catalog: SLOCatalog | None = None) -> None:
+        self.client = client
+        self.tokenizer = tokenizer
+        self.config = config
+        self.catalog = catalog if catalog is not None else SLOCatalog()
+
+    async def prepare(self, req: gateway_pb2.GenerateRequest, names: FieldNames = GRPC_NAMES,
+                      text_output: bool | None = None) -> Prepared:
+        """Validate and tokenise; raises INVALID_ARGUMENT (naming the field) before any Submit.
+
+        ``text_output`` defaults to "the client sent text" (a token-id client wants ids back).
+        """
+        arrival_s = time.time()
+        request_id, sampling, app_class, slo = validate_request(req, self.config, self.catalog, names)
+        if req.WhichOneof("input") == "text":
+            text = req.text
+            if len(text) > _THREAD_TOKENIZE_CHARS:
+                prompt_ids = await asyncio.to_thread(self.tokenizer.encode, text)
+            else:
+                prompt_ids = self.tokenizer.encode(text)
+        else:
+            prompt_ids = list(req.tokenized.input_ids)
+        info = await self.client.server_info()
+        vocab = self.tokenizer.vocab_size if self.tokenizer.checks_vocab else None
+        check_prompt(prompt_ids, info.max_model_len, vocab, names)
+        submit = to_submit_request(request_id, prompt_ids, sampling, app_class, slo, self.tokenizer.eos_token_id)
+        if text_output is None:
+            text_output = req.WhichOneof("input") == "text"
+        return Prepared(submit=submit, text_output=text_output, arrival_s=arrival_s)
+
+    async def start(self, prepared: Prepared) -> ActiveRequest:
+        """Submit; once this returns the request is durable at the scheduler."""
+        response = await self.client.submit(prepared.submit)
+        log.info("request_submitted", request_id=prepared.submit.request_id,
+                 prompt_tokens=len(prepared.submit.prompt_token_ids), app_class=prepared.submit.app_class)
+        return ActiveRequest(prepared=prepared, slo=response.slo, client=self.client, tokenizer=self.tokenizer,
+                             tbt_tolerance=self.config.slo_tbt_tolerance)

@@ -1,0 +1,82 @@
+"""The Gateway gRPC service: a thin servicer over ``GenerationService``.
+
+Everything that decides anything (validation, SLO resolution, resume, cancel-on-abandon) lives
+in ``generation``; this file only turns deltas into ``GenerateResponse`` messages and failures
+into status codes through ``errors.status_of``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import AsyncIterator, NoReturn
+
+import grpc
+import structlog
+
+from accelgen.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from gateway.errors import status_of
+from gateway.generation import ActiveRequest, Delta, GenerationService
+
+log = structlog.get_logger("gateway.grpc")
+
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+
+
+def chunk_of(active: ActiveRequest, delta: Delta) -> gateway_pb2.GenerateResponse:
+    chunk = gateway_pb2.GenerateStreamChunk(
+        token_ids=delta.token_ids, text=delta.text, prompt_tokens=active.prompt_tokens,
+        completion_tokens=delta.completion_tokens,
+        timings=[common_pb2.TokenTiming(emitted_at=t) for t in delta.emitted_at])
+    return gateway_pb2.GenerateResponse(request_id=active.request_id, chunk=chunk)
+
+
+def complete_of(active: ActiveRequest) -> gateway_pb2.GenerateResponse:
+    o = active.outcome()
+    complete = gateway_pb2.GenerateComplete(
+        output_ids=o.output_ids, text=o.text, finish_reason=o.finish_reason, prompt_tokens=o.prompt_tokens,
+        completion_tokens=o.completion_tokens, ttft_ms=o.ttft_ms, mean_tbt_ms=o.mean_tbt_ms, slo_met=o.slo_met)
+    return gateway_pb2.GenerateResponse(request_id=active.request_id, complete=complete)
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
+    code, message = status_of(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("rpc_failed")
+    await context.abort(code, message)
+    raise AssertionError("unreachable: ServicerContext.abort raises")
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, service: GenerationService) -> None:
+        self._service = service
+
+    async def Generate(self, request: gateway_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        try:
+            prepared = await self._service.prepare(request)
+            active = await self._service.start(prepared)
+            async with contextlib.aclosing(active.deltas()) as deltas:
+                async for delta in deltas:
+                    if request.stream and (delta.token_ids or delta.text):  # finish_reason: in complete
+                        yield chunk_of(active, delta)
+            yield complete_of(active)
+        except Exception as exc:  # every failure becomes a status, in one place
+            await _abort(context, exc)
+
+    async def Cancel(self, request: gateway_pb2.CancelRequest,
+                     context: grpc.aio.ServicerContext) -> gateway_pb2.CancelResponse:
+        try:
+            return await self._service.client.cancel(request.request_id)
+        except Exception as exc:
+            await _abort(context, exc)
+
+    async def GetRequest(self, request: gateway_pb2.GetRequestRequest,
+                         context: grpc.aio.ServicerContext) -> gateway_pb2.RequestState:
+        try:
+            return await self._service.client.get_request(request.request_id)
+        except Exception as exc:
+            await _abort(context, exc)
+
+
+def add_to_server(server: grpc.aio.Server, service: GenerationService) -> None:
+    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(service), server)

@@ -1,0 +1,149 @@
+"""OpenAI-compatible HTTP front end (FastAPI), over the same pipeline as the gRPC service.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE streaming or one JSON
+answer), ``GET /v1/models``, ``GET /health``. Validation and Submit happen *before* the response
+starts, so a rejected request gets a real HTTP status (400/429/503) even when it asked to
+stream; only failures after the first byte (the stream could not be resumed) arrive in-band,
+as an error event followed by ``data: [DONE]`` as vLLM sends them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any, AsyncIterator
+
+import grpc
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from gateway.errors import GatewayError, http_status_of, invalid, status_of
+from gateway.generation import ActiveRequest, GenerationService, Outcome
+from gateway.openai_protocol import (Kind, OpenAIRequest, error_body, full_response, models_body, parse_request,
+                                     response_id, stream_chunk, usage_chunk)
+
+log = structlog.get_logger("gateway.http")
+
+
+def _error_response(exc: BaseException, param: str | None = None) -> JSONResponse:
+    code, message = status_of(exc)
+    status, err_type = http_status_of(code)
+    if isinstance(exc, GatewayError):
+        param = exc.param
+    return JSONResponse(error_body(message, err_type, status, param), status_code=status)
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+async def _read_json(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise invalid(f"the request body is not valid JSON: {exc}") from None
+
+
+async def _stream(kind: Kind, parsed: OpenAIRequest, active: ActiveRequest, model: str) -> AsyncIterator[str]:
+    """SSE events: one per token batch (finish_reason on the last), usage if asked, then [DONE]."""
+    rid, created, first = response_id(kind, active.request_id), int(time.time()), True
+    try:
+        async with contextlib.aclosing(active.deltas()) as deltas:
+            async for d in deltas:
+                finish = d.finish_reason if d.finished else None
+                yield _sse(stream_chunk(kind, rid, created, model, d.text, finish, first))
+                first = False
+        if parsed.include_usage:
+            o = active.outcome()
+            yield _sse(usage_chunk(kind, rid, created, model, o.prompt_tokens, o.completion_tokens))
+    except Exception as exc:  # the status line is gone; report in-band like vLLM
+        code, message = status_of(exc)
+        status, err_type = http_status_of(code)
+        log.warning("stream_failed", request_id=active.request_id, code=code.name, message=message)
+        yield _sse(error_body(message, err_type, status))
+    yield "data: [DONE]\n\n"
+
+
+async def _collect_unless_disconnected(request: Request, active: ActiveRequest) -> Outcome | None:
+    """The whole output, or None if the client went away first (the request is then cancelled)."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    collect = asyncio.ensure_future(active.collect())
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({collect, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not collect.done():
+            collect.cancel()  # collect's clean-up cancels the request at the scheduler
+            with contextlib.suppress(asyncio.CancelledError):
+                await collect
+    if collect.cancelled():
+        return None
+    return collect.result()
+
+
+def create_app(service: GenerationService) -> FastAPI:
+    """The HTTP app; ``app.state.draining = True`` makes /health answer 503 during shutdown."""
+    app = FastAPI(title="AccelGen gateway (OpenAI-compatible)", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.draining = False
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(grpc.aio.AioRpcError)
+    async def _rpc_error(_: Request, exc: grpc.aio.AioRpcError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("http_request_failed")
+        return _error_response(exc)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=503 if app.state.draining else 200)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        info = await service.client.server_info()
+        return JSONResponse(models_body(info.model, info.max_model_len, int(time.time())))
+
+    async def generate(kind: Kind, request: Request) -> Response:
+        parsed = parse_request(kind, await _read_json(request), request.headers)
+        if parsed.messages is not None:
+            try:
+                parsed.generate.text = service.tokenizer.apply_chat(parsed.messages)
+            except Exception as exc:  # a template that rejects the roles/order
+                raise invalid(f"messages: the model's chat template rejected them: {exc}", "messages") from None
+        prepared = await service.prepare(parsed.generate, names=parsed.names, text_output=True)
+        model = (await service.client.server_info()).model
+        active = await service.start(prepared)
+        headers = {"x-request-id": active.request_id}
+        if parsed.stream:
+            return StreamingResponse(_stream(kind, parsed, active, model), media_type="text/event-stream",
+                                     headers=headers)
+        outcome = await _collect_unless_disconnected(request, active)
+        if outcome is None:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        body = full_response(kind, response_id(kind, active.request_id), int(time.time()), model, outcome.text,
+                             outcome.finish_reason, outcome.prompt_tokens, outcome.completion_tokens)
+        return JSONResponse(body, headers=headers)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await generate("completion", request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await generate("chat", request)
+
+    return app

@@ -1,0 +1,287 @@
+"""OpenAI request bodies -> ``GenerateRequest``, and the response bodies vLLM's server writes.
+
+Parsing is by hand rather than with pydantic models: every bad field must become a 400 whose
+message names that field (pydantic's 422 lists locations in its own format), and fields the
+OpenAI clients send with default values (``logprobs: null``, ``repetition_penalty: 1.0`` from
+vLLM's benchmark) must pass while the same fields with values we cannot honour are refused
+rather than silently ignored. Response shapes follow vLLM's OpenAI server, so ``openai`` and
+``vllm bench serve`` read them unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping
+
+from accelgen.v1 import common_pb2, gateway_pb2
+from gateway.convert import FieldNames
+from gateway.errors import invalid
+
+Kind = Literal["completion", "chat"]
+
+# Field names as an HTTP client wrote them (see convert.FieldNames).
+HTTP_NAMES: dict[str, str] = {
+    "request_id": "x-request-id", "prompt": "prompt", "temperature": "temperature", "top_p": "top_p",
+    "top_k": "top_k", "max_new_tokens": "max_tokens", "app_class": "app_class",
+    "ttft_ms": "slo_ttft_ms", "tbt_ms": "slo_tbt_ms", "jct_ms": "slo_jct_ms",
+}
+
+# Extra body field -> header carrying the same value (the body wins when both are present).
+SLO_HEADERS = {
+    "app_class": "x-accelgen-app-class",
+    "slo_ttft_ms": "x-accelgen-slo-ttft-ms",
+    "slo_tbt_ms": "x-accelgen-slo-tbt-ms",
+    "slo_jct_ms": "x-accelgen-slo-jct-ms",
+}
+
+# Fields we cannot honour, with the values that mean "feature not used" (accepted silently).
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "stop": (None, "", []),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
+    "logit_bias": (None, {}), "tools": (None, []), "min_tokens": (None, 0),
+}
+_UNSUPPORTED_HINT = {"stop": "; stop strings are not supported, use stop_token_ids"}
+
+
+@dataclass
+class OpenAIRequest:
+    """A parsed body: the request for the pipeline plus what shapes the HTTP answer."""
+
+    kind: Kind
+    generate: gateway_pb2.GenerateRequest
+    names: FieldNames
+    messages: list[dict[str, str]] | None
+    stream: bool
+    include_usage: bool
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(body: Mapping[str, Any], name: str) -> float | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise invalid(f"{name} must be a number, got {v!r}", name)
+    return float(v)
+
+
+def _int(body: Mapping[str, Any], name: str) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not _is_int(v):
+        raise invalid(f"{name} must be an integer, got {v!r}", name)
+    return int(v)
+
+
+def _bool(body: Mapping[str, Any], name: str, default: bool = False) -> bool:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise invalid(f"{name} must be true or false, got {v!r}", name)
+    return v
+
+
+def _is_default(value: Any, defaults: tuple[Any, ...]) -> bool:
+    # True == 1 in Python; "n": true is not "n": 1, so compare bool-ness too.
+    return any((type(value) is bool) == (type(d) is bool) and value == d for d in defaults)
+
+
+def _check_unsupported(body: Mapping[str, Any]) -> None:
+    for name, defaults in _UNSUPPORTED.items():
+        if name in body and not _is_default(body[name], defaults):
+            raise invalid(f"{name} = {body[name]!r} is not supported by this server; remove it"
+                          f"{_UNSUPPORTED_HINT.get(name, '')}", name)
+
+
+def _token_ids(value: list[Any], name: str) -> list[int]:
+    for i, t in enumerate(value):
+        if not _is_int(t) or t < 0:
+            raise invalid(f"{name}[{i}] must be a token id (an integer >= 0), got {t!r}", name)
+    return list(value)
+
+
+def _prompt(body: Mapping[str, Any], req: gateway_pb2.GenerateRequest) -> None:
+    """``prompt``: a string or a list of token ids; a batch of prompts is refused."""
+    p = body.get("prompt")
+    if p is None:
+        raise invalid("prompt is required: a string or a list of token ids", "prompt")
+    if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+        if len(p) > 1:
+            raise invalid(f"prompt is a list of {len(p)} prompts; this server takes one prompt per request "
+                          "(a string or a list of token ids)", "prompt")
+        p = p[0]  # a batch of one is one prompt
+    if isinstance(p, str):
+        req.text = p
+    elif isinstance(p, list):
+        req.tokenized.input_ids.extend(_token_ids(p, "prompt"))
+        req.tokenized.SetInParent()  # an empty list still selects token input (and fails as empty)
+    else:
+        raise invalid(f"prompt must be a string or a list of token ids, got {type(p).__name__}", "prompt")
+
+
+def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
+    """``messages`` as role/content string pairs (text parts of a content list joined by newlines)."""
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise invalid("messages is required: a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise invalid(f"messages[{i}] must be an object with a string role", "messages")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise invalid(f"messages[{i}].content[{j}] of type {kind!r} is not supported; only text parts",
+                                  "messages")
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        elif not isinstance(content, str):
+            raise invalid(f"messages[{i}].content must be a string or a list of text parts", "messages")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _slo(body: Mapping[str, Any], headers: Mapping[str, str], req: gateway_pb2.GenerateRequest) -> None:
+    def value(name: str) -> Any:
+        if body.get(name) is not None:
+            return body[name], name
+        raw = headers.get(SLO_HEADERS[name])
+        return (raw, SLO_HEADERS[name]) if raw is not None else (None, name)
+
+    app_class, where = value("app_class")
+    if app_class is not None:
+        if not isinstance(app_class, str):
+            raise invalid(f"{where} must be a string, got {app_class!r}", where)
+        req.app_class = app_class.strip()
+    for kind in ("ttft", "tbt", "jct"):
+        raw, where = value(f"slo_{kind}_ms")
+        if raw is None:
+            continue
+        try:
+            ms = float(raw) if not isinstance(raw, bool) else math.nan
+        except (TypeError, ValueError):
+            ms = math.nan
+        if not math.isfinite(ms):
+            raise invalid(f"{where} must be a number of milliseconds, got {raw!r}", where)
+        setattr(req.slo, f"{kind}_ms", ms)
+
+
+def _sampling(body: Mapping[str, Any], kind: Kind, names: dict[str, str]) -> common_pb2.SamplingParams:
+    sp = common_pb2.SamplingParams()
+    temperature = _number(body, "temperature")
+    sp.temperature = 1.0 if temperature is None else temperature  # OpenAI's default is 1, not greedy
+    top_p = _number(body, "top_p")
+    sp.top_p = 1.0 if top_p is None else top_p
+    top_k = _int(body, "top_k")
+    sp.top_k = 0 if top_k in (None, -1) else top_k  # vLLM's -1 and our 0 both mean "disabled"
+    max_name = "max_completion_tokens" if kind == "chat" and body.get("max_completion_tokens") is not None \
+        else "max_tokens"
+    names["max_new_tokens"] = max_name
+    max_tokens = _int(body, max_name)
+    if max_tokens is None and kind == "completion" and "max_tokens" not in body:
+        max_tokens = 16  # the OpenAI (and vLLM) default for completions; chat runs to the context
+    if max_tokens is not None:
+        sp.max_new_tokens = max_tokens
+    seed = _int(body, "seed")
+    if seed is not None:
+        sp.seed = seed
+    stop_ids = body.get("stop_token_ids")
+    if stop_ids is not None:
+        if not isinstance(stop_ids, list):
+            raise invalid(f"stop_token_ids must be a list of token ids, got {stop_ids!r}", "stop_token_ids")
+        sp.stop_token_ids.extend(_token_ids(stop_ids, "stop_token_ids"))
+    sp.ignore_eos = _bool(body, "ignore_eos")
+    return sp
+
+
+def parse_request(kind: Kind, body: Any, headers: Mapping[str, str]) -> OpenAIRequest:
+    """Validate an OpenAI body's shape and types; ranges are checked later by ``convert``."""
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object")
+    _check_unsupported(body)
+    names = dict(HTTP_NAMES, prompt="prompt" if kind == "completion" else "messages")
+    req = gateway_pb2.GenerateRequest(request_id=headers.get("x-request-id", ""))
+    messages = None
+    if kind == "completion":
+        _prompt(body, req)
+    else:
+        messages = _messages(body)
+    req.sampling_params.CopyFrom(_sampling(body, kind, names))
+    _slo(body, headers, req)
+    stream = _bool(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise invalid(f"stream_options must be an object, got {options!r}", "stream_options")
+    include_usage = bool(stream and options and _bool(options, "include_usage"))
+    req.stream = stream
+    return OpenAIRequest(kind=kind, generate=req, names=names, messages=messages, stream=stream,
+                         include_usage=include_usage)
+
+
+# ---- responses (vLLM's OpenAI server shapes) ------------------------------------------------
+
+def response_id(kind: Kind, request_id: str) -> str:
+    return ("cmpl-" if kind == "completion" else "chatcmpl-") + request_id
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def stream_chunk(kind: Kind, rid: str, created: int, model: str, text: str, finish_reason: str | None,
+                 first: bool) -> dict[str, Any]:
+    if kind == "completion":
+        choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason,
+                                  "stop_reason": None}
+        obj = "text_completion"
+    else:
+        delta = {"role": "assistant", "content": text} if first else {"content": text}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        obj = "chat.completion.chunk"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+
+
+def usage_chunk(kind: Kind, rid: str, created: int, model: str, prompt_tokens: int,
+                completion_tokens: int) -> dict[str, Any]:
+    obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def full_response(kind: Kind, rid: str, created: int, model: str, text: str, finish_reason: str,
+                  prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    if kind == "completion":
+        choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason,
+                                  "stop_reason": None}
+        obj = "text_completion"
+    else:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish_reason}
+        obj = "chat.completion"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def error_body(message: str, err_type: str, status: int, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": err_type, "param": param, "code": status}}
+
+
+def models_body(model: str, max_model_len: int, created: int) -> dict[str, Any]:
+    card = {"id": model, "object": "model", "created": created, "owned_by": "accelgen", "root": model,
+            "parent": None, "max_model_len": max_model_len, "permission": []}
+    return {"object": "list", "data": [card]}

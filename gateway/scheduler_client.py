@@ -1,0 +1,163 @@
+"""The gateway's only door to the scheduler: Submit, a resumable Watch, Cancel, GetRequest.
+
+Both front ends (gRPC and OpenAI HTTP) go through this module, so they share deadlines,
+reconnection and error behaviour.
+
+Resumable Watch: the scheduler keeps every request's tokens in Redis, so a token stream that
+breaks (the scheduler restarting, a network blip) is resumed by calling Watch again from the
+number of tokens already delivered. Tokens before that index are dropped if the scheduler
+resends them, so the consumer sees each token exactly once, in order. We keep trying with
+exponential backoff until ``reconnect_timeout_s`` passes without progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncGenerator
+
+import grpc
+import structlog
+
+from accelgen.grpc_server import CHANNEL_OPTIONS
+from accelgen.v1 import gateway_pb2, scheduler_pb2, scheduler_pb2_grpc
+from gateway.config import GatewayConfig
+from gateway.errors import GatewayError
+
+log = structlog.get_logger("gateway.scheduler_client")
+
+# gRPC's default reconnect backoff grows to 120 s: after a minute-long scheduler restart the
+# channel could sit idle for another minute. Cap it so a restarted scheduler is found quickly.
+GATEWAY_CHANNEL_OPTIONS = CHANNEL_OPTIONS + [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+# Codes after which the request may still be running at the scheduler: re-Watch. UNAVAILABLE is
+# a restart or lost connection; CANCELLED reaches us only when the *server* cancelled the stream
+# (shutting down), since our own cancellation surfaces as asyncio.CancelledError; and
+# DEADLINE_EXCEEDED is the end of one Watch's (long) deadline, not of the request.
+RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+BACKOFF_INITIAL_S = 0.05
+BACKOFF_MAX_S = 1.0
+
+
+class SchedulerClient:
+    """Calls to one scheduler address, each with a deadline; ServerInfo cached with a TTL."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self._config = config
+        self._channel = grpc.aio.insecure_channel(config.scheduler_address, options=GATEWAY_CHANNEL_OPTIONS)
+        self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+        self._info: scheduler_pb2.ServerInfo | None = None
+        self._info_at = -float("inf")
+        self._info_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
+        # Set while the gateway shuts down: streams cut then are the gateway's doing, not the
+        # client's, so their requests keep running (a client can still GetRequest the output).
+        self.draining = False
+
+    async def close(self) -> None:
+        if self._background:
+            await asyncio.wait(self._background, timeout=self._config.rpc_timeout_s)
+        await self._channel.close()
+
+    async def server_info(self) -> scheduler_pb2.ServerInfo:
+        """The scheduler's model and limits, refreshed at most every ``server_info_ttl_s``."""
+        async with self._info_lock:  # many requests arriving at once make one call, not many
+            if self._info is None or time.monotonic() - self._info_at > self._config.server_info_ttl_s:
+                self._info = await self._stub.GetServerInfo(scheduler_pb2.GetServerInfoRequest(),
+                                                            timeout=self._config.rpc_timeout_s)
+                self._info_at = time.monotonic()
+            return self._info
+
+    async def submit(self, request: scheduler_pb2.SubmitRequest) -> scheduler_pb2.SubmitResponse:
+        """Hand the request to the scheduler; once this returns it is durable there."""
+        return await self._stub.Submit(request, timeout=self._config.submit_timeout_s)
+
+    async def cancel(self, request_id: str) -> gateway_pb2.CancelResponse:
+        return await self._stub.Cancel(gateway_pb2.CancelRequest(request_id=request_id),
+                                       timeout=self._config.rpc_timeout_s)
+
+    async def get_request(self, request_id: str) -> gateway_pb2.RequestState:
+        return await self._stub.GetRequest(gateway_pb2.GetRequestRequest(request_id=request_id),
+                                           timeout=self._config.rpc_timeout_s)
+
+    def cancel_in_background(self, request_id: str) -> None:
+        """Cancel an abandoned request without blocking (the caller is usually being cancelled)."""
+        if self.draining:
+            log.info("request_left_running", request_id=request_id, reason="gateway shutting down")
+            return
+
+        async def _cancel() -> None:
+            try:
+                await self.cancel(request_id)
+                log.info("request_abandoned_cancelled", request_id=request_id)
+            except grpc.aio.AioRpcError as exc:  # already finished (NOT_FOUND) or scheduler away
+                log.info("request_abandoned_cancel_failed", request_id=request_id, code=exc.code().name)
+
+        task = asyncio.get_running_loop().create_task(_cancel())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def watch(self, request_id: str, start_index: int = 0) -> AsyncGenerator[scheduler_pb2.TokenBatch, None]:
+        """Batches of new tokens from ``start_index`` on, each token once, until one is finished.
+
+        Re-watches after a resumable break; raises UNAVAILABLE once ``reconnect_timeout_s`` has
+        passed since the stream broke without a token arriving, and passes any other scheduler
+        error through.
+        """
+        next_index = start_index
+        broken_since: float | None = None
+        backoff = BACKOFF_INITIAL_S
+        while True:
+            call = self._stub.Watch(scheduler_pb2.WatchRequest(request_id=request_id, start_index=next_index),
+                                    timeout=self._config.watch_timeout_s)
+            reason = "stream ended before the request finished"
+            try:
+                async for batch in call:
+                    fresh = _trim(batch, next_index)
+                    if fresh is None:  # a gap: the stream skipped tokens; re-watch from ours
+                        reason = f"gap: expected token {next_index}, stream sent {batch.start_index}"
+                        break
+                    broken_since, backoff = None, BACKOFF_INITIAL_S
+                    if not fresh.token_ids and not fresh.finished:
+                        continue
+                    next_index += len(fresh.token_ids)
+                    yield fresh
+                    if fresh.finished:
+                        return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RESUMABLE:
+                    raise
+                reason = f"{exc.code().name}: {exc.details()}"
+            finally:
+                call.cancel()
+            now = time.monotonic()
+            broken_since = now if broken_since is None else broken_since
+            waited = now - broken_since
+            if waited >= self._config.reconnect_timeout_s:
+                raise GatewayError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"lost the token stream of request {request_id} after {next_index} tokens and could not "
+                    f"resume it for {waited:.0f} s ({reason}); the request may still finish: GetRequest "
+                    f"{request_id} returns its output")
+            log.info("watch_resume", request_id=request_id, from_index=next_index, reason=reason,
+                     backoff_s=backoff)
+            await asyncio.sleep(min(backoff, self._config.reconnect_timeout_s - waited))
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+
+def _trim(batch: scheduler_pb2.TokenBatch, next_index: int) -> scheduler_pb2.TokenBatch | None:
+    """The part of ``batch`` from ``next_index`` on; None when it starts beyond (a gap)."""
+    if batch.start_index > next_index:
+        return None
+    skip = next_index - batch.start_index
+    if skip <= 0:
+        return batch
+    out = scheduler_pb2.TokenBatch(token_ids=batch.token_ids[skip:], start_index=next_index,
+                                   emitted_at=batch.emitted_at[skip:], finished=batch.finished,
+                                   finish_reason=batch.finish_reason, prompt_tokens=batch.prompt_tokens)
+    return out

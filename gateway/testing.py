@@ -1,0 +1,194 @@
+"""Test doubles for the gateway: a scripted in-process Scheduler and a background event loop.
+
+``FakeScheduler`` implements the scheduler API the gateway uses (Submit, Watch, Cancel,
+GetRequest, GetServerInfo) over real gRPC, with knobs for the failures the gateway must
+survive: a Submit error, a Watch stream that breaks after N tokens (a scheduler restart), a
+resume that resends tokens the gateway already has. It records every call so tests can assert
+what reached the scheduler — and what did not.
+
+``LoopThread`` runs an asyncio loop in a daemon thread so synchronous tests (no pytest-asyncio)
+can host aio servers and call them with ordinary blocking clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, AsyncGenerator, Awaitable, Callable, TypeVar
+
+import grpc
+
+from accelgen.v1 import gateway_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An event loop in a daemon thread; ``run`` executes a coroutine there and waits for it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Awaitable[T], timeout: float = 30.0) -> T:
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+        return fut.result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
+@dataclass
+class _Record:
+    submit: scheduler_pb2.SubmitRequest
+    tokens: list[int]
+    broken: bool = False
+    cancelled: bool = False
+
+
+@dataclass
+class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
+    """A scripted scheduler. Every request produces ``output_ids`` (or ``tokens_for(request)``)."""
+
+    output_ids: list[int] = field(default_factory=lambda: [3 + b for b in b"Hello, world!"])
+    tokens_for: Callable[[scheduler_pb2.SubmitRequest], list[int]] | None = None
+    batch_size: int = 1
+    token_delay_s: float = 0.001
+    finish_reason: str = "stop"
+    model: str = "fake-model"
+    max_model_len: int = 64
+    submit_error: tuple[grpc.StatusCode, str] | None = None
+    break_after: int | None = None       # first Watch of a request aborts UNAVAILABLE at this index
+    rewind_on_resume: int = 0            # a re-Watch resends this many tokens before start_index
+    submits: list[scheduler_pb2.SubmitRequest] = field(default_factory=list)
+    watches: list[tuple[str, int]] = field(default_factory=list)
+    cancels: list[str] = field(default_factory=list)
+    _requests: dict[str, _Record] = field(default_factory=dict)
+
+    async def _record(self, request_id: str, context: grpc.aio.ServicerContext) -> _Record:
+        rec = self._requests.get(request_id)
+        if rec is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"request {request_id} is unknown")
+            raise AssertionError("unreachable: abort raises")
+        return rec
+
+    async def GetServerInfo(self, request: Any, context: grpc.aio.ServicerContext) -> scheduler_pb2.ServerInfo:
+        return scheduler_pb2.ServerInfo(model=self.model, max_model_len=self.max_model_len, block_size=16,
+                                        live_workers=1, app_classes=["chat", "code", "summarization", "batch"])
+
+    async def Submit(self, request: scheduler_pb2.SubmitRequest,
+                     context: grpc.aio.ServicerContext) -> scheduler_pb2.SubmitResponse:
+        self.submits.append(request)
+        if self.submit_error is not None:
+            await context.abort(*self.submit_error)
+        tokens = self.tokens_for(request) if self.tokens_for else list(self.output_ids)
+        self._requests[request.request_id] = _Record(submit=request, tokens=tokens)
+        return scheduler_pb2.SubmitResponse(request_id=request.request_id, slo=request.slo)
+
+    async def Watch(self, request: scheduler_pb2.WatchRequest,
+                    context: grpc.aio.ServicerContext) -> AsyncGenerator[scheduler_pb2.TokenBatch, None]:
+        self.watches.append((request.request_id, request.start_index))
+        rec = await self._record(request.request_id, context)
+        i = request.start_index
+        if len(self.watches) > 1 and any(w[0] == request.request_id for w in self.watches[:-1]):
+            i = max(0, i - self.rewind_on_resume)
+        n, prompt = len(rec.tokens), len(rec.submit.prompt_token_ids)
+        while True:
+            if rec.cancelled:
+                yield scheduler_pb2.TokenBatch(start_index=i, finished=True, finish_reason="abort",
+                                               prompt_tokens=prompt)
+                return
+            if self.break_after is not None and not rec.broken and i >= self.break_after:
+                rec.broken = True
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler restarting")
+            await asyncio.sleep(self.token_delay_s)
+            ids = rec.tokens[i:i + self.batch_size]
+            end = i + len(ids)
+            yield scheduler_pb2.TokenBatch(token_ids=ids, start_index=i, emitted_at=[time.time()] * len(ids),
+                                           finished=end >= n, finish_reason=self.finish_reason if end >= n else "",
+                                           prompt_tokens=prompt)
+            if end >= n:
+                return
+            i = end
+
+    async def Cancel(self, request: gateway_pb2.CancelRequest,
+                     context: grpc.aio.ServicerContext) -> gateway_pb2.CancelResponse:
+        self.cancels.append(request.request_id)
+        rec = await self._record(request.request_id, context)
+        rec.cancelled = True
+        return gateway_pb2.CancelResponse(cancelled=True)
+
+    async def GetRequest(self, request: gateway_pb2.GetRequestRequest,
+                         context: grpc.aio.ServicerContext) -> gateway_pb2.RequestState:
+        rec = await self._record(request.request_id, context)
+        return gateway_pb2.RequestState(request_id=request.request_id, status="finished",
+                                        output_ids=rec.tokens, finish_reason=self.finish_reason,
+                                        app_class=rec.submit.app_class, slo=rec.submit.slo,
+                                        prompt_tokens=len(rec.submit.prompt_token_ids))
+
+
+async def start_fake_scheduler(fake: FakeScheduler, port: int = 0) -> tuple[grpc.aio.Server, int]:
+    """Serve ``fake`` on 127.0.0.1 (``port`` 0 = any free port); returns the server and its port."""
+    server = grpc.aio.server()
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(fake, server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server, bound
+
+
+class GatewayStack:
+    """A fake scheduler and a real gateway (gRPC + HTTP on free ports) on one background loop."""
+
+    def __init__(self, fake: FakeScheduler | None = None, **config: Any) -> None:
+        from gateway.config import GatewayConfig
+        from gateway.main import start_gateway
+
+        self.loop = LoopThread()
+        self.fake = fake if fake is not None else FakeScheduler()
+        self._server, self.scheduler_port = self.loop.run(start_fake_scheduler(self.fake))
+        self.config = GatewayConfig(**{"scheduler_address": f"127.0.0.1:{self.scheduler_port}", "host": "127.0.0.1",
+                                       "grpc_port": 0, "http_port": 0, **config})
+        self.handle = self.loop.run(start_gateway(self.config))
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.handle.grpc_port}"
+
+    @property
+    def http_base(self) -> str:
+        return f"http://127.0.0.1:{self.handle.http_port}"
+
+    def reset(self, **knobs: Any) -> FakeScheduler:
+        """A fresh script for the next test (same ports, same gateway)."""
+        fresh = FakeScheduler(**knobs)
+        for name in fresh.__dataclass_fields__:
+            setattr(self.fake, name, getattr(fresh, name))
+        return self.fake
+
+    def restart_scheduler(self, down_s: float = 0.2) -> None:
+        """Stop the scheduler (in-flight Watch streams break), wait, serve again on the same port."""
+
+        async def _restart() -> None:
+            await self._server.stop(0)
+            await asyncio.sleep(down_s)
+            self._server, _ = await start_fake_scheduler(self.fake, self.scheduler_port)
+
+        self.loop.run(_restart())
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.01)
+        return predicate()
+
+    def close(self) -> None:
+        self.loop.run(self.handle.stop())
+        self.loop.run(self._server.stop(0))
+        self.loop.close()

@@ -1,0 +1,188 @@
+"""The Gateway gRPC service against an in-process fake scheduler (real gRPC, free ports)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import grpc
+import pytest
+
+from accelgen.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from gateway.testing import GatewayStack
+
+pytestmark = pytest.mark.integration
+
+HELLO = [3 + b for b in b"Hello, world!"]
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[GatewayStack]:
+    s = GatewayStack(reconnect_timeout_s=3.0)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def stub(stack: GatewayStack) -> Iterator[gateway_pb2_grpc.GatewayStub]:
+    stack.reset()
+    with grpc.insecure_channel(stack.grpc_target) as channel:
+        yield gateway_pb2_grpc.GatewayStub(channel)
+
+
+def _generate(stub: gateway_pb2_grpc.GatewayStub, **fields) -> list[gateway_pb2.GenerateResponse]:
+    if "tokenized" not in fields:
+        fields.setdefault("text", "hi")
+    return list(stub.Generate(gateway_pb2.GenerateRequest(**fields), timeout=10))
+
+
+def _streamed_ids(responses: list[gateway_pb2.GenerateResponse]) -> list[int]:
+    return [t for r in responses if r.WhichOneof("response") == "chunk" for t in r.chunk.token_ids]
+
+
+def test_streams_every_token_then_completes(stack: GatewayStack, stub) -> None:
+    stack.fake.batch_size = 3
+    out = _generate(stub, text="hi there", stream=True, request_id="client-1")
+    chunks, last = out[:-1], out[-1]
+    assert all(r.WhichOneof("response") == "chunk" for r in chunks)
+    assert _streamed_ids(out) == HELLO
+    assert "".join(r.chunk.text for r in chunks) == "Hello, world!"
+    assert [r.chunk.completion_tokens for r in chunks] == [3, 6, 9, 12, 13]
+    assert all(len(r.chunk.timings) == len(r.chunk.token_ids) for r in chunks)
+    assert chunks[0].chunk.prompt_tokens == len("hi there")
+    assert last.WhichOneof("response") == "complete" and last.request_id == "client-1"
+    c = last.complete
+    assert list(c.output_ids) == HELLO and c.text == "Hello, world!" and c.finish_reason == "stop"
+    assert c.completion_tokens == 13 and c.prompt_tokens == 8 and c.ttft_ms > 0 and c.mean_tbt_ms >= 0
+    sub = stack.fake.submits[0]
+    assert sub.request_id == "client-1" and list(sub.prompt_token_ids) == [3 + b for b in b"hi there"]
+    assert sub.app_class == "chat" and sub.slo.tbt_ms == pytest.approx(50) and sub.slo.ttft_ms == pytest.approx(1000)
+    assert sub.has_eos_token_id and sub.eos_token_id == 2
+
+
+def test_non_streaming_returns_one_complete(stack: GatewayStack, stub) -> None:
+    out = _generate(stub, stream=False)
+    assert len(out) == 1 and out[0].complete.text == "Hello, world!" and len(out[0].request_id) == 32
+
+
+def test_token_input_gets_ids_without_text(stack: GatewayStack, stub) -> None:
+    out = _generate(stub, tokenized=common_pb2.TokenizedInput(input_ids=[5, 6, 7]), stream=True)
+    assert _streamed_ids(out) == HELLO and out[-1].complete.text == ""
+    assert list(stack.fake.submits[0].prompt_token_ids) == [5, 6, 7]
+
+
+@pytest.mark.parametrize("fields, named", [
+    (dict(text=""), "text or tokenized.input_ids"),
+    (dict(sampling_params=common_pb2.SamplingParams(temperature=-0.5)), "sampling_params.temperature"),
+    (dict(sampling_params=common_pb2.SamplingParams(top_p=1.5)), "sampling_params.top_p"),
+    (dict(sampling_params=common_pb2.SamplingParams(top_k=-1)), "sampling_params.top_k"),
+    (dict(sampling_params=common_pb2.SamplingParams(max_new_tokens=0)), "sampling_params.max_new_tokens"),
+    (dict(app_class="poetry"), "app_class"),
+    (dict(slo=common_pb2.SLOSpec(ttft_ms=-1, tbt_ms=50)), "slo.ttft_ms"),
+    (dict(slo=common_pb2.SLOSpec(ttft_ms=500)), "slo.tbt_ms"),
+    (dict(slo=common_pb2.SLOSpec(tbt_ms=50)), "slo.ttft_ms"),
+    (dict(slo=common_pb2.SLOSpec(ttft_ms=500, tbt_ms=1)), "slo.tbt_ms"),
+    (dict(slo=common_pb2.SLOSpec(jct_ms=1e12)), "slo.jct_ms"),
+    (dict(request_id="bad id!"), "request_id"),
+    (dict(text="x" * 64), "64 tokens"),
+])
+def test_bad_input_is_invalid_argument_naming_the_field(stack: GatewayStack, stub, fields, named) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        _generate(stub, **fields)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert named in err.value.details()
+    assert stack.fake.submits == []
+
+
+def test_prompt_over_context_names_both_numbers(stack: GatewayStack, stub) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        _generate(stub, text="x" * 70)
+    assert "70 tokens" in err.value.details() and "64 tokens" in err.value.details()
+
+
+def test_unknown_class_lists_known_ones(stack: GatewayStack, stub) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        _generate(stub, app_class="poetry")
+    assert "chat, code, summarization, batch" in err.value.details()
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE,
+                                  grpc.StatusCode.INVALID_ARGUMENT])
+def test_scheduler_errors_pass_through(stack: GatewayStack, stub, code) -> None:
+    stack.fake.submit_error = (code, "queue is full: retry in 2 s")
+    with pytest.raises(grpc.RpcError) as err:
+        _generate(stub, stream=True)
+    assert err.value.code() == code and err.value.details() == "queue is full: retry in 2 s"
+
+
+def test_explicit_slo_and_class_reach_submit(stack: GatewayStack, stub) -> None:
+    _generate(stub, app_class="code", slo=common_pb2.SLOSpec(ttft_ms=800, tbt_ms=120))
+    _generate(stub, app_class="summarization")
+    _generate(stub, slo=common_pb2.SLOSpec(jct_ms=30_000))
+    explicit, by_class, jct = stack.fake.submits
+    assert (explicit.app_class, explicit.slo.ttft_ms, explicit.slo.tbt_ms) == ("code", 800, 120)
+    assert by_class.slo.tbt_ms == pytest.approx(500) and by_class.slo.ttft_ms == pytest.approx(10_000)
+    assert jct.app_class == "chat" and jct.slo.jct_ms == 30_000 and jct.slo.tbt_ms == 0
+
+
+def test_broken_watch_is_resumed_without_loss_or_duplicates(stack: GatewayStack, stub) -> None:
+    stack.reset(break_after=5, rewind_on_resume=3, batch_size=2)
+    out = _generate(stub, stream=True, request_id="resume-1")
+    assert _streamed_ids(out) == HELLO
+    assert list(out[-1].complete.output_ids) == HELLO and out[-1].complete.text == "Hello, world!"
+    assert [w for w in stack.fake.watches if w[0] == "resume-1"] == [("resume-1", 0), ("resume-1", 6)]
+
+
+def test_scheduler_restart_mid_stream_loses_nothing(stack: GatewayStack, stub) -> None:
+    stack.reset(token_delay_s=0.03)
+    stream = stub.Generate(gateway_pb2.GenerateRequest(text="hi", stream=True, request_id="restart-1"), timeout=15)
+    got = [next(stream), next(stream)]
+    stack.restart_scheduler(down_s=0.3)
+    got += list(stream)
+    assert _streamed_ids(got) == HELLO and got[-1].complete.finish_reason == "stop"
+    assert len([w for w in stack.fake.watches if w[0] == "restart-1"]) >= 2
+
+
+def test_client_disconnect_cancels_at_the_scheduler(stack: GatewayStack, stub) -> None:
+    stack.reset(token_delay_s=0.05)
+    stream = stub.Generate(gateway_pb2.GenerateRequest(text="hi", stream=True, request_id="gone-1"), timeout=15)
+    next(stream)
+    stream.cancel()
+    assert stack.wait_for(lambda: "gone-1" in stack.fake.cancels)
+
+
+def test_cancel_and_get_request_pass_through(stack: GatewayStack, stub) -> None:
+    _generate(stub, request_id="done-1")
+    state = stub.GetRequest(gateway_pb2.GetRequestRequest(request_id="done-1"), timeout=5)
+    assert list(state.output_ids) == HELLO and state.app_class == "chat"
+    assert stub.Cancel(gateway_pb2.CancelRequest(request_id="done-1"), timeout=5).cancelled
+    for call, msg in ((stub.GetRequest, gateway_pb2.GetRequestRequest), (stub.Cancel, gateway_pb2.CancelRequest)):
+        with pytest.raises(grpc.RpcError) as err:
+            call(msg(request_id="nope"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in err.value.details()
+
+
+def test_unreachable_scheduler_is_unavailable() -> None:
+    s = GatewayStack()
+    try:
+        s.loop.run(s._server.stop(0))
+        with grpc.insecure_channel(s.grpc_target) as channel, pytest.raises(grpc.RpcError) as err:
+            list(gateway_pb2_grpc.GatewayStub(channel).Generate(gateway_pb2.GenerateRequest(text="hi"), timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        s.close()
+
+
+def test_gateway_shutdown_leaves_requests_running() -> None:
+    s = GatewayStack(grace_s=0.2)
+    try:
+        s.reset(token_delay_s=0.1)
+        with grpc.insecure_channel(s.grpc_target) as channel:
+            stream = gateway_pb2_grpc.GatewayStub(channel).Generate(
+                gateway_pb2.GenerateRequest(text="hi", stream=True, request_id="kept-1"), timeout=10)
+            next(stream)
+            s.loop.run(s.handle.stop())
+            with pytest.raises(grpc.RpcError):
+                list(stream)
+        assert s.fake.submits and not s.wait_for(lambda: s.fake.cancels != [], timeout=0.3)
+    finally:
+        s.close()
