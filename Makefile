@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo results bench protos clean
+.PHONY: install test demo results service-results bench protos clean
 
 $(STAMP): pyproject.toml
 	bash scripts/install_system_deps.sh
@@ -28,6 +28,9 @@ demo: install
 
 results: install
 	$(BIN)/python scripts/make_results.py
+
+service-results: install
+	$(BIN)/python scripts/make_service_results.py
 
 bench: install
 	$(BIN)/python -m bench.overhead --json bench/out/overhead.json

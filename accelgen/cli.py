@@ -183,7 +183,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         try:
             for resp in stub.Generate(req, timeout=args.timeout):
                 if resp.HasField("chunk"):
-                    print(resp.chunk.text or " ".join(map(str, resp.chunk.token_ids)), end="", flush=True)
+                    print(resp.chunk.text or "".join(f"{t} " for t in resp.chunk.token_ids), end="", flush=True)
                 else:
                     c = resp.complete
                     print(f"\n[{resp.request_id}: {c.completion_tokens} tokens, finish={c.finish_reason}, "

@@ -294,12 +294,13 @@ class SchedulerApp:
         idx = start_index
         while True:
             event = ch.event
-            if idx < len(ch.tokens) or ch.finished:
-                yield scheduler_pb2.TokenBatch(token_ids=ch.tokens[idx:], start_index=idx, emitted_at=ch.times[idx:],
-                                               finished=ch.finished, finish_reason=ch.finish_reason,
+            end, finished = len(ch.tokens), ch.finished  # one consistent snapshot per batch
+            if idx < end or finished:
+                yield scheduler_pb2.TokenBatch(token_ids=ch.tokens[idx:end], start_index=idx, emitted_at=ch.times[idx:end],
+                                               finished=finished, finish_reason=ch.finish_reason if finished else "",
                                                prompt_tokens=ch.prompt_tokens)
-                idx = len(ch.tokens)
-                if ch.finished:
+                idx = end
+                if finished:
                     return
             await event.wait()
 
