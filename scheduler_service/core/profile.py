@@ -184,17 +184,26 @@ class DeviceProfile:
 
 
 class BatchCost:
-    """Running sums of the cost model, so a policy can price a batch as it builds it."""
+    """Running sums of the cost model, so a policy can price a batch as it builds it.
 
-    __slots__ = ("profile", "tokens", "attn_units", "decode_ctx", "_attn_ms", "_ctx_ms")
+    Priced once per candidate request per iteration, so the common case (a fitted linear
+    model, no measured table) is computed inline rather than through ``linear_ms``.
+    """
+
+    __slots__ = ("profile", "tokens", "attn_units", "decode_ctx", "_attn_ms", "_ctx_ms", "_base_ms",
+                 "_per_token_ms", "_linear")
 
     def __init__(self, profile: DeviceProfile) -> None:
         self.profile = profile
         self.tokens = 0
         self.attn_units = 0
         self.decode_ctx = 0
-        self._attn_ms = profile.coefficients.attn_ms
-        self._ctx_ms = profile.coefficients.decode_ctx_ms
+        c = profile.coefficients
+        self._attn_ms = c.attn_ms
+        self._ctx_ms = c.decode_ctx_ms
+        self._base_ms = c.base_ms
+        self._per_token_ms = c.per_token_ms
+        self._linear = not profile.measured_forward_ms
 
     @staticmethod
     def _split(q: int, k: int) -> tuple[int, int]:
@@ -216,21 +225,19 @@ class BatchCost:
         self.attn_units -= a
         self.decode_ctx -= d
 
+    def _ms(self, tokens: int, attn_units: int, decode_ctx: int) -> float:
+        linear = self._base_ms + self._per_token_ms * tokens if self._linear else self.profile.linear_ms(tokens)
+        return linear + self._attn_ms * attn_units + self._ctx_ms * decode_ctx
+
     def time_s(self) -> float:
         if self.tokens == 0:
             return 0.0
-        ms = self.profile.linear_ms(self.tokens) + self._attn_ms * self.attn_units + self._ctx_ms * self.decode_ctx
-        return ms / 1000.0
+        return self._ms(self.tokens, self.attn_units, self.decode_ctx) / 1000.0
 
     def time_if_added_s(self, q: int, k: int) -> float:
-        a, d = self._split(q, k)
-        tokens = self.tokens + q
-        ms = (
-            self.profile.linear_ms(tokens)
-            + self._attn_ms * (self.attn_units + a)
-            + self._ctx_ms * (self.decode_ctx + d)
-        )
-        return ms / 1000.0
+        if q == 1 and k > 0:
+            return self._ms(self.tokens + 1, self.attn_units, self.decode_ctx + k + 1) / 1000.0
+        return self._ms(self.tokens + q, self.attn_units + q * (q + 2 * k), self.decode_ctx) / 1000.0
 
     def max_chunk_within(self, k: int, limit_tokens: int, time_s: float) -> int:
         """Largest prefill chunk (<= limit_tokens) over k computed tokens keeping the batch within ``time_s``."""

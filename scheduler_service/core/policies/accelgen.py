@@ -151,6 +151,24 @@ class AccelGenPolicy(Policy):
         """``T_r = SLO - T_w - T_e``."""
         return request.next_token_deadline_s() - now - self.execution_estimate_s(request, t_max_s)
 
+    def _remaining_times(self, candidates: list[Request], now: float, t_max: float) -> dict[str, float]:
+        """T_r of every candidate: ``remaining_time_s`` with the decode case (most running
+        requests, every iteration) inlined — one iteration at min(own pace, T_max)."""
+        t_iter = self._t_iter
+        out: dict[str, float] = {}
+        for r in candidates:
+            out_tokens = r.output_token_ids
+            tbt = r.slo.tbt_s
+            if (out_tokens and tbt is not None and r.last_token_s is not None
+                    and r.num_prompt_tokens + len(out_tokens) - r.num_computed_tokens <= 1):
+                t = t_iter.get(tbt)
+                if t is None:
+                    t = self.iteration_time_s(tbt)
+                out[r.request_id] = r.last_token_s + tbt - now - (t if t < t_max else t_max)
+            else:
+                out[r.request_id] = self.remaining_time_s(r, now, t_max)
+        return out
+
     def queue_key(self, request: Request, preempted: bool) -> tuple[int, float]:
         # T_r + now = deadline - T_e does not change while a request waits: a static key that
         # orders the waiting queue exactly as T_r does. Late requests (triage) go behind.
@@ -196,7 +214,7 @@ class AccelGenPolicy(Policy):
             return
         if cfg.prioritise:
             t_max = self.t_max_s()
-            self._t_r = {r.request_id: self.remaining_time_s(r, now, t_max) for r in candidates}
+            self._t_r = self._remaining_times(candidates, now, t_max)
             candidates.sort(key=self.candidate_order)
             urgent = [r for r in candidates if self._t_r[r.request_id] <= t_max]
         else:
@@ -209,7 +227,8 @@ class AccelGenPolicy(Policy):
             time_limit = self._model_time(slo_min) * (1.0 - cfg.budget.safety_margin)
         batch.set_budget(tokens, slo_min, time_limit)
 
-        long_prefills = sum(1 for r in core.running if self._is_long(r, tokens) and r.num_computed_tokens > 0)
+        long_prefills = sum(1 for r in core.running
+                            if r.num_computed_tokens > 0 and r.is_prefilling and r.num_tokens > tokens)
         state = _FillState(long_prefills=long_prefills)
         self._reserved_growth = 0
         if cfg.kv_headroom_tokens > 0 or self.reserves_exact_growth:
