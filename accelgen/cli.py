@@ -220,6 +220,40 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0 if not result.errors else 1
 
 
+def cmd_profile(argv: list[str]) -> int:
+    """Measure T(S_f) on a worker's executor and write the device profile the scheduler loads."""
+    from worker_service.config import WorkerConfig
+    from worker_service.executors.registry import executor_from_config
+    from worker_service.profiler import DEFAULT_GRID, Profiler
+
+    ap = argparse.ArgumentParser(prog="accelgen profile", description=cmd_profile.__doc__,
+                                 epilog="Any other flag is a worker flag (accelgen worker --help), e.g. --executor "
+                                        "vllm --model PATH.")
+    ap.add_argument("--out", required=True, help="where to write the profile JSON")
+    ap.add_argument("--name", default=None, help="profile name (default: derived from the model)")
+    ap.add_argument("--grid", default=",".join(map(str, DEFAULT_GRID)), help="forward sizes to measure")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--decode-batch", type=int, default=8)
+    args, worker_argv = ap.parse_known_args(argv)
+    config = WorkerConfig.from_env_and_args(["--scheduler", "unused:0", *worker_argv])
+    executor = executor_from_config(config)
+    try:
+        profiler = Profiler(executor, repeats=args.repeats)
+        name = args.name or f"{Path(str(profiler.info.model)).name}_{profiler.info.executor}"
+        profile = profiler.run(name, grid=[int(g) for g in args.grid.split(",")], decode_batch=args.decode_batch)
+    finally:
+        executor.close()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    profile.save(Path(args.out))
+    c = profile.coefficients
+    print(f"wrote {args.out}: S_pf = {profile.s_pf} tokens, T_pf = {profile.t_pf_s * 1000:.2f} ms, "
+          f"base {c.base_ms:.2f} ms + {c.per_token_ms * 1000:.2f} us/token, decode context "
+          f"{c.decode_ctx_ms * 1e6:.1f} ns/token, {profile.num_blocks - 1} blocks of {profile.block_size}")
+    for s_f, ms in profile.measured_forward_ms:
+        print(f"  T({s_f:>5}) = {ms:8.2f} ms")
+    return 0
+
+
 def _run_service(module: str, argv: list[str]) -> int:
     import importlib
 
@@ -273,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--json", default=None)
     load.set_defaults(func=cmd_load)
 
+    sub.add_parser("profile", help="measure a worker's iteration time and write a device profile "
+                                   "(accelgen profile --help)", add_help=False)
     for name in SERVICES:
         # Dispatched before parsing (see main) so the service's own parser sees every flag.
         sub.add_parser(name, help=f"run the {name} service (accelgen {name} --help for its flags)", add_help=False)
@@ -292,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SERVICES:
         return _run_service(SERVICES[argv[0]], argv[1:])
+    if argv and argv[0] == "profile":
+        return cmd_profile(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
