@@ -222,8 +222,8 @@ class SchedulerApp:
                                f"slo.tbt_ms={tbt * 1000:g} cannot be met: one decode iteration takes at least "
                                f"{fastest * 1000:.2f} ms on the registered workers")
 
-    async def commit(self, lane: WorkerLane, plan, outcome, now: float) -> None:
-        changes = lane.changes_for(plan, outcome)
+    async def commit(self, lane: WorkerLane, changes, outcome) -> None:
+        """Make one iteration durable (one Redis round trip), then publish its tokens."""
         delay = 0.05
         while True:
             try:

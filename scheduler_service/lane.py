@@ -82,7 +82,11 @@ class WorkerLane:
 
     # -- the loop -----------------------------------------------------------------------------
     async def _run(self) -> None:
+        """Plan, execute, apply; the Redis write and token delivery of iteration k overlap the
+        execution of iteration k+1 (at most one behind, in order), so the round trip to Redis is
+        off the critical path while tokens still reach clients only once durable."""
         core = self.core
+        committing: asyncio.Task | None = None
         while not self._stopping:
             if not core.has_work() and not core._to_free:
                 self.wakeup.clear()
@@ -109,10 +113,13 @@ class WorkerLane:
                 return
             now = time.time()
             outcome = core.complete(plan, convert.result_from_proto(reply), now)
+            changes = self.changes_for(plan, outcome)
             self.stats.iterations += 1
             self.stats.last_iteration_s = reply.elapsed_s
             self.stats.decision_s.append(decision)
-            await self.app.commit(self, plan, outcome, now)
+            if committing is not None:
+                await committing
+            committing = asyncio.create_task(self.app.commit(self, changes, outcome))
             self._learn_overhead(time.perf_counter() - t0 - reply.elapsed_s)
 
     def _learn_overhead(self, overhead_s: float) -> None:

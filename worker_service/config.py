@@ -18,6 +18,7 @@ from scheduler_service.profiles import DEFAULT_PROFILE
 
 ENV_PREFIX = "ACCELGEN_WORKER_"
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+_VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float")
 
 
 def _default_worker_id() -> str:
@@ -67,6 +68,18 @@ class WorkerConfig:
     grace_s: float = _doc("on SIGTERM, how long in-flight iterations may finish before the server stops",
                           default=5.0)
     log_level: str = _doc("DEBUG, INFO, WARNING or ERROR", default="INFO")
+    model: str = _doc("vllm: model to serve, a Hugging Face id or a local model directory (required "
+                      "with --executor vllm)", default="")
+    dtype: str = _doc("vllm: weight and activation dtype: auto, float32, bfloat16 or float16", default="auto")
+    max_model_len: int = _doc("vllm: longest sequence (prompt + output) served; 0 = the model's own limit",
+                              default=0)
+    kv_cache_space_gb: float = _doc("vllm: GiB of KV cache; 0 = vLLM's default (VLLM_CPU_KVCACHE_SPACE on "
+                                    "CPU, gpu_memory_utilization on GPU)", default=0.0)
+    seed: int = _doc("vllm: random seed of the engine (sampling without a per-request seed)", default=0)
+    max_num_seqs: int = _doc("vllm: most requests in one iteration the runner is sized for; 0 = vLLM's "
+                             "default", default=0)
+    max_num_batched_tokens: int = _doc("vllm: most tokens in one iteration the runner is sized for; 0 = "
+                                       "vLLM's default", default=0)
 
     def __post_init__(self) -> None:
         if not self.scheduler or ":" not in self.scheduler:
@@ -79,6 +92,11 @@ class WorkerConfig:
             raise ValueError(f"time_scale must be >= 0, got {self.time_scale}")
         if self.vocab_size <= 10:
             raise ValueError(f"vocab_size must be > 10, got {self.vocab_size}")
+        if self.dtype not in _VLLM_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_VLLM_DTYPES)}, got {self.dtype!r}")
+        for name in ("max_model_len", "kv_cache_space_gb", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = vLLM's default), got {getattr(self, name)}")
         for name in ("rpc_timeout_s", "register_backoff_max_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

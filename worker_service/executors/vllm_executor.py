@@ -1,0 +1,495 @@
+"""The vLLM executor: runs each plan on vLLM's own model runner, one iteration at a time.
+
+vLLM's scheduler is not used. The AccelGen scheduler decides everything (which requests run,
+how many tokens each, which KV blocks they own); this module only translates a ``WorkerPlan``
+into the ``SchedulerOutput`` vLLM's model runner expects, calls ``execute_model`` /
+``sample_tokens`` on an in-process ``UniProcExecutor``, and reads the sampled tokens back.
+Every vLLM internal the worker touches lives in this one module, and vLLM is imported only
+when a ``VllmExecutor`` is constructed (the sim path never needs it).
+
+Engine start-up mirrors ``EngineCore._initialize_kv_caches`` (vLLM 0.32.0): KV-cache specs,
+layout, memory profile, ``get_kv_cache_configs``, ``initialize_from_config``, warm-up. The
+block size and block count vLLM chose are what ``describe()`` reports, so the scheduler's
+block accounting is vLLM's (block 0 is vLLM's reserved null block and is never handed out).
+
+How a plan maps onto the runner. The runner caches, per request, its "prompt" token ids,
+the tokens it sampled itself, its block table and its sampling parameters:
+
+* A request's runner-side prompt is everything this worker computes before it first samples:
+  ``prompt_len + num_output_tokens`` tokens of the ``is_new`` chunk (a recomputed request is
+  resent as prompt + outputs so far). The plan carries only one chunk of it per iteration,
+  so the runner is given the full-length list with the not-yet-seen tail as placeholders,
+  and every later prefill chunk re-sends the request as ``NewRequestData`` for an id the
+  runner already holds (vLLM's streaming-input update: prompt, block table and
+  ``num_computed_tokens`` replaced, sampling generator kept). The runner reads prompt
+  tokens only at positions it is told to compute, so a placeholder is never run.
+* A decode chunk is ``CachedRequestData``: new blocks appended, ``num_computed_tokens`` and
+  ``num_output_tokens`` given. The runner feeds the token it sampled itself; the chunk's
+  token is checked against it (a mismatch is a ``ValueError``: resend with ``is_new``).
+* ``is_new`` for an id the runner already holds (a resync) frees the old copy first
+  (``finished_req_ids`` is applied before new requests are added).
+* ``freed_request_ids`` become ``finished_req_ids``. The runner never decides stops itself:
+  the scheduler does, and frees the request.
+
+Plans are checked before anything runs (``RequestTable``, as the sim does, plus the runner's
+own limits), so a rejected plan leaves the worker unchanged. If vLLM itself fails mid-plan,
+every request is forgotten (the scheduler's next plan for them is rejected and it resends
+them with ``is_new``) and the error is raised as a ``RuntimeError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from scheduler_service.core.request import SamplingParams
+from worker_service.executors.base import Executor
+from worker_service.executors.request_table import RequestTable
+from worker_service.plan import ChunkSpec, ExecResult, WorkerInfo, WorkerPlan
+
+if TYPE_CHECKING:
+    from worker_service.config import WorkerConfig
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+_PLACEHOLDER_TOKEN = 0  # fills prompt positions not yet sent; never run (see module doc)
+
+
+def _set_vllm_env() -> None:
+    """Environment vLLM reads at import / config time; set before the first ``import vllm``."""
+    # Keep everything in this process: on CPU vLLM would otherwise switch the uni-process
+    # executor to multiprocessing (we build UniProcExecutor ourselves, but the config
+    # should say what runs).
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # The translation below targets the V1 GPUModelRunner/CPUModelRunner (persistent batch,
+    # streaming-input updates). Model Runner V2 is the default on GPUs with Triton.
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+
+
+@dataclass(slots=True)
+class _RunnerRequest:
+    """What this module knows about a request the runner holds (mirrors its cached state)."""
+
+    prompt: list[int]  # the runner's prompt: prompt_len + outputs-at-is_new tokens
+    known: int  # prompt positions filled with real tokens (the rest are placeholders)
+    outputs: list[int]  # tokens the runner sampled after ``prompt`` (its output_token_ids)
+    block_table: list[int]
+    sampling: Any  # vllm.SamplingParams
+    num_computed: int
+
+    def copy(self) -> "_RunnerRequest":
+        return _RunnerRequest(list(self.prompt), self.known, list(self.outputs), list(self.block_table),
+                              self.sampling, self.num_computed)
+
+
+@dataclass(slots=True)
+class _Translated:
+    """A plan as vLLM's runner sees it, and this module's request table after it ran."""
+
+    scheduler_output: Any
+    requests: dict[str, _RunnerRequest]
+    sampling_chunks: list[ChunkSpec] = field(default_factory=list)
+
+
+class VllmExecutor(Executor):
+    """Runs plans on vLLM's model runner in this process (see the module docstring)."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        kv_cache_space_gb: float | None = None,
+        seed: int = 0,
+        *,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        enforce_eager: bool = True,
+        engine_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if not model:
+            raise ValueError("model must name a model (HF id or local directory)")
+        if kv_cache_space_gb is not None and kv_cache_space_gb < 0:
+            raise ValueError(f"kv_cache_space_gb must be >= 0 (0 = vLLM's default), got {kv_cache_space_gb}")
+        _set_vllm_env()
+        t0 = time.perf_counter()
+
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.attention.backends.utils import resolve_kv_cache_layout
+        from vllm.v1.core.kv_cache_utils import (
+            generate_scheduler_kv_cache_config,
+            get_kv_cache_configs,
+            resolve_cache_hit_alignment_tokens,
+            resolve_kv_cache_block_sizes,
+        )
+        from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+        from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
+        from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+        self._VllmSamplingParams = VllmSamplingParams
+        self._CachedRequestData = CachedRequestData
+        self._NewRequestData = NewRequestData
+        self._SchedulerOutput = SchedulerOutput
+
+        kwargs: dict[str, Any] = dict(
+            model=model,
+            dtype=dtype,
+            seed=seed,
+            enforce_eager=enforce_eager,
+            enable_prefix_caching=False,  # block ids come from the AccelGen scheduler
+            skip_tokenizer_init=True,  # token ids in, token ids out
+            async_scheduling=False,  # one plan, one result: no overlapped steps
+        )
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        if kv_cache_space_gb:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_space_gb * GiB)
+        if max_num_seqs:
+            kwargs["max_num_seqs"] = max_num_seqs
+        if max_num_batched_tokens:
+            kwargs["max_num_batched_tokens"] = max_num_batched_tokens
+        kwargs.update(engine_kwargs or {})
+        config = EngineArgs(**kwargs).create_engine_config(UsageContext.ENGINE_CONTEXT)
+        if kv_cache_space_gb:
+            # On CPU, VLLM_CPU_KVCACHE_SPACE (whole GiB) overrides the engine argument; an
+            # explicit worker setting wins over the environment.
+            config.cache_config.kv_cache_memory_bytes = int(kv_cache_space_gb * GiB)
+        if config.use_v2_model_runner:
+            raise RuntimeError("VllmExecutor drives vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER "
+                               "(it must be 0 before vllm is first imported)")
+        if config.parallel_config.world_size != 1:
+            raise ValueError("VllmExecutor runs one device per worker (tensor/pipeline parallel size 1)")
+        self._vllm_config = config
+
+        executor = UniProcExecutor(config)
+        self._executor = executor
+        try:
+            kv_config = self._init_kv_cache(config, executor, register_all_kvcache_specs, resolve_kv_cache_layout,
+                                            get_kv_cache_configs, generate_scheduler_kv_cache_config,
+                                            resolve_kv_cache_block_sizes, resolve_cache_hit_alignment_tokens)
+        except BaseException:
+            executor.shutdown()
+            raise
+
+        groups = kv_config.kv_cache_groups
+        if len(groups) != 1:
+            executor.shutdown()
+            raise NotImplementedError(
+                f"{model}: {len(groups)} KV-cache groups (hybrid / sliding-window model); the AccelGen "
+                "scheduler hands out one block table per request, so only single-group models are served"
+            )
+        self._needs_zeroing = bool(getattr(kv_config, "needs_kv_cache_zeroing", False))
+        model_config = config.model_config
+        block_size = int(groups[0].kv_cache_spec.block_size)
+        num_blocks = int(kv_config.num_blocks)
+        self.max_model_len = int(model_config.max_model_len)
+        self.max_num_seqs = int(config.scheduler_config.max_num_seqs)
+        self.max_num_batched_tokens = int(config.scheduler_config.max_num_batched_tokens)
+        self.max_blocks_per_request = -(-self.max_model_len // block_size)
+        vocab_size = int(model_config.get_vocab_size())
+        eos = self._eos_token_id(model_config)
+        self._generation_config = model_config.try_get_generation_config()
+        self._info = WorkerInfo(
+            model=model,
+            executor=self.name,
+            block_size=block_size,
+            num_blocks=num_blocks,
+            max_model_len=self.max_model_len,
+            profile_json="",
+            eos_token_id=eos,
+            vocab_size=vocab_size,
+        )
+        self.requests = RequestTable(num_blocks, block_size, self.max_model_len, vocab_size)
+        self._reqs: dict[str, _RunnerRequest] = {}
+        self._closed = False
+        self.build_s = time.perf_counter() - t0
+        log.info("vllm executor ready: model=%s block_size=%d num_blocks=%d max_model_len=%d "
+                 "max_num_seqs=%d max_num_batched_tokens=%d (%.1f s)", model, block_size, num_blocks,
+                 self.max_model_len, self.max_num_seqs, self.max_num_batched_tokens, self.build_s)
+
+    @classmethod
+    def from_config(cls, config: "WorkerConfig") -> "VllmExecutor":
+        if not config.model:
+            raise ValueError("executor 'vllm' needs --model (ACCELGEN_WORKER_MODEL): an HF id or model directory")
+        return cls(model=config.model, dtype=config.dtype, max_model_len=config.max_model_len or None,
+                   kv_cache_space_gb=config.kv_cache_space_gb or None, seed=config.seed,
+                   max_num_seqs=config.max_num_seqs or None,
+                   max_num_batched_tokens=config.max_num_batched_tokens or None)
+
+    # -- start-up ---------------------------------------------------------------------------
+    @staticmethod
+    def _init_kv_cache(config, executor, register_all_kvcache_specs, resolve_kv_cache_layout, get_kv_cache_configs,
+                       generate_scheduler_kv_cache_config, resolve_kv_cache_block_sizes,
+                       resolve_cache_hit_alignment_tokens):
+        """``EngineCore._initialize_kv_caches`` without the scheduler: returns the scheduler-side
+        ``KVCacheConfig`` (block count, groups) the workers were initialised with."""
+        register_all_kvcache_specs(config)
+        specs = executor.get_kv_cache_specs()
+        layout = resolve_kv_cache_layout(config, executor.get_supported_kv_cache_layouts(),
+                                         [s for worker_specs in specs for s in worker_specs.values()])
+        executor.set_kv_cache_layout(layout.name)
+        if not any(specs):
+            raise NotImplementedError("attention-free model: nothing to schedule KV blocks for")
+        available = executor.determine_available_memory()
+        len_before = config.model_config.max_model_len
+        kv_configs = get_kv_cache_configs(config, specs, available)
+        for c in kv_configs:
+            c.kv_cache_layout = config.cache_config.kv_cache_layout
+        if config.model_config.max_model_len != len_before:
+            executor.collective_rpc("update_max_model_len", args=(config.model_config.max_model_len,))
+        sched_config = generate_scheduler_kv_cache_config(kv_configs)
+        config.cache_config.num_gpu_blocks = sched_config.num_blocks
+        groups = sched_config.kv_cache_groups
+        if groups:
+            participating = [g.kv_cache_spec.block_size for g in groups if g.kv_cache_spec.prefix_cacheable]
+            config.cache_config.block_size = min(participating or [g.kv_cache_spec.block_size for g in groups])
+        config.validate_block_size()
+        block_size, hash_block_size = resolve_kv_cache_block_sizes(sched_config, config)
+        alignment = resolve_cache_hit_alignment_tokens(sched_config, config, block_size, hash_block_size)
+        for c in (*kv_configs, sched_config):
+            c.hash_block_size = hash_block_size
+            c.cache_hit_alignment_tokens = alignment
+        executor.initialize_from_config(kv_configs)
+        executor.compile_or_warm_up_model()
+        return sched_config
+
+    @staticmethod
+    def _eos_token_id(model_config) -> int:
+        candidates = [getattr(model_config.hf_text_config, "eos_token_id", None),
+                      model_config.try_get_generation_config().get("eos_token_id")]
+        for eos in candidates:
+            if isinstance(eos, (list, tuple)):
+                eos = eos[0] if eos else None
+            if eos is not None:
+                return int(eos)
+        return -1  # the model names no EOS: requests end by length (no token id is negative)
+
+    # -- Executor ---------------------------------------------------------------------------
+    def describe(self) -> WorkerInfo:
+        return self._info
+
+    def execute(self, plan: WorkerPlan) -> ExecResult:
+        if self._closed:
+            raise RuntimeError("VllmExecutor is closed")
+        prepared = self.requests.prepare(plan)  # ValueError before anything runs
+        self._check_limits(plan)
+        translated = self._translate(plan)  # ValueError before anything runs
+        out = translated.scheduler_output
+        start = time.perf_counter()
+        try:
+            result = self._executor.execute_model(out)
+            if result is None:
+                result = self._executor.sample_tokens(None)
+        except Exception as exc:
+            self._recover()
+            # Not a ValueError even if vLLM raised one: that would say "rejected, nothing changed".
+            raise RuntimeError(f"vLLM failed running iteration {plan.iteration}: {exc!r}; every request on "
+                               "this worker was forgotten") from exc
+        except BaseException:
+            self._recover()
+            raise
+        elapsed = time.perf_counter() - start if plan.chunks else 0.0
+        index = result.req_id_to_index if result is not None else {}
+        sampled: dict[str, int] = {}
+        for c in translated.sampling_chunks:
+            i = index.get(c.request_id)
+            toks = result.sampled_token_ids[i] if i is not None else ()
+            if len(toks) == 0:
+                self._recover()
+                raise RuntimeError(f"vLLM sampled no token for request {c.request_id!r} (iteration {plan.iteration})")
+            tok = int(toks[-1])
+            sampled[c.request_id] = tok
+            translated.requests[c.request_id].outputs.append(tok)
+        self.requests.commit(prepared)
+        self._reqs = translated.requests
+        return ExecResult(iteration=plan.iteration, sampled_token_ids=sampled, elapsed_s=elapsed)
+
+    def reset(self) -> None:
+        """Forget every request: the runner frees all it holds (sent as finished)."""
+        if self._closed:
+            return
+        held = set(self._reqs) | set(self._runner_request_ids())
+        self._reqs = {}
+        self.requests.reset()
+        if held:
+            self._executor.execute_model(self._empty_output(finished=held))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._executor.shutdown()
+        finally:
+            try:
+                from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+                cleanup_dist_env_and_memory()
+            except Exception:  # best effort: the process is usually about to exit
+                log.debug("vLLM distributed clean-up failed", exc_info=True)
+
+    # -- plan -> SchedulerOutput --------------------------------------------------------------
+    def _check_limits(self, plan: WorkerPlan) -> None:
+        if len(plan.chunks) > self.max_num_seqs:
+            raise ValueError(f"plan has {len(plan.chunks)} requests; this worker's vLLM runs at most "
+                             f"max_num_seqs={self.max_num_seqs} per iteration")
+        if plan.num_tokens > self.max_num_batched_tokens:
+            raise ValueError(f"plan has {plan.num_tokens} tokens; this worker's vLLM runs at most "
+                             f"max_num_batched_tokens={self.max_num_batched_tokens} per iteration")
+        for i, c in enumerate(plan.chunks):
+            if c.is_new:
+                table = len(c.block_table)
+            else:
+                table = len(self.requests.get(c.request_id).block_table) + len(c.new_block_ids)
+            if table > self.max_blocks_per_request:
+                raise ValueError(f"chunks[{i}] (request {c.request_id!r}): block table of {table} blocks exceeds "
+                                 f"{self.max_blocks_per_request} (max_model_len={self.max_model_len})")
+
+    def _translate(self, plan: WorkerPlan) -> _Translated:
+        """Build the ``SchedulerOutput`` for ``plan`` and the request table after it; touches no
+        state (``ValueError`` names the chunk)."""
+        reqs = dict(self._reqs)  # entries are replaced by copies before they change
+        finished: set[str] = set()
+        for rid in plan.freed_request_ids:
+            if reqs.pop(rid, None) is not None:
+                finished.add(rid)
+        new_reqs = []
+        cached = self._CachedRequestData.make_empty()
+        num_scheduled: dict[str, int] = {}
+        sampling_chunks: list[ChunkSpec] = []
+        new_blocks: list[int] = []
+        for i, c in enumerate(plan.chunks):
+            where = f"chunks[{i}] (request {c.request_id!r})"
+            start, end = c.num_computed_tokens, c.end_position
+            if c.is_new:
+                if c.request_id in reqs or c.request_id in self._reqs:
+                    finished.add(c.request_id)  # resync: drop the runner's old copy first
+                total = c.prompt_len + c.num_output_tokens
+                if end > total:
+                    raise ValueError(f"{where}: is_new chunk runs to {end}, past prompt_len + num_output_tokens "
+                                     f"= {total}")
+                prompt = list(c.token_ids) + [_PLACEHOLDER_TOKEN] * (total - end)
+                r = _RunnerRequest(prompt, end, [], list(c.block_table), self._sampling(c.sampling), start)
+                new_blocks.extend(c.block_table)
+                self._check_samples(where, c, end == total)
+                new_reqs.append(self._new_request_data(c.request_id, r, start))
+            else:
+                old = reqs[c.request_id]  # RequestTable.prepare vouched that it exists
+                r = old.copy()
+                r.block_table.extend(c.new_block_ids)
+                new_blocks.extend(c.new_block_ids)
+                total = len(r.prompt)
+                if end <= total:  # a prefill chunk: the runner needs these prompt tokens
+                    if start > r.known:
+                        raise ValueError(f"{where}: starts at {start} but only {r.known} prompt tokens were sent")
+                    r.prompt[start:end] = c.token_ids
+                    r.known = max(r.known, end)
+                    r.outputs = []  # the streaming update clears the runner's outputs
+                    self._check_samples(where, c, end == total)
+                    new_reqs.append(self._new_request_data(c.request_id, r, start))
+                elif start >= total:  # decode: the runner feeds tokens it sampled itself
+                    expected = r.outputs[start - total:end - total]
+                    if end - total > len(r.outputs) or list(c.token_ids) != expected:
+                        raise ValueError(
+                            f"{where}: token_ids {list(c.token_ids)[:8]} at positions {start}..{end - 1} are not "
+                            f"the tokens this worker sampled there ({expected[:8]}); resend it with is_new"
+                        )
+                    self._check_samples(where, c, True)
+                    del r.outputs[end - total:]  # recomputing from an earlier output: drop the rest
+                    cached.req_ids.append(c.request_id)
+                    cached.new_token_ids.append([])
+                    cached.new_block_ids.append((list(c.new_block_ids),) if c.new_block_ids else None)
+                    cached.num_computed_tokens.append(start)
+                    cached.num_output_tokens.append(end - total)
+                else:
+                    raise ValueError(f"{where}: positions {start}..{end - 1} straddle the end of the prefill "
+                                     f"({total} tokens) on this worker; resend it with is_new")
+            r.num_computed = end
+            reqs[c.request_id] = r
+            num_scheduled[c.request_id] = len(c.token_ids)
+            if c.samples:
+                sampling_chunks.append(c)
+        out = self._SchedulerOutput(
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=cached,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            scheduled_spec_decode_tokens={},
+            scheduled_encoder_inputs={},
+            finished_req_ids=finished,
+            free_encoder_mm_hashes=[],
+            new_block_ids_to_zero=(sorted(set(new_blocks)) or None) if self._needs_zeroing else None,
+        )
+        return _Translated(out, reqs, sampling_chunks)
+
+    @staticmethod
+    def _check_samples(where: str, c: ChunkSpec, reaches_end: bool) -> None:
+        """vLLM samples exactly when a chunk reaches the last known token; the plan must agree."""
+        if c.samples != reaches_end:
+            raise ValueError(
+                f"{where}: samples={c.samples} but the chunk {'reaches' if reaches_end else 'stops short of'} "
+                "the request's last token (vLLM samples exactly when it does)"
+            )
+
+    def _new_request_data(self, rid: str, r: _RunnerRequest, num_computed: int):
+        # Fresh lists: the in-process runner keeps (and extends) what it is given.
+        return self._NewRequestData(
+            req_id=rid,
+            prompt_token_ids=list(r.prompt),
+            mm_features=[],
+            sampling_params=r.sampling,
+            pooling_params=None,
+            block_ids=(list(r.block_table),),
+            num_computed_tokens=num_computed,
+            lora_request=None,
+        )
+
+    def _sampling(self, sp: SamplingParams | None):
+        sp = sp or SamplingParams()
+        params = self._VllmSamplingParams(
+            n=1,
+            temperature=sp.temperature,
+            top_p=sp.top_p,
+            top_k=sp.top_k,
+            seed=sp.seed,
+            max_tokens=max(1, min(sp.max_tokens, self.max_model_len)),
+            stop_token_ids=list(sp.stop_token_ids),
+            ignore_eos=sp.ignore_eos,
+            detokenize=False,
+        )
+        # As vLLM's input processor does (EOS into the stop set, for min_tokens).
+        eos = self._info.eos_token_id
+        params.update_from_generation_config(self._generation_config, eos if eos >= 0 else None)
+        return params
+
+    def _empty_output(self, finished: set[str]):
+        out = self._SchedulerOutput.make_empty()
+        out.finished_req_ids = set(finished)
+        return out
+
+    def _runner_request_ids(self) -> list[str]:
+        try:
+            return list(self._executor.driver_worker.worker.model_runner.requests)
+        except AttributeError:
+            return []
+
+    def _recover(self) -> None:
+        """After vLLM failed mid-plan: forget everything, on both sides, as far as possible."""
+        log.error("vLLM failed while running a plan; forgetting every request (the scheduler resends them)")
+        runner = getattr(getattr(getattr(self._executor, "driver_worker", None), "worker", None), "model_runner", None)
+        if runner is not None and getattr(runner, "execute_model_state", None) is not None:
+            runner.execute_model_state = None  # a half-run step would block the next execute_model
+        try:
+            self.reset()
+        except Exception:
+            log.exception("could not free the runner's requests after a failure")
+            self._reqs = {}
+            self.requests.reset()
