@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -113,16 +114,27 @@ class SchedulerApp:
 
     # -- workers ------------------------------------------------------------------------------
     def _lane_profile(self, desc: dict) -> DeviceProfile:
+        """The worker's measured profile if it sent one, else the configured one — with the
+        context length the worker actually serves (a prompt the worker cannot hold is refused
+        at Submit, not discovered by the worker)."""
+        profile = self.profile
         if desc.get("profile_json"):
             try:
-                return DeviceProfile.from_dict(json.loads(desc["profile_json"]))
+                profile = DeviceProfile.from_dict(json.loads(desc["profile_json"]))
             except ValueError as exc:
                 log.warning("bad_worker_profile", error=str(exc))
-        return self.profile
+        max_len = int(desc.get("max_model_len") or 0)
+        if max_len and max_len != profile.max_model_len:
+            profile = dataclasses.replace(profile, max_model_len=max_len)
+        return profile
 
     def _add_lane(self, worker_id: str, desc: dict) -> WorkerLane:
+        max_seqs = self.config.max_num_seqs
+        if desc.get("max_num_seqs"):
+            max_seqs = min(max_seqs, int(desc["max_num_seqs"]))
         lane = WorkerLane(self, worker_id, desc["address"], self._lane_profile(desc), int(desc["num_blocks"]),
-                          int(desc["block_size"]), self.config.policy, self.catalog, self.config.max_num_seqs)
+                          int(desc["block_size"]), self.config.policy, self.catalog, max_seqs,
+                          max_batched_tokens=int(desc.get("max_num_batched_tokens") or 0))
         lane.model = str(desc.get("model") or lane.profile.name)
         self.lanes[worker_id] = lane
         lane.start()

@@ -44,7 +44,8 @@ class LaneStats:
 
 class WorkerLane:
     def __init__(self, app: "SchedulerApp", worker_id: str, address: str, profile: DeviceProfile,
-                 num_blocks: int, block_size: int, policy: str, catalog: SLOCatalog, max_num_seqs: int) -> None:
+                 num_blocks: int, block_size: int, policy: str, catalog: SLOCatalog, max_num_seqs: int,
+                 max_batched_tokens: int = 0) -> None:
         self.app = app
         self.worker_id = worker_id
         self.address = address
@@ -52,7 +53,8 @@ class WorkerLane:
         self.model = profile.name
         policy_obj = make_policy(policy, profile, catalog)
         self.core = SchedulerCore(policy_obj, profile, kv=KVBlockManager(num_blocks, block_size),
-                                  config=CoreConfig(max_num_seqs=max_num_seqs))
+                                  config=CoreConfig(max_num_seqs=max_num_seqs,
+                                                    max_num_batched_tokens=max_batched_tokens or None))
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.wakeup = asyncio.Event()

@@ -28,7 +28,8 @@ def describe_to_dict(worker_id: str, msg: scheduler_pb2.RegisterWorkerRequest) -
     d = msg.description
     return {"worker_id": worker_id, "address": msg.address, "model": d.model, "executor": d.executor,
             "block_size": d.block_size, "num_blocks": d.num_blocks, "max_model_len": d.max_model_len,
-            "profile_json": d.profile_json, "eos_token_id": d.eos_token_id, "vocab_size": d.vocab_size}
+            "profile_json": d.profile_json, "eos_token_id": d.eos_token_id, "vocab_size": d.vocab_size,
+            "max_num_batched_tokens": d.max_num_batched_tokens, "max_num_seqs": d.max_num_seqs}
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):

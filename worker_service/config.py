@@ -80,6 +80,8 @@ class WorkerConfig:
                              "default", default=0)
     max_num_batched_tokens: int = _doc("vllm: most tokens in one iteration the runner is sized for; 0 = "
                                        "vLLM's default", default=0)
+    num_blocks: int = _doc("vllm: use exactly this many KV blocks (vLLM's num_gpu_blocks_override); 0 = what "
+                           "the KV memory holds", default=0)
 
     def __post_init__(self) -> None:
         if not self.scheduler or ":" not in self.scheduler:
@@ -94,7 +96,7 @@ class WorkerConfig:
             raise ValueError(f"vocab_size must be > 10, got {self.vocab_size}")
         if self.dtype not in _VLLM_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_VLLM_DTYPES)}, got {self.dtype!r}")
-        for name in ("max_model_len", "kv_cache_space_gb", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("max_model_len", "kv_cache_space_gb", "max_num_seqs", "max_num_batched_tokens", "num_blocks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = vLLM's default), got {getattr(self, name)}")
         for name in ("rpc_timeout_s", "register_backoff_max_s"):

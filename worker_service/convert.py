@@ -140,7 +140,8 @@ def description_to_proto(info: WorkerInfo) -> scheduler_pb2.WorkerDescription:
     return scheduler_pb2.WorkerDescription(
         model=info.model, executor=info.executor, block_size=info.block_size, num_blocks=info.num_blocks,
         max_model_len=info.max_model_len, profile_json=info.profile_json, eos_token_id=info.eos_token_id,
-        vocab_size=info.vocab_size,
+        vocab_size=info.vocab_size, max_num_batched_tokens=info.max_num_batched_tokens,
+        max_num_seqs=info.max_num_seqs,
     )
 
 
@@ -148,5 +149,6 @@ def description_from_proto(msg: scheduler_pb2.WorkerDescription) -> WorkerInfo:
     return WorkerInfo(
         model=msg.model, executor=msg.executor, block_size=msg.block_size, num_blocks=msg.num_blocks,
         max_model_len=msg.max_model_len, profile_json=msg.profile_json, eos_token_id=msg.eos_token_id,
-        vocab_size=msg.vocab_size,
+        vocab_size=msg.vocab_size, max_num_batched_tokens=msg.max_num_batched_tokens,
+        max_num_seqs=msg.max_num_seqs,
     )

@@ -84,3 +84,5 @@ class WorkerInfo:
     profile_json: str
     eos_token_id: int
     vocab_size: int
+    max_num_batched_tokens: int = 0  # 0 = no limit of the executor's own
+    max_num_seqs: int = 0

@@ -45,8 +45,12 @@ class BatchBuilder:
 
     # -- budget -------------------------------------------------------------------------
     def set_budget(self, tokens: int, slo_min_s: float | None = None, time_limit_s: float | None = None) -> None:
-        """Fix this iteration's token budget (and optionally a bound on its predicted time)."""
-        self.token_budget = tokens
+        """Fix this iteration's token budget (and optionally a bound on its predicted time).
+
+        Never above the worker's own per-plan limit, whatever the policy asks for.
+        """
+        cap = self.core.config.max_num_batched_tokens
+        self.token_budget = tokens if cap is None else min(tokens, cap)
         self.slo_min_s = slo_min_s
         self.time_limit_s = time_limit_s
 

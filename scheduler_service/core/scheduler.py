@@ -29,10 +29,14 @@ if TYPE_CHECKING:
 class CoreConfig:
     max_num_seqs: int = 256
     """Most requests running (holding KV) at once; vLLM's default on A100."""
+    max_num_batched_tokens: int | None = None
+    """Most tokens one plan may carry, whatever the policy's budget: the worker's own limit."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
 
 
 @dataclass(frozen=True, slots=True)

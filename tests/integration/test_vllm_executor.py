@@ -13,13 +13,10 @@ reference token for token whatever the batching, chunking and block placement.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import random
 import subprocess
 import sys
-import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +28,8 @@ from worker_service.plan import ChunkSpec, WorkerPlan
 
 pytestmark = [pytest.mark.vllm, pytest.mark.integration]
 
+from tests.integration.vllm_support import load_make_test_model, prompt_ids, vllm_reference
+
 REPO = Path(__file__).resolve().parents[2]
 MAX_MODEL_LEN = 2048
 KV_CACHE_GB = 0.5
@@ -39,9 +38,7 @@ GREEDY = SamplingParams(max_tokens=GEN_TOKENS, temperature=0.0, ignore_eos=True)
 RANDOM = SamplingParams(max_tokens=GEN_TOKENS, temperature=0.8, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
 
 
-def _prompt(seed: int, n: int) -> list[int]:
-    rng = random.Random(seed)
-    return [2] + [rng.randrange(4, 3072) for _ in range(n - 1)]  # </s> first, as OPT encodes
+_prompt = prompt_ids
 
 
 # Every prompt any test runs: the reference is computed once for all of them.
@@ -58,19 +55,6 @@ PROMPTS: dict[str, list[int]] = {
 }
 SEEDED = {"seeded"}  # generated with RANDOM (seeded sampling), the rest greedily
 
-REFERENCE_SCRIPT = textwrap.dedent("""
-    import json, sys
-    if __name__ == "__main__":
-        from vllm import LLM, SamplingParams
-        from vllm.inputs import TokensPrompt
-        spec = json.load(sys.stdin)
-        llm = LLM(model=spec["model"], dtype="float32", max_model_len=spec["max_model_len"],
-                  enforce_eager=True, enable_prefix_caching=False, seed=0)
-        prompts = [TokensPrompt(prompt_token_ids=p["prompt"]) for p in spec["requests"]]
-        params = [SamplingParams(**p["sampling"]) for p in spec["requests"]]
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        print("REFERENCE " + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
-""")
 
 
 def _vllm_sampling(sp: SamplingParams) -> dict:
@@ -78,11 +62,7 @@ def _vllm_sampling(sp: SamplingParams) -> dict:
                 seed=sp.seed, ignore_eos=sp.ignore_eos)
 
 
-def _load_make_test_model():
-    spec = importlib.util.spec_from_file_location("accelgen_make_test_model", REPO / "scripts" / "make_test_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_load_make_test_model = load_make_test_model
 
 
 # -- fixtures: one model, one engine, one reference run ----------------------------------------
@@ -97,16 +77,8 @@ def vllm_model_dir(tmp_path_factory) -> Path:
 def reference(vllm_model_dir: Path) -> dict[str, list[int]]:
     """``vllm.LLM.generate`` outputs for every prompt in ``PROMPTS`` (computed in a subprocess)."""
     names = sorted(PROMPTS)
-    spec = {"model": str(vllm_model_dir), "max_model_len": MAX_MODEL_LEN,
-            "requests": [{"prompt": PROMPTS[n], "sampling": _vllm_sampling(RANDOM if n in SEEDED else GREEDY)}
-                         for n in names]}
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_V2_MODEL_RUNNER": "0",
-           "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.run([sys.executable, "-c", REFERENCE_SCRIPT], input=json.dumps(spec), capture_output=True,
-                          text=True, env=env, timeout=300, cwd=REPO)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("REFERENCE ")]
-    assert proc.returncode == 0 and lines, f"reference run failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    outputs = json.loads(lines[-1][len("REFERENCE "):])
+    outputs = vllm_reference(vllm_model_dir, [{"prompt": PROMPTS[n], "sampling": _vllm_sampling(RANDOM if n in SEEDED else GREEDY)}
+                                              for n in names], MAX_MODEL_LEN)
     assert all(len(o) == GEN_TOKENS for o in outputs)
     return dict(zip(names, outputs))
 
@@ -371,7 +343,8 @@ def test_module_imports_without_vllm_and_reads_config(monkeypatch):
         env={"ACCELGEN_WORKER_MAX_MODEL_LEN": "4096", "ACCELGEN_WORKER_SEED": "7"})
     VllmExecutor.from_config(cfg)
     assert seen == {"model": "/models/m", "dtype": "bfloat16", "max_model_len": 4096, "kv_cache_space_gb": 2.5,
-                    "seed": 7, "max_num_seqs": None, "max_num_batched_tokens": None}
+                    "seed": 7, "max_num_seqs": None, "max_num_batched_tokens": None,
+                    "profile_json": "", "num_blocks": None}  # a shipped profile name is other hardware: not reported
     with pytest.raises(ValueError, match="--model"):
         VllmExecutor.from_config(WorkerConfig(executor="vllm"))
     with pytest.raises(ValueError, match="dtype"):

@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -110,6 +111,8 @@ class VllmExecutor(Executor):
         *,
         max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
+        profile_json: str = "",
+        num_blocks: int | None = None,
         enforce_eager: bool = True,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -156,6 +159,8 @@ class VllmExecutor(Executor):
             kwargs["max_num_seqs"] = max_num_seqs
         if max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = max_num_batched_tokens
+        if num_blocks:
+            kwargs["num_gpu_blocks_override"] = num_blocks
         kwargs.update(engine_kwargs or {})
         config = EngineArgs(**kwargs).create_engine_config(UsageContext.ENGINE_CONTEXT)
         if kv_cache_space_gb:
@@ -203,9 +208,11 @@ class VllmExecutor(Executor):
             block_size=block_size,
             num_blocks=num_blocks,
             max_model_len=self.max_model_len,
-            profile_json="",
+            profile_json=profile_json,
             eos_token_id=eos,
             vocab_size=vocab_size,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_seqs=self.max_num_seqs,
         )
         self.requests = RequestTable(num_blocks, block_size, self.max_model_len, vocab_size)
         self._reqs: dict[str, _RunnerRequest] = {}
@@ -222,7 +229,8 @@ class VllmExecutor(Executor):
         return cls(model=config.model, dtype=config.dtype, max_model_len=config.max_model_len or None,
                    kv_cache_space_gb=config.kv_cache_space_gb or None, seed=config.seed,
                    max_num_seqs=config.max_num_seqs or None,
-                   max_num_batched_tokens=config.max_num_batched_tokens or None)
+                   max_num_batched_tokens=config.max_num_batched_tokens or None,
+                   profile_json=_measured_profile_json(config.profile), num_blocks=config.num_blocks or None)
 
     # -- start-up ---------------------------------------------------------------------------
     @staticmethod
@@ -493,3 +501,13 @@ class VllmExecutor(Executor):
             log.exception("could not free the runner's requests after a failure")
             self._reqs = {}
             self.requests.reset()
+
+
+def _measured_profile_json(profile: str) -> str:
+    """A profile measured on this worker (``accelgen profile --out FILE``; pass ``--profile FILE``)
+    travels to the scheduler, which then budgets with this device's real iteration times. A
+    shipped profile name describes other hardware, so it is not reported for a vLLM worker."""
+    path = Path(profile)
+    if path.suffix == ".json" and path.exists():
+        return path.read_text()
+    return ""
