@@ -80,9 +80,10 @@ class Profiler:
         if 1 + batch * per > self.info.num_blocks:
             raise ValueError(f"{batch} x {context} tokens do not fit the worker's {self.info.num_blocks} blocks")
         rids = [self._ids.next("dc") for _ in range(batch)]
-        chunks = [self._new_chunk(rid, context, 1 + i * per, per) for i, rid in enumerate(rids)]
-        result = self.executor.execute(self._plan(chunks, []))
-        last = dict(result.sampled_token_ids)
+        last: dict[str, int] = {}
+        for i, rid in enumerate(rids):  # one prefill per plan: stays within the worker's plan limit
+            result = self.executor.execute(self._plan([self._new_chunk(rid, context, 1 + i * per, per)], []))
+            last.update(result.sampled_token_ids)
         times = []
         for step in range(self.repeats + 1):
             decodes = [ChunkSpec(request_id=rid, num_computed_tokens=context + step, token_ids=[last.get(rid, self.token_id)],
@@ -100,7 +101,8 @@ class Profiler:
     def run(self, name: str, grid: Sequence[int] = DEFAULT_GRID, decode_batch: int = 8,
             knee_fraction: float = 0.95) -> DeviceProfile:
         max_len = self.info.max_model_len
-        sizes = [s for s in grid if s < max_len]
+        limit = self.info.max_num_batched_tokens or max_len
+        sizes = [s for s in grid if s < max_len and s <= limit]
         table = [(s, self.prefill_ms(s)) for s in sizes]
         base_ms, per_token_ms = _fit_line(table)
         short_ctx, long_ctx = 64, min(1024, max_len // 2)

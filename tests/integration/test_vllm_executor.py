@@ -388,3 +388,30 @@ def test_a_failure_inside_vllm_forgets_every_request(ex, reference, monkeypatch)
     again = d2.add("first", PROMPTS["first"])
     d2.run("first")
     _check(again.outputs, reference, "first")
+
+
+def test_measured_profile_is_what_the_scheduler_budgets_with(ex, tmp_path):
+    """`accelgen profile` on the test model: the worker reports the file, the scheduler's lane uses it."""
+    from scheduler_service.app import SchedulerApp
+    from scheduler_service.config import SchedulerConfig
+    from scheduler_service.core.budget import TokenBudget
+    from worker_service.executors.vllm_executor import _measured_profile_json
+    from worker_service.profiler import Profiler
+
+    measured = Profiler(ex, repeats=1).run("tiny-opt_cpu", grid=(16, 64, 256, 512), decode_batch=4)
+    assert [s for s, _ in measured.measured_forward_ms] == [16, 64, 256, 512]
+    assert all(ms > 0 for _, ms in measured.measured_forward_ms)
+    assert measured.num_blocks == ex.describe().num_blocks and measured.block_size == 128
+    path = tmp_path / "tiny.json"
+    measured.save(path)
+
+    app = SchedulerApp(SchedulerConfig(port=0), store=None)
+    desc = {"profile_json": _measured_profile_json(str(path)), "max_model_len": MAX_MODEL_LEN}
+    lane_profile = app._lane_profile(desc)
+    assert lane_profile.name == "tiny-opt_cpu"
+    assert (lane_profile.s_pf, lane_profile.t_pf_s) == (measured.s_pf, measured.t_pf_s)
+    # A tiny model on a CPU is far faster per token than OPT-13B on an A100: the 50 ms class
+    # gets a bigger budget from the measured profile than from the configured one.
+    assert TokenBudget(lane_profile).for_slo(0.05) > TokenBudget(app.profile).for_slo(0.05)
+    # Without a measured file the worker reports nothing and the configured profile stays.
+    assert app._lane_profile({"profile_json": _measured_profile_json("opt-13b_a100-80g")}) is app.profile
