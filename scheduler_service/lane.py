@@ -39,6 +39,7 @@ class LaneStats:
     iterations: int = 0
     last_iteration_s: float = 0.0
     overhead_s: float = 0.0
+    time_correction: float = 1.0
     decision_s: deque = field(default_factory=lambda: deque(maxlen=5000))
 
 
@@ -123,12 +124,23 @@ class WorkerLane:
                 await committing
             committing = asyncio.create_task(self.app.commit(self, changes, outcome))
             self._learn_overhead(time.perf_counter() - t0 - reply.elapsed_s)
+            self._learn_time_correction(plan.predicted_time_s, reply.elapsed_s)
 
     def _learn_overhead(self, overhead_s: float) -> None:
         """EWMA of the time an iteration spends outside the model; the policy budgets around it."""
         ewma = self.stats.overhead_s
         self.stats.overhead_s = overhead_s if ewma == 0 else 0.9 * ewma + 0.1 * max(0.0, overhead_s)
         self.core.policy.overhead_s = self.stats.overhead_s
+
+    def _learn_time_correction(self, predicted_s: float, measured_s: float) -> None:
+        """EWMA of measured / predicted model time, clamped to [0.25, 4]: the profile, refined
+        from what the worker reports. Tiny iterations are skipped (timer noise dominates)."""
+        if predicted_s < 0.001 or measured_s <= 0:
+            return
+        ratio = min(4.0, max(0.25, measured_s / predicted_s))
+        policy = self.core.policy
+        policy.time_correction = 0.95 * policy.time_correction + 0.05 * ratio
+        self.stats.time_correction = policy.time_correction
 
     def changes_for(self, plan, outcome) -> IterationChanges:
         """What this iteration changed, for one Redis round trip."""

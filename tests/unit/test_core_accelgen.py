@@ -465,3 +465,24 @@ def test_config_validation() -> None:
         AccelGenConfig(era_cap=0)
     with pytest.raises(ValueError):
         AccelGenConfig(candidate_window=0)
+
+
+@pytest.mark.unit
+def test_measured_overhead_and_slow_device_shrink_the_budget() -> None:
+    """The service refines the profile online: time outside the model and a device slower than
+    predicted both leave the model less time, so fewer tokens fit the same SLO."""
+    from scheduler_service.core.budget import TokenBudget
+    from scheduler_service.core.policies.accelgen import AccelGenConfig, AccelGenPolicy
+    from scheduler_service.core.slo import SLOCatalog
+    from scheduler_service.profiles import load_profile
+
+    profile = load_profile()
+    policy = AccelGenPolicy(profile, SLOCatalog(), AccelGenConfig())
+    budget = TokenBudget(profile)
+    assert policy._model_time(0.05) == 0.05
+    policy.overhead_s = 0.010
+    assert policy._model_time(0.05) == pytest.approx(0.040)
+    policy.time_correction = 2.0  # the device runs twice as slow as profiled
+    assert policy._model_time(0.05) == pytest.approx(0.020)
+    # By hand: 0.95 * 20 ms = 19 ms of profile time holds (19 - 18.10) / 0.1019 = 8 tokens.
+    assert budget.for_slo(policy._model_time(0.05)) == 8 < budget.for_slo(0.05)

@@ -283,11 +283,12 @@ class AccelGenPolicy(Policy):
             self._place(batch, r, state)
 
     def _model_time(self, slo_s: float | None) -> float | None:
-        """The part of an iteration SLO left for the model once the measured per-iteration
-        overhead is paid; on a 0.5 ms grid so the budget cache stays small."""
-        if slo_s is None or self.overhead_s <= 0:
+        """The iteration SLO in the profile's time: less the measured per-iteration overhead,
+        divided by how much slower than predicted the device has recently been; on a 0.5 ms
+        grid so the budget cache stays small."""
+        if slo_s is None or (self.overhead_s <= 0 and self.time_correction == 1.0):
             return slo_s
-        return max(0.0005, round((slo_s - self.overhead_s) * 2000) / 2000)
+        return max(0.0005, round((slo_s - self.overhead_s) / self.time_correction * 2000) / 2000)
 
     @staticmethod
     def _slo_min(requests: list[Request]) -> float | None:

@@ -34,6 +34,9 @@ class Policy(ABC):
         # measures it and sets it here; the simulator's clock has none. SLO-aware policies
         # subtract it from the time they give the model.
         self.overhead_s = 0.0
+        # Measured / predicted model time of recent iterations: the profile refined online (the
+        # paper names a stale profile as a failure mode). 1 in the simulator.
+        self.time_correction = 1.0
 
     def bind(self, core: "SchedulerCore") -> None:
         self.core = core
