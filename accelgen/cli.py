@@ -130,7 +130,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stack.stop()
     sim = run_many([RunSpec(spec, "accelgen")])[0]
     print()
-    print(format_table({"service (measured)": result.summary, "simulator (predicted)": sim}, title="accelgen"))
+    print(format_table({"service (client clock)": result.summary, "service (scheduler clock)": result.server_summary,
+                        "simulator (predicted)": sim}, title="accelgen"))
     if result.errors:
         print(f"errors: {result.errors}")
     print("\nstack stopped. Policy comparison, load sweep, ablation and overheads: docs/results.md (make results).")
@@ -207,12 +208,13 @@ def cmd_load(args: argparse.Namespace) -> int:
     print(f"replaying {len(workload)} requests ({args.workload}) against {args.gateway} ...", flush=True)
     result = run_load(args.gateway, workload, SLOCatalog(), profile.s_pf)
     row = headline(result.summary)
-    print(format_table({"service": result.summary}))
+    print(format_table({"service (client clock)": result.summary, "service (scheduler clock)": result.server_summary}))
     if result.errors:
         print(f"errors: {result.errors}")
     out = {"config": {"workload": args.workload, "rate": args.rate, "duration_s": args.duration, "seed": args.seed,
                       "gateway": args.gateway, "profile": args.profile, "source": "service (client-side timing)"},
-           "policies": {args.policy_label: row}, "errors": result.errors}
+           "policies": {args.policy_label: row, f"{args.policy_label} (scheduler clock)": headline(result.server_summary)},
+           "errors": result.errors}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

@@ -26,13 +26,14 @@ PROMPT_TOKEN = 7
 
 @dataclass
 class LoadResult:
-    summary: dict[str, Any]
+    summary: dict[str, Any]  # token times as this client saw them
+    server_summary: dict[str, Any]  # token times as the scheduler emitted them (no gateway/client transport)
     errors: dict[str, int]
     wall_s: float
 
 
 async def _one(stub: gateway_pb2_grpc.GatewayStub, item: WorkloadRequest, t0: float, metrics: MetricsCollector,
-               errors: dict[str, int], timeout_s: float) -> None:
+               server: MetricsCollector, epoch0: float, errors: dict[str, int], timeout_s: float) -> None:
     delay = t0 + item.arrival_s - time.monotonic()
     if delay > 0:
         await asyncio.sleep(delay)
@@ -42,34 +43,40 @@ async def _one(stub: gateway_pb2_grpc.GatewayStub, item: WorkloadRequest, t0: fl
         sampling_params=common_pb2.SamplingParams(max_new_tokens=item.output_len, ignore_eos=True),
         app_class=item.app_class, stream=True)
     sent = time.monotonic() - t0
-    rec = metrics.requests[item.request_id]
-    rec.arrival_s = sent
+    metrics.requests[item.request_id].arrival_s = sent
+    server.requests[item.request_id].arrival_s = sent
     try:
         async for resp in stub.Generate(req, timeout=timeout_s):
             now = time.monotonic() - t0
             if resp.HasField("chunk"):
-                for _ in resp.chunk.token_ids:
+                for i, _ in enumerate(resp.chunk.token_ids):
                     metrics.on_token(item.request_id, now)
+                    if i < len(resp.chunk.timings):
+                        server.on_token(item.request_id, resp.chunk.timings[i].emitted_at - epoch0)
             elif resp.HasField("complete"):
                 metrics.on_finish(item.request_id, now, resp.complete.finish_reason)
+                times = server.requests[item.request_id].token_times
+                server.on_finish(item.request_id, times[-1] if times else now, resp.complete.finish_reason)
     except grpc.aio.AioRpcError as exc:
         errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
 
 
 async def replay(address: str, workload: Sequence[WorkloadRequest], catalog: SLOCatalog, s_pf: int,
                  timeout_s: float = 3600.0) -> LoadResult:
-    metrics = MetricsCollector(s_pf)
+    metrics, server = MetricsCollector(s_pf), MetricsCollector(s_pf)
     for item in workload:
-        metrics.on_arrival(item.request_id, item.app_class, catalog.get(item.app_class).slo, item.arrival_s,
-                           item.prompt_len)
+        for m in (metrics, server):
+            m.on_arrival(item.request_id, item.app_class, catalog.get(item.app_class).slo, item.arrival_s,
+                         item.prompt_len)
     errors: dict[str, int] = {}
     started = time.monotonic()
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         t0 = time.monotonic() + 0.2
-        await asyncio.gather(*(_one(stub, item, t0, metrics, errors, timeout_s) for item in workload))
-    summary = metrics.summary()
-    return LoadResult(summary=summary, errors=errors, wall_s=time.monotonic() - started)
+        epoch0 = time.time() + 0.2  # the same instant on the scheduler's (epoch) clock, this machine
+        await asyncio.gather(*(_one(stub, item, t0, metrics, server, epoch0, errors, timeout_s) for item in workload))
+    return LoadResult(summary=metrics.summary(), server_summary=server.summary(), errors=errors,
+                      wall_s=time.monotonic() - started)
 
 
 def run_load(address: str, workload: Sequence[WorkloadRequest], catalog: SLOCatalog, s_pf: int) -> LoadResult:
