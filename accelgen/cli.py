@@ -103,11 +103,22 @@ def _run_with_progress(specs: list[RunSpec], jobs: int | None) -> list[dict[str,
         return run_many(specs, jobs=jobs, on_done=bar.update)
 
 
+def default_model() -> str:
+    """The seeded test model, built on first use (no downloads): what `up` and `demo` serve by default."""
+    import os
+
+    from scripts.make_test_model import make_test_model
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # CPU workers: a small KV cache; ignored on GPUs
+    return str(make_test_model(Path(".cache") / "test-model"))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The local stack on its embedded defaults, a mixed-SLO workload through the gateway, the report.
 
-    The service's measured row is printed beside the simulator's prediction for the same workload,
-    seed and profile: the simulator runs the same scheduling core, so the two should agree.
+    By default the worker is vLLM's CPU model runner serving the seeded test model. With
+    ``--executor sim`` the worker follows the OPT-13B / A100 profile instead, and the report adds
+    the simulator's prediction for the same workload (the same scheduling core, so they agree).
     """
     from bench.loadgen import run_load
     from accelgen.stack import start_stack
@@ -117,21 +128,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     profile = load_profile(DEFAULT_PROFILE)
     spec = WorkloadSpec(name="paper-mix", rate=args.rate, duration_s=args.duration, seed=0)
     workload = spec.build(profile.max_model_len)
+    worker_args = ["--log-level", "WARNING"]
+    what = "sim worker(s) timed by the OPT-13B / A100 profile"
+    if args.executor == "vllm":
+        model = default_model()
+        worker_args += ["--model", model, "--dtype", "float32"]
+        what = f"vLLM CPU worker(s) serving {model}"
     print(f"AccelGen demo: {len(workload)} mixed-SLO requests (paper-mix, {args.rate} req/s for {args.duration:g} s; "
           f"chat 50 ms / code 187.5 ms / summarization 500 ms TBT) through the gateway -> scheduler -> "
-          f"{args.workers} sim worker(s) timed by the OPT-13B / A100 profile\n", flush=True)
-    stack = start_stack(workers=args.workers, executor="sim", scheduler_args=["--log-level", "WARNING"],
-                        worker_args=["--log-level", "WARNING"], gateway_args=["--log-level", "WARNING"])
+          f"{args.workers} {what}\n", flush=True)
+    stack = start_stack(workers=args.workers, executor=args.executor, scheduler_args=["--log-level", "WARNING"],
+                        worker_args=worker_args, gateway_args=["--log-level", "WARNING"], worker_timeout_s=300)
     try:
         print(f"stack up: gateway {stack.gateway_address}, OpenAI HTTP :{stack.http_port}, scheduler "
               f"{stack.scheduler_address}, Redis {stack.redis_url}", flush=True)
         result = run_load(stack.gateway_address, workload, SLOCatalog(), profile.s_pf)
     finally:
         stack.stop()
-    sim = run_many([RunSpec(spec, "accelgen")])[0]
+    rows = {"service (client clock)": result.summary, "service (scheduler clock)": result.server_summary}
+    if args.executor == "sim":
+        rows["simulator (predicted)"] = run_many([RunSpec(spec, "accelgen")])[0]
     print()
-    print(format_table({"service (client clock)": result.summary, "service (scheduler clock)": result.server_summary,
-                        "simulator (predicted)": sim}, title="accelgen"))
+    print(format_table(rows, title="accelgen"))
     if result.errors:
         print(f"errors: {result.errors}")
     print("\nstack stopped. Policy comparison, load sweep, ablation and overheads: docs/results.md (make results).")
@@ -146,6 +164,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     from accelgen.stack import start_stack
 
     worker_args = ["--time-scale", str(args.time_scale)]
+    if args.executor == "vllm" and not args.model:
+        args.model = default_model()
+        print(f"no --model given: serving the seeded test model {args.model}", flush=True)
     if args.model:
         worker_args += ["--model", args.model]
     stack = start_stack(workers=args.workers, executor=args.executor, worker_args=worker_args,
@@ -281,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start Redis, the scheduler, N workers and the gateway; Ctrl-C stops all")
     up.add_argument("--workers", type=int, default=1)
-    up.add_argument("--executor", default="sim", help="sim (cost model) or vllm")
+    up.add_argument("--executor", default="vllm", help="vllm (vLLM's model runner; CPU or GPU) or sim (cost model)")
     up.add_argument("--model", default=None, help="model path or name for vllm workers and the gateway tokenizer")
     up.add_argument("--policy", default="accelgen")
     up.add_argument("--time-scale", type=float, default=1.0, help="sim executor: scale of the simulated iteration time")
@@ -319,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=1.5)
     demo.add_argument("--duration", type=float, default=60.0)
     demo.add_argument("--workers", type=int, default=1)
+    demo.add_argument("--executor", default="vllm", help="vllm (the test model on vLLM's CPU runner) or sim")
     demo.set_defaults(func=cmd_demo)
     return ap
 
