@@ -255,7 +255,7 @@ def cmd_profile(argv: list[str]) -> int:
     ap.add_argument("--out", required=True, help="where to write the profile JSON")
     ap.add_argument("--name", default=None, help="profile name (default: derived from the model)")
     ap.add_argument("--grid", default=",".join(map(str, DEFAULT_GRID)), help="forward sizes to measure")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="runs per point; the fastest counts")
     ap.add_argument("--decode-batch", type=int, default=8)
     args, worker_argv = ap.parse_known_args(argv)
     config = WorkerConfig.from_env_and_args(["--scheduler", "unused:0", *worker_argv])
