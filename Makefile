@@ -27,6 +27,9 @@ demo: install
 	$(BIN)/accelgen demo
 
 results: install
+	$(BIN)/python scripts/make_test_model.py --out .cache/test-model
+	VLLM_CPU_KVCACHE_SPACE=1 $(BIN)/accelgen profile --out docs/profiles/tiny-opt_cpu.json --name tiny-opt_cpu \
+		--executor vllm --model .cache/test-model --dtype float32
 	$(BIN)/python scripts/make_results.py
 
 service-results: install

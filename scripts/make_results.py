@@ -45,9 +45,7 @@ def main() -> int:
     ap.add_argument("--overhead-repeats", type=int, default=300)
     args = ap.parse_args()
     FIG.mkdir(parents=True, exist_ok=True)
-    # First, while nothing else runs: once vLLM is imported in this process (the overhead
-    # benchmark does), its idle OpenMP threads compete with the profiled worker for the 2 cores.
-    measured = measure_test_model_profile()
+    measured = measured_test_model_profile()
     rates = [float(r) for r in args.sweep.split(",")]
     wl = WorkloadSpec(name="paper-mix", rate=args.rate, duration_s=args.duration, seed=0)
 
@@ -94,7 +92,7 @@ def render(args, rates, main_rows, sweep, abl_rows, ov) -> str:
 
 Regenerate everything on this page (tables, figures, `docs/results.json`) with one command:
 
-    make results        # = .venv/bin/python scripts/make_results.py
+    make results        # = accelgen profile of the test model, then .venv/bin/python scripts/make_results.py
 
 Last generated {when} on `{platform.node()}` ({platform.processor() or platform.machine()}, Python
 {platform.python_version()}). Simulations are seeded and deterministic; the overhead timings are
@@ -164,32 +162,32 @@ execution; `bench/vllm_sched_overhead.py`).
 PROFILE_OUT = DOCS / "profiles" / "tiny-opt_cpu.json"
 
 
-def measure_test_model_profile():
-    """`accelgen profile` of the seeded test model on this machine's vLLM CPU worker."""
-    import os
-    import subprocess
-
+def measured_test_model_profile():
+    """The test model's profile that `make results` measured just before (`accelgen profile`,
+    run by make in a process of its own: timings taken inside a process that has loaded torch
+    were wrecked by its idle OpenMP threads on this 2-core machine)."""
     from scheduler_service.core.profile import DeviceProfile
 
-    # Both steps in child processes: torch loaded in this process leaves OpenMP threads that
-    # compete with the profiled worker for the 2 cores and wreck its timings.
-    model = ROOT / ".cache" / "test-model"
-    subprocess.run([sys.executable, "scripts/make_test_model.py", "--out", str(model)], check=True, cwd=ROOT)
-    PROFILE_OUT.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    subprocess.run([sys.executable, "-m", "accelgen.cli", "profile", "--out", str(PROFILE_OUT), "--name", "tiny-opt_cpu",
-                    "--executor", "vllm", "--model", str(model), "--dtype", "float32"], check=True, env=env, cwd=ROOT)
+    if not PROFILE_OUT.exists():
+        raise SystemExit(f"{PROFILE_OUT} is missing: run `make results`, which measures it first")
     return DeviceProfile.load(PROFILE_OUT)
 
 
 def profile_section(p) -> str:
     c = p.coefficients
     rows = "\n".join(f"| {s} | {ms:.2f} | {s / ms:.0f} |" for s, ms in p.measured_forward_ms)
+    pts = p.measured_forward_ms
+    disturbed = [s for (s, ms), (_, nxt) in zip(pts, pts[1:]) if ms > nxt]
+    caveat = ""
+    if disturbed:
+        caveat = (f"\n**Disturbed points:** {', '.join(map(str, disturbed))} tokens took longer than a larger forward; "
+                  "even the fastest of 10 runs stalled there (this 2-core VM shares its host), so S_pf / T_pf "
+                  "from this run are not trustworthy. Rerun `make results` on a quiet machine.\n")
     return f"""
 ## `accelgen profile` of the test model on this CPU
 
 `accelgen profile --executor vllm --model .cache/test-model --dtype float32 --out {PROFILE_OUT.relative_to(ROOT)}`
-(run by `make results`): the seeded tiny OPT (2 layers, hidden 128) on vLLM's CPU model runner.
+(run by `make results` before this script): the seeded tiny OPT (2 layers, hidden 128) on vLLM's CPU model runner.
 
 - **S_pf = {p.s_pf} tokens, T_pf = {p.t_pf_s * 1000:.2f} ms** (knee at {p.knee_fraction:.0%} of peak tokens/s).
 - Fitted: {c.base_ms:.2f} ms + {c.per_token_ms * 1000:.2f} us per token; decode context {c.decode_ctx_ms * 1e6:.1f} ns per
@@ -198,7 +196,7 @@ def profile_section(p) -> str:
 | forward size (tokens) | time (ms) | tokens/ms |
 |---|---|---|
 {rows}
-
+{caveat}
 A worker started with `--profile {PROFILE_OUT.relative_to(ROOT)}` reports this profile and the scheduler budgets with
 it (tested in `tests/integration/test_vllm_executor.py`).
 """
