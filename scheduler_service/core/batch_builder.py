@@ -85,6 +85,10 @@ class BatchBuilder:
         rid = request.request_id
         if rid in self._pending or request.status.is_done:
             return self._fail("done")
+        if request.status is RequestStatus.RUNNING and max_new_tokens is None:
+            k = request.num_computed_tokens
+            if k > 0 and request.num_prompt_tokens + len(request.output_token_ids) - k == 1:
+                return self._schedule_decode(request, k)
         waiting = request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
         if waiting and not self.can_admit_more():
             return self._fail("seqs")
@@ -107,6 +111,23 @@ class BatchBuilder:
         self.tokens_used += q
         self.cost.add(q, k)
         return q
+
+    def _schedule_decode(self, request: Request, k: int) -> int:
+        """``schedule`` for one decode token: no chunking, no time-limit search, no admission.
+
+        Every running request takes this path every few iterations, so it is the bulk of a
+        decision's work; the result is exactly what the general path would produce.
+        """
+        if self.tokens_used >= self.token_budget:
+            return self._fail("budget")
+        rid = request.request_id
+        new_blocks = self.kv.allocate(rid, k + 1)
+        if new_blocks is None:
+            return self._fail("kv")
+        self._pending[rid] = _Pending(request, k, 1, new_blocks, is_new=rid not in self.core.on_worker)
+        self.tokens_used += 1
+        self.cost.add_decode(k)
+        return 1
 
     def _fail(self, reason: str) -> int:
         self.last_failure = reason

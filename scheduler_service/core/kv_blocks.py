@@ -90,15 +90,22 @@ class KVBlockManager:
         Returns ``None`` (and changes nothing) when the blocks do not fit while keeping
         ``reserve_blocks`` free. Returns ``[]`` when the table is already large enough.
         """
-        need = self.blocks_to_grow(request_id, num_tokens)
-        if need + reserve_blocks > len(self._free):
-            return None
-        if need == 0:
-            self._tables.setdefault(request_id, [])
-            return []
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        # blocks_to_grow, inlined: this runs for every scheduled request on every iteration.
+        table = self._tables.get(request_id)
+        need = -(-num_tokens // self.block_size) - (len(table) if table is not None else 0)
+        if need < 0:
+            need = 0
         free = self._free
+        if need + reserve_blocks > len(free):
+            return None
+        if table is None:
+            table = self._tables[request_id] = []
+        if need == 0:
+            return []
         new = [free.popleft() for _ in range(need)]
-        self._tables.setdefault(request_id, []).extend(new)
+        table.extend(new)
         return new
 
     def free(self, request_id: str) -> list[int]:

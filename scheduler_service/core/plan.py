@@ -12,8 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ScheduledChunk:
+    """One request's share of an iteration. Treat it as immutable once built; it is not
+    ``frozen`` only because a frozen dataclass's ``__init__`` costs four times as much, and the
+    builder makes one per scheduled request on every iteration (the decision's hot path)."""
+
     request_id: str
     num_computed_tokens: int  # KV entries that already exist before this iteration
     num_new_tokens: int  # tokens run in this iteration (prompt chunk, or 1 for a decode)

@@ -218,6 +218,11 @@ class BatchCost:
         self.attn_units += a
         self.decode_ctx += d
 
+    def add_decode(self, k: int) -> None:
+        """``add(1, k)`` for a decode over k > 0 computed tokens, without the case analysis."""
+        self.tokens += 1
+        self.decode_ctx += k + 1
+
     def remove(self, q: int, k: int) -> None:
         """Undo ``add(q, k)`` (a request taken back out of the batch by preemption)."""
         a, d = self._split(q, k)

@@ -151,12 +151,20 @@ class AccelGenPolicy(Policy):
         """``T_r = SLO - T_w - T_e``."""
         return request.next_token_deadline_s() - now - self.execution_estimate_s(request, t_max_s)
 
-    def _remaining_times(self, candidates: list[Request], now: float, t_max: float) -> dict[str, float]:
-        """T_r of every candidate: ``remaining_time_s`` with the decode case (most running
-        requests, every iteration) inlined — one iteration at min(own pace, T_max)."""
+    def _rank(self, candidates: list[Request], now: float, t_max: float) -> tuple[list[Request], list[Request]]:
+        """Compute every candidate's T_r (kept in ``self._t_r``) and return the candidates in
+        ``candidate_order`` and the urgent ones (T_r <= T_max) in the same order.
+
+        ``remaining_time_s`` with the decode case (most running requests, every iteration)
+        inlined — one iteration at min(own pace, T_max) — and the sort keys built in the same
+        pass: this is the part of the decision that grows with the number of running requests.
+        """
         t_iter = self._t_iter
-        out: dict[str, float] = {}
-        for r in candidates:
+        late = self._late
+        t_r: dict[str, float] = {}
+        keyed = []
+        for i, r in enumerate(candidates):
+            rid = r.request_id
             out_tokens = r.output_token_ids
             tbt = r.slo.tbt_s
             if (out_tokens and tbt is not None and r.last_token_s is not None
@@ -164,10 +172,19 @@ class AccelGenPolicy(Policy):
                 t = t_iter.get(tbt)
                 if t is None:
                     t = self.iteration_time_s(tbt)
-                out[r.request_id] = r.last_token_s + tbt - now - (t if t < t_max else t_max)
+                remaining = r.last_token_s + tbt - now - (t if t < t_max else t_max)
             else:
-                out[r.request_id] = self.remaining_time_s(r, now, t_max)
-        return out
+                remaining = self.remaining_time_s(r, now, t_max)
+            t_r[rid] = remaining
+            keyed.append((rid in late, remaining, r.arrival_s, i))
+        self._t_r = t_r
+        if type(self).candidate_order is not AccelGenPolicy.candidate_order:  # a subclass's order
+            ordered = sorted(candidates, key=self.candidate_order)
+            return ordered, [r for r in ordered if t_r[r.request_id] <= t_max]
+        keyed.sort()  # == sorted(candidates, key=self.candidate_order), without a call per request
+        ordered = [candidates[k[3]] for k in keyed]
+        urgent = [candidates[k[3]] for k in keyed if k[1] <= t_max]
+        return ordered, urgent
 
     def queue_key(self, request: Request, preempted: bool) -> tuple[int, float]:
         # T_r + now = deadline - T_e does not change while a request waits: a static key that
@@ -213,10 +230,7 @@ class AccelGenPolicy(Policy):
         if not candidates:
             return
         if cfg.prioritise:
-            t_max = self.t_max_s()
-            self._t_r = self._remaining_times(candidates, now, t_max)
-            candidates.sort(key=self.candidate_order)
-            urgent = [r for r in candidates if self._t_r[r.request_id] <= t_max]
+            candidates, urgent = self._rank(candidates, now, self.t_max_s())
         else:
             self._t_r = {}
             urgent = []
@@ -234,10 +248,21 @@ class AccelGenPolicy(Policy):
         if cfg.kv_headroom_tokens > 0 or self.reserves_exact_growth:
             self._reserved_growth = self._running_growth_blocks()
         # Urgent decodes before urgent prefills: one token each, they cannot starve a prefill,
-        # while a late prompt placed first could take the whole budget from them.
-        for request in sorted(urgent, key=lambda r: r.is_prefilling):
+        # while a late prompt placed first could take the whole budget from them. A decode
+        # needs no ERA or SLO check (the budget was set for the tightest urgent request).
+        urgent_prefills = []
+        for request in urgent:
+            if request.is_prefilling:
+                urgent_prefills.append(request)
+            elif batch.tokens_used < batch.token_budget and batch.schedule(request) == 0 \
+                    and batch.last_failure == "kv":
+                self.schedule_running_or_preempt(batch, request, self._victim)
+        for request in urgent_prefills:
             if batch.tokens_left <= 0:
                 break
+            if self._out_of_time(batch, request):
+                state.tried.add(request)
+                continue
             self._place(batch, request, state)
         if cfg.eager_decodes:
             self._fill_decodes(batch, candidates, state)
@@ -267,20 +292,40 @@ class AccelGenPolicy(Policy):
         limit = batch.time_limit_s
         slo_min = batch.slo_min_s
         running = RequestStatus.RUNNING
+        cost = batch.cost
         for r in candidates:
-            if batch.tokens_left <= 0:
+            if batch.tokens_used >= batch.token_budget:
                 return
-            if r.status is not running or r.is_prefilling or batch.is_scheduled(r.request_id):
+            if r.status is not running or batch.is_scheduled(r.request_id):
                 continue
-            if limit is not None and batch.cost.time_if_added_s(1, r.num_computed_tokens) > limit:
+            k = r.num_computed_tokens
+            if not r.output_token_ids or r.num_prompt_tokens + len(r.output_token_ids) - k > 1:
+                continue  # still prefilling
+            if limit is not None and cost.time_if_added_s(1, k) > limit:
                 continue
             tbt = r.slo.tbt_s
             # Fast path (this loop runs for every running request, every iteration): a decode
             # no tighter than the batch needs no ERA or grouping check, only its block.
             if (slo_min is None or tbt is None or tbt >= slo_min) and batch.schedule(r) > 0:
-                state.tried.add(r)
                 continue
             self._place(batch, r, state)
+
+    @staticmethod
+    def _room_for_prefill(batch: BatchBuilder) -> bool:
+        """Budget left, and time for at least a two-token chunk of a fresh prompt."""
+        if batch.tokens_used >= batch.token_budget:
+            return False
+        return batch.time_limit_s is None or batch.cost.time_if_added_s(2, 0) <= batch.time_limit_s
+
+    @staticmethod
+    def _out_of_time(batch: BatchBuilder, request: Request) -> bool:
+        """Whether ``batch.schedule`` would refuse this prefill for time (not one more token of
+        it fits the time limit), decided before the ERA, SLO and admission work of ``_place``:
+        under load most urgent prefills are refused this way, and each refusal cost as much as
+        a placement."""
+        limit = batch.time_limit_s
+        return (limit is not None and request.num_uncomputed_tokens > 1 and batch.tokens_left > 1
+                and batch.cost.time_if_added_s(1, request.num_computed_tokens) > limit)
 
     def _model_time(self, slo_s: float | None) -> float | None:
         """The iteration SLO in the profile's time: less the measured per-iteration overhead,
@@ -394,6 +439,8 @@ class AccelGenPolicy(Policy):
         demand is what it still needs to finish its prefill (a waiting one: its whole prompt
         plus headroom); it does not change while the batch is built, so it is computed once.
         """
+        if not self._room_for_prefill(batch):
+            return  # before pricing the pool: under load this is the common case
         kv = batch.kv
         total_blocks = kv.total_usable_blocks
         budget = max(1, batch.token_budget)
@@ -405,12 +452,8 @@ class AccelGenPolicy(Policy):
             else:
                 need_blocks = blocks_for_tokens(self.expected_final_tokens(r), kv.block_size)
             pool.append((r, r.num_uncomputed_tokens, need_blocks / total_blocks))
-        while pool:
+        while pool and self._room_for_prefill(batch):
             left = batch.tokens_left
-            if left <= 0:
-                return
-            if batch.time_limit_s is not None and batch.cost.time_if_added_s(2, 0) > batch.time_limit_s:
-                return  # not even a two-token chunk fits the time limit any more
             a_c = left / budget
             a_m = kv.num_free_blocks / total_blocks
             best_i, best_d = 0, math.inf
