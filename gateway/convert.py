@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 from accelgen.v1 import common_pb2, gateway_pb2, scheduler_pb2
 from gateway.config import GatewayConfig
 from gateway.errors import invalid
-from scheduler_service.core.slo import SLO, SLOCatalog
+from scheduler_service.core.slo import SLO, SLOCatalog, SLOClass
 
 FieldNames = Mapping[str, str]
 
@@ -76,6 +76,10 @@ def resolve_slo(app_class: str, spec: common_pb2.SLOSpec, config: GatewayConfig,
     An unnamed class is the config's default class. Explicit values must lie within the
     configured bounds so one client cannot claim a 1 ms TBT and starve everyone else.
     """
+    if not app_class and config.default_app_class not in catalog:
+        raise invalid(f"{names['app_class']} is empty and the gateway's default_app_class "
+                      f"{config.default_app_class!r} is not a class of the scheduler; name one of: "
+                      f"{', '.join(catalog.names)}", names["app_class"])
     app_class = app_class or config.default_app_class
     if app_class not in catalog:
         raise invalid(f"{names['app_class']} {app_class!r} is unknown; known classes: {', '.join(catalog.names)}",
@@ -104,6 +108,16 @@ def resolve_slo(app_class: str, spec: common_pb2.SLOSpec, config: GatewayConfig,
 def slo_to_spec(slo: SLO) -> common_pb2.SLOSpec:
     return common_pb2.SLOSpec(ttft_ms=(slo.ttft_s or 0) * 1000, tbt_ms=(slo.tbt_s or 0) * 1000,
                               jct_ms=(slo.jct_s or 0) * 1000)
+
+
+def catalog_from_info(info: scheduler_pb2.ServerInfo) -> SLOCatalog:
+    """The scheduler's application classes; the defaults if it reports none (an older scheduler)."""
+    classes = []
+    for c in info.classes:
+        slo = spec_to_slo(c.slo)
+        if slo is not None:
+            classes.append(SLOClass(name=c.name, slo=slo))
+    return SLOCatalog(tuple(classes)) if classes else SLOCatalog()
 
 
 def spec_to_slo(spec: common_pb2.SLOSpec) -> SLO | None:

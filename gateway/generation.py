@@ -18,11 +18,13 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncGenerator
 
+import grpc
 import structlog
 
 from accelgen.v1 import common_pb2, gateway_pb2, scheduler_pb2
 from gateway.config import GatewayConfig
-from gateway.convert import GRPC_NAMES, FieldNames, check_prompt, spec_to_slo, to_submit_request, validate_request
+from gateway.convert import (GRPC_NAMES, FieldNames, catalog_from_info, check_prompt, spec_to_slo, to_submit_request,
+                             validate_request)
 from gateway.scheduler_client import SchedulerClient
 from gateway.tokenizer import IncrementalDetokenizer, Tokenizer
 from scheduler_service.core.metrics import RequestRecord
@@ -167,7 +169,17 @@ class GenerationService:
         self.client = client
         self.tokenizer = tokenizer
         self.config = config
-        self.catalog = catalog if catalog is not None else SLOCatalog()
+        # Application classes come from the scheduler (its ServerInfo), so a scheduler configured
+        # with its own classes needs no matching gateway configuration; ``catalog`` pins them.
+        self._pinned_catalog = catalog
+        self._catalog = catalog if catalog is not None else SLOCatalog()
+        self._catalog_source: scheduler_pb2.ServerInfo | None = None
+
+    def _catalog_for(self, info: scheduler_pb2.ServerInfo | None) -> SLOCatalog:
+        if self._pinned_catalog is None and info is not None and info is not self._catalog_source:
+            self._catalog = catalog_from_info(info)
+            self._catalog_source = info
+        return self._catalog
 
     async def prepare(self, req: gateway_pb2.GenerateRequest, names: FieldNames = GRPC_NAMES,
                       text_output: bool | None = None) -> Prepared:
@@ -176,7 +188,12 @@ class GenerationService:
         ``text_output`` defaults to "the client sent text" (a token-id client wants ids back).
         """
         arrival_s = time.time()
-        request_id, sampling, app_class, slo = validate_request(req, self.config, self.catalog, names)
+        try:
+            info: scheduler_pb2.ServerInfo | None = await self.client.server_info()
+            info_error = None
+        except grpc.aio.AioRpcError as exc:  # bad input is still reported as such, then this
+            info, info_error = None, exc
+        request_id, sampling, app_class, slo = validate_request(req, self.config, self._catalog_for(info), names)
         if req.WhichOneof("input") == "text":
             text = req.text
             if len(text) > _THREAD_TOKENIZE_CHARS:
@@ -185,7 +202,9 @@ class GenerationService:
                 prompt_ids = self.tokenizer.encode(text)
         else:
             prompt_ids = list(req.tokenized.input_ids)
-        info = await self.client.server_info()
+        if info is None:
+            assert info_error is not None
+            raise info_error
         vocab = self.tokenizer.vocab_size if self.tokenizer.checks_vocab else None
         check_prompt(prompt_ids, info.max_model_len, vocab, names)
         submit = to_submit_request(request_id, prompt_ids, sampling, app_class, slo, self.tokenizer.eos_token_id)
@@ -195,7 +214,12 @@ class GenerationService:
 
     async def start(self, prepared: Prepared) -> ActiveRequest:
         """Submit; once this returns the request is durable at the scheduler."""
-        response = await self.client.submit(prepared.submit)
+        try:
+            response = await self.client.submit(prepared.submit)
+        except grpc.aio.AioRpcError as exc:  # the client sees the status; the operator needs the line
+            log.warning("submit_failed", request_id=prepared.submit.request_id, code=exc.code().name,
+                        details=exc.details())
+            raise
         log.info("request_submitted", request_id=prepared.submit.request_id,
                  prompt_tokens=len(prepared.submit.prompt_token_ids), app_class=prepared.submit.app_class)
         return ActiveRequest(prepared=prepared, slo=response.slo, client=self.client, tokenizer=self.tokenizer,

@@ -100,7 +100,8 @@ def create_app(service: GenerationService) -> FastAPI:
         return _error_response(exc)
 
     @app.exception_handler(grpc.aio.AioRpcError)
-    async def _rpc_error(_: Request, exc: grpc.aio.AioRpcError) -> JSONResponse:
+    async def _rpc_error(request: Request, exc: grpc.aio.AioRpcError) -> JSONResponse:
+        log.warning("scheduler_call_failed", path=request.url.path, code=exc.code().name, details=exc.details())
         return _error_response(exc)
 
     @app.exception_handler(Exception)

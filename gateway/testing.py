@@ -21,7 +21,7 @@ from typing import Any, AsyncGenerator, Awaitable, Callable, TypeVar
 
 import grpc
 
-from accelgen.v1 import gateway_pb2, scheduler_pb2, scheduler_pb2_grpc
+from accelgen.v1 import common_pb2, gateway_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 T = TypeVar("T")
 
@@ -62,6 +62,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     finish_reason: str = "stop"
     model: str = "fake-model"
     max_model_len: int = 64
+    classes: dict[str, dict[str, float]] | None = None  # name -> SLOSpec fields; None: report no classes
     submit_error: tuple[grpc.StatusCode, str] | None = None
     break_after: int | None = None       # first Watch of a request aborts UNAVAILABLE at this index
     rewind_on_resume: int = 0            # a re-Watch resends this many tokens before start_index
@@ -78,8 +79,10 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         return rec
 
     async def GetServerInfo(self, request: Any, context: grpc.aio.ServicerContext) -> scheduler_pb2.ServerInfo:
+        classes = [scheduler_pb2.AppClass(name=n, slo=common_pb2.SLOSpec(**spec)) for n, spec in (self.classes or {}).items()]
         return scheduler_pb2.ServerInfo(model=self.model, max_model_len=self.max_model_len, block_size=16,
-                                        live_workers=1, app_classes=["chat", "code", "summarization", "batch"])
+                                        live_workers=1, app_classes=[c.name for c in classes] or
+                                        ["chat", "code", "summarization", "batch"], classes=classes)
 
     async def Submit(self, request: scheduler_pb2.SubmitRequest,
                      context: grpc.aio.ServicerContext) -> scheduler_pb2.SubmitResponse:

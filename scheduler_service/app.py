@@ -30,7 +30,7 @@ from scheduler_service.core.profile import DeviceProfile
 from scheduler_service.core.request import Request
 from scheduler_service.lane import WorkerLane
 from scheduler_service.profiles import load_profile
-from scheduler_service.state.store import RedisStore, StoredRequest
+from scheduler_service.state.store import IterationChanges, RedisStore, StoredRequest
 
 log = structlog.get_logger("scheduler")
 
@@ -278,8 +278,6 @@ class SchedulerApp:
             if orphan is None:
                 raise ServiceError("NOT_FOUND", f"request {request_id!r} is not running or waiting")
             self.orphans.remove(orphan)
-        from scheduler_service.state.store import IterationChanges
-
         await self.store.commit_iteration(IterationChanges(worker_id=wid or "", status={request_id: ("cancelled", "abort")},
                                                            finished=[request_id], freed_tables=[request_id]))
         if lane is not None:
@@ -323,7 +321,9 @@ class SchedulerApp:
             max_model_len=min((ln.profile.max_model_len for ln in lanes), default=self.profile.max_model_len),
             block_size=lanes[0].core.kv.block_size if lanes else self.profile.block_size,
             live_workers=len(lanes), queued_requests=self.num_unfinished(), policy=self.config.policy,
-            app_classes=list(self.catalog.names), iterations=sum(ln.stats.iterations for ln in lanes),
+            app_classes=list(self.catalog.names),
+            classes=[scheduler_pb2.AppClass(name=c.name, slo=convert.slo_to_proto(c.slo)) for c in self.catalog.classes],
+            iterations=sum(ln.stats.iterations for ln in lanes),
             overhead_ms=1000 * sum(ln.stats.overhead_s for ln in lanes) / max(1, len(lanes)),
             **self._decision_percentiles(lanes))
 

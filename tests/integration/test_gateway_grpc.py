@@ -6,6 +6,7 @@ from typing import Iterator
 
 import grpc
 import pytest
+from structlog.testing import capture_logs
 
 from accelgen.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.testing import GatewayStack
@@ -109,9 +110,11 @@ def test_unknown_class_lists_known_ones(stack: GatewayStack, stub) -> None:
                                   grpc.StatusCode.INVALID_ARGUMENT])
 def test_scheduler_errors_pass_through(stack: GatewayStack, stub, code) -> None:
     stack.fake.submit_error = (code, "queue is full: retry in 2 s")
-    with pytest.raises(grpc.RpcError) as err:
-        _generate(stub, stream=True)
+    with capture_logs() as logs, pytest.raises(grpc.RpcError) as err:
+        _generate(stub, stream=True, request_id=f"refused-{code.name}")
     assert err.value.code() == code and err.value.details() == "queue is full: retry in 2 s"
+    assert {"event": "submit_failed", "request_id": f"refused-{code.name}", "code": code.name,
+            "details": "queue is full: retry in 2 s", "log_level": "warning"} in logs
 
 
 def test_explicit_slo_and_class_reach_submit(stack: GatewayStack, stub) -> None:
@@ -184,5 +187,27 @@ def test_gateway_shutdown_leaves_requests_running() -> None:
             with pytest.raises(grpc.RpcError):
                 list(stream)
         assert s.fake.submits and not s.wait_for(lambda: s.fake.cancels != [], timeout=0.3)
+    finally:
+        s.close()
+
+
+def test_classes_come_from_the_scheduler() -> None:
+    """A scheduler configured with its own classes needs no matching gateway configuration."""
+    from gateway.testing import FakeScheduler
+
+    fake = FakeScheduler(classes={"vision": dict(ttft_ms=2000, tbt_ms=120), "chat": dict(ttft_ms=500, tbt_ms=40)})
+    s = GatewayStack(fake=fake)
+    try:
+        with grpc.insecure_channel(s.grpc_target) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            _generate(stub, app_class="vision")
+            _generate(stub)  # the gateway's default class, with the scheduler's SLO for it
+            with pytest.raises(grpc.RpcError) as err:
+                _generate(stub, app_class="code")  # a default class this scheduler does not have
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "'code' is unknown" in err.value.details() and "vision, chat" in err.value.details()
+        vision, chat = fake.submits
+        assert (vision.app_class, vision.slo.tbt_ms, vision.slo.ttft_ms) == ("vision", 120, 2000)
+        assert (chat.app_class, chat.slo.tbt_ms, chat.slo.ttft_ms) == ("chat", 40, 500)
     finally:
         s.close()

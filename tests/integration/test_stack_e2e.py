@@ -7,6 +7,7 @@ the distributed behaviour: streaming, concurrency, crash recovery and error code
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import time
 from pathlib import Path
 
@@ -171,3 +172,22 @@ def test_queue_full_is_resource_exhausted(tmp_path: Path) -> None:
     finally:
         s.stop()
 
+
+
+def test_scheduler_classes_need_no_gateway_configuration(tmp_path: Path) -> None:
+    classes = {"vision": {"ttft_ms": 2000, "tbt_ms": 120}, "chat": {"ttft_ms": 1000, "tbt_ms": 50}}
+    config = tmp_path / "scheduler.json"
+    config.write_text(json.dumps({"classes": classes}))
+    s = make_stack(tmp_path, workers=1, scheduler_args=["--config", str(config)])
+    try:
+        tokens, _ = generate(s.gateway_address, 5, app_class="vision", request_id="vision-1")
+        assert len(tokens) == 5
+        with grpc.insecure_channel(s.gateway_address) as ch:
+            state = gateway_pb2_grpc.GatewayStub(ch).GetRequest(gateway_pb2.GetRequestRequest(request_id="vision-1"),
+                                                                timeout=10)
+        assert state.app_class == "vision" and state.slo.tbt_ms == 120 and state.slo.ttft_ms == 2000
+        with pytest.raises(grpc.RpcError) as exc:
+            generate(s.gateway_address, 5, app_class="summarization")  # a default class, not this scheduler's
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "vision, chat" in exc.value.details()
+    finally:
+        s.stop()

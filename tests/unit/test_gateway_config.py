@@ -20,7 +20,7 @@ def test_defaults_are_valid_and_bad_values_refused() -> None:
     cfg = GatewayConfig()
     assert cfg.default_app_class == "chat" and cfg.reconnect_timeout_s == 60 and cfg.submit_timeout_s == 10
     assert cfg.tokenizer_path is None
-    for bad in (dict(grpc_port=-1), dict(http_port=-2), dict(reconnect_timeout_s=0), dict(default_app_class="x"),
+    for bad in (dict(grpc_port=-1), dict(http_port=-2), dict(reconnect_timeout_s=0), dict(default_app_class=""),
                 dict(slo_tbt_ms_min=100, slo_tbt_ms_max=10), dict(log_level="LOUD")):
         with pytest.raises(ValueError):
             GatewayConfig(**bad)
