@@ -1,5 +1,8 @@
 """The gateway's only door to the scheduler: Submit, a resumable Watch, Cancel, GetRequest.
 
+Tokens of every request come over one shared WatchMany stream (``gateway.watch_hub``); a
+scheduler without it, or a second watcher of the same request, gets a Watch of its own.
+
 Both front ends (gRPC and OpenAI HTTP) go through this module, so they share deadlines,
 reconnection and error behaviour.
 
@@ -23,6 +26,7 @@ from accelgen.grpc_server import CHANNEL_OPTIONS
 from accelgen.v1 import gateway_pb2, scheduler_pb2, scheduler_pb2_grpc
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
+from gateway.watch_hub import WatchHub
 
 log = structlog.get_logger("gateway.scheduler_client")
 
@@ -51,6 +55,7 @@ class SchedulerClient:
         self._config = config
         self._channel = grpc.aio.insecure_channel(config.scheduler_address, options=GATEWAY_CHANNEL_OPTIONS)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+        self._hub = WatchHub(self._stub)
         self._info: scheduler_pb2.ServerInfo | None = None
         self._info_at = -float("inf")
         self._info_lock = asyncio.Lock()
@@ -60,6 +65,7 @@ class SchedulerClient:
         self.draining = False
 
     async def close(self) -> None:
+        self._hub.close()
         if self._background:
             await asyncio.wait(self._background, timeout=self._config.rpc_timeout_s)
         await self._channel.close()
@@ -113,11 +119,10 @@ class SchedulerClient:
         broken_since: float | None = None
         backoff = BACKOFF_INITIAL_S
         while True:
-            call = self._stub.Watch(scheduler_pb2.WatchRequest(request_id=request_id, start_index=next_index),
-                                    timeout=self._config.watch_timeout_s)
+            stream = self._watch_from(request_id, next_index)
             reason = "stream ended before the request finished"
             try:
-                async for batch in call:
+                async for batch in stream:
                     fresh = _trim(batch, next_index)
                     if fresh is None:  # a gap: the stream skipped tokens; re-watch from ours
                         reason = f"gap: expected token {next_index}, stream sent {batch.start_index}"
@@ -134,7 +139,7 @@ class SchedulerClient:
                     raise
                 reason = f"{exc.code().name}: {exc.details()}"
             finally:
-                call.cancel()
+                await stream.aclose()
             now = time.monotonic()
             broken_since = now if broken_since is None else broken_since
             waited = now - broken_since
@@ -148,6 +153,22 @@ class SchedulerClient:
                      backoff_s=backoff)
             await asyncio.sleep(min(backoff, self._config.reconnect_timeout_s - waited))
             backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+
+    def _watch_from(self, request_id: str, start_index: int) -> AsyncGenerator[scheduler_pb2.TokenBatch, None]:
+        """One attempt: on the gateway's shared WatchMany stream, or a Watch of its own."""
+        if self._hub.can_watch(request_id):
+            return self._hub.watch(request_id, start_index)
+        return self._watch_single(request_id, start_index)
+
+    async def _watch_single(self, request_id: str, start_index: int) -> AsyncGenerator[scheduler_pb2.TokenBatch, None]:
+        call = self._stub.Watch(scheduler_pb2.WatchRequest(request_id=request_id, start_index=start_index),
+                                timeout=self._config.watch_timeout_s)
+        try:
+            async for batch in call:
+                yield batch
+        finally:
+            call.cancel()
 
 
 def _trim(batch: scheduler_pb2.TokenBatch, next_index: int) -> scheduler_pb2.TokenBatch | None:

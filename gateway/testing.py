@@ -43,6 +43,15 @@ class LoopThread:
         self._thread.join(5)
 
 
+class _Refused(Exception):
+    """How a scripted watch ends with a status (NOT_FOUND, or UNAVAILABLE for a break)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 @dataclass
 class _Record:
     submit: scheduler_pb2.SubmitRequest
@@ -67,7 +76,10 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     break_after: int | None = None       # first Watch of a request aborts UNAVAILABLE at this index
     rewind_on_resume: int = 0            # a re-Watch resends this many tokens before start_index
     submits: list[scheduler_pb2.SubmitRequest] = field(default_factory=list)
+    watch_many: bool = True              # False: a scheduler without WatchMany (UNIMPLEMENTED)
     watches: list[tuple[str, int]] = field(default_factory=list)
+    watch_many_messages: list[scheduler_pb2.WatchManyRequest] = field(default_factory=list)
+    watch_many_streams: int = 0
     cancels: list[str] = field(default_factory=list)
     _requests: dict[str, _Record] = field(default_factory=dict)
 
@@ -96,9 +108,63 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     async def Watch(self, request: scheduler_pb2.WatchRequest,
                     context: grpc.aio.ServicerContext) -> AsyncGenerator[scheduler_pb2.TokenBatch, None]:
         self.watches.append((request.request_id, request.start_index))
-        rec = await self._record(request.request_id, context)
-        i = request.start_index
-        if len(self.watches) > 1 and any(w[0] == request.request_id for w in self.watches[:-1]):
+        try:
+            async for batch in self._batches(request.request_id, request.start_index):
+                yield batch
+        except _Refused as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def WatchMany(self, request_iterator: Any, context: grpc.aio.ServicerContext
+                        ) -> AsyncGenerator[scheduler_pb2.WatchManyResponse, None]:
+        """Each watched request pumped by a task of its own into one outgoing queue; a break
+        (``break_after``) ends the whole stream, as a scheduler restart would."""
+        if not self.watch_many:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method WatchMany not implemented")
+        self.watch_many_streams += 1
+        out: asyncio.Queue[scheduler_pb2.WatchManyResponse | _Refused] = asyncio.Queue()
+        pumps: dict[str, asyncio.Task[None]] = {}
+
+        async def pump(rid: str, start: int) -> None:
+            try:
+                async for batch in self._batches(rid, start):
+                    batch.request_id = rid
+                    out.put_nowait(scheduler_pb2.WatchManyResponse(batches=[batch]))
+            except _Refused as exc:
+                if exc.code == grpc.StatusCode.UNAVAILABLE:
+                    out.put_nowait(exc)
+                else:
+                    out.put_nowait(scheduler_pb2.WatchManyResponse(errors=[scheduler_pb2.WatchError(
+                        request_id=rid, code=exc.code.value[0], message=exc.message)]))
+
+        async def read() -> None:
+            async for msg in request_iterator:
+                self.watch_many_messages.append(msg)
+                for rid in msg.unwatch:
+                    task = pumps.pop(rid, None)
+                    if task is not None:
+                        task.cancel()
+                for w in msg.watch:
+                    self.watches.append((w.request_id, w.start_index))
+                    pumps[w.request_id] = asyncio.get_running_loop().create_task(pump(w.request_id, w.start_index))
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while True:
+                item = await out.get()
+                if isinstance(item, _Refused):
+                    await context.abort(item.code, item.message)
+                yield item
+        finally:
+            reader.cancel()
+            for task in pumps.values():
+                task.cancel()
+
+    async def _batches(self, request_id: str, start: int) -> AsyncGenerator[scheduler_pb2.TokenBatch, None]:
+        rec = self._requests.get(request_id)
+        if rec is None:
+            raise _Refused(grpc.StatusCode.NOT_FOUND, f"request {request_id} is unknown")
+        i = start
+        if len(self.watches) > 1 and any(w[0] == request_id for w in self.watches[:-1]):
             i = max(0, i - self.rewind_on_resume)
         n, prompt = len(rec.tokens), len(rec.submit.prompt_token_ids)
         while True:
@@ -108,7 +174,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
                 return
             if self.break_after is not None and not rec.broken and i >= self.break_after:
                 rec.broken = True
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler restarting")
+                raise _Refused(grpc.StatusCode.UNAVAILABLE, "scheduler restarting")
             await asyncio.sleep(self.token_delay_s)
             ids = rec.tokens[i:i + self.batch_size]
             end = i + len(ids)

@@ -31,6 +31,7 @@ from scheduler_service.core.request import Request
 from scheduler_service.lane import WorkerLane
 from scheduler_service.profiles import load_profile
 from scheduler_service.state.store import IterationChanges, RedisStore, StoredRequest
+from scheduler_service.watch import WatchSession
 
 log = structlog.get_logger("scheduler")
 
@@ -47,16 +48,20 @@ class ServiceError(Exception):
 class RequestChannel:
     """What watchers of one request see: its tokens so far and whether it is done."""
 
+    request_id: str
     prompt_tokens: int
     tokens: list[int] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     finished: bool = False
     finish_reason: str = ""
     event: asyncio.Event = field(default_factory=asyncio.Event)
+    watchers: set[WatchSession] = field(default_factory=set)  # WatchMany streams watching it
 
     def notify(self) -> None:
         self.event.set()
         self.event = asyncio.Event()
+        for session in self.watchers:
+            session.mark(self.request_id)
 
 
 class SchedulerApp:
@@ -190,7 +195,8 @@ class SchedulerApp:
 
     def _adopt(self, rec: StoredRequest) -> None:
         r = rec.request
-        ch = RequestChannel(prompt_tokens=r.num_prompt_tokens, tokens=list(r.output_token_ids), times=list(rec.emitted_at))
+        ch = RequestChannel(request_id=r.request_id, prompt_tokens=r.num_prompt_tokens, tokens=list(r.output_token_ids),
+                            times=list(rec.emitted_at))
         self.channels[r.request_id] = ch
         self._route(r, adopt=True)
 
@@ -217,7 +223,8 @@ class SchedulerApp:
             await self.store.add_request(request, lane.worker_id)
         except Exception as exc:
             raise ServiceError("UNAVAILABLE", f"the state store (Redis) is unavailable: {exc}") from None
-        self.channels[request.request_id] = RequestChannel(prompt_tokens=request.num_prompt_tokens)
+        self.channels[request.request_id] = RequestChannel(request_id=request.request_id,
+                                                           prompt_tokens=request.num_prompt_tokens)
         lane.core.add_request(request)
         self.owner[request.request_id] = lane.worker_id
         lane.wakeup.set()
@@ -289,18 +296,8 @@ class SchedulerApp:
     async def watch(self, request_id: str, start_index: int) -> AsyncIterator[scheduler_pb2.TokenBatch]:
         ch = self.channels.get(request_id)
         if ch is None:
-            rec = await self.store.load_request(request_id)
-            if rec is None:
-                raise ServiceError("NOT_FOUND", f"request {request_id!r} is unknown (or expired)")
-            r = rec.request
-            done = r.status.is_done
-            yield scheduler_pb2.TokenBatch(token_ids=r.output_token_ids[start_index:], start_index=start_index,
-                                           emitted_at=rec.emitted_at[start_index:], finished=done,
-                                           finish_reason=r.finish_reason.value if r.finish_reason else "",
-                                           prompt_tokens=r.num_prompt_tokens)
-            if done:
-                return
-            raise ServiceError("UNAVAILABLE", f"request {request_id!r} is being recovered; watch again")
+            yield await self.batch_from_store(request_id, start_index)
+            return
         idx = start_index
         while True:
             event = ch.event
@@ -313,6 +310,25 @@ class SchedulerApp:
                 if finished:
                     return
             await event.wait()
+
+    async def batch_from_store(self, request_id: str, start_index: int) -> scheduler_pb2.TokenBatch:
+        """A request with no live channel here: its whole output from Redis if it finished;
+        otherwise UNAVAILABLE (it is being recovered after a restart: watch again)."""
+        rec = await self.store.load_request(request_id)
+        if rec is None:
+            raise ServiceError("NOT_FOUND", f"request {request_id!r} is unknown (or expired)")
+        r = rec.request
+        if not r.status.is_done:
+            raise ServiceError("UNAVAILABLE", f"request {request_id!r} is being recovered; watch again")
+        return scheduler_pb2.TokenBatch(request_id=request_id, token_ids=r.output_token_ids[start_index:],
+                                        start_index=start_index, emitted_at=rec.emitted_at[start_index:],
+                                        finished=True, finish_reason=r.finish_reason.value if r.finish_reason else "",
+                                        prompt_tokens=r.num_prompt_tokens)
+
+    def watch_many(self, requests: AsyncIterator[scheduler_pb2.WatchManyRequest]
+                   ) -> AsyncIterator[scheduler_pb2.WatchManyResponse]:
+        """One WatchMany stream (see scheduler_service.watch)."""
+        return WatchSession(self).serve(requests)
 
     def server_info(self) -> scheduler_pb2.ServerInfo:
         lanes = list(self.lanes.values())

@@ -52,6 +52,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         except Exception as exc:
             await _abort(context, exc)
 
+    async def WatchMany(self, request_iterator, context) -> AsyncIterator[scheduler_pb2.WatchManyResponse]:
+        try:
+            async for resp in self.app.watch_many(request_iterator):
+                yield resp
+        except Exception as exc:
+            await _abort(context, exc)
+
     async def Cancel(self, request, context):
         try:
             ok = await self.app.cancel(request.request_id)

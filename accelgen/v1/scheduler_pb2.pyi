@@ -43,20 +43,48 @@ class WatchRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., start_index: _Optional[int] = ...) -> None: ...
 
 class TokenBatch(_message.Message):
-    __slots__ = ("token_ids", "start_index", "emitted_at", "finished", "finish_reason", "prompt_tokens")
+    __slots__ = ("token_ids", "start_index", "emitted_at", "finished", "finish_reason", "prompt_tokens", "request_id")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     START_INDEX_FIELD_NUMBER: _ClassVar[int]
     EMITTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     start_index: int
     emitted_at: _containers.RepeatedScalarFieldContainer[float]
     finished: bool
     finish_reason: str
     prompt_tokens: int
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., start_index: _Optional[int] = ..., emitted_at: _Optional[_Iterable[float]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., start_index: _Optional[int] = ..., emitted_at: _Optional[_Iterable[float]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class WatchManyRequest(_message.Message):
+    __slots__ = ("watch", "unwatch")
+    WATCH_FIELD_NUMBER: _ClassVar[int]
+    UNWATCH_FIELD_NUMBER: _ClassVar[int]
+    watch: _containers.RepeatedCompositeFieldContainer[WatchRequest]
+    unwatch: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, watch: _Optional[_Iterable[_Union[WatchRequest, _Mapping]]] = ..., unwatch: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class WatchManyResponse(_message.Message):
+    __slots__ = ("batches", "errors")
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    batches: _containers.RepeatedCompositeFieldContainer[TokenBatch]
+    errors: _containers.RepeatedCompositeFieldContainer[WatchError]
+    def __init__(self, batches: _Optional[_Iterable[_Union[TokenBatch, _Mapping]]] = ..., errors: _Optional[_Iterable[_Union[WatchError, _Mapping]]] = ...) -> None: ...
+
+class WatchError(_message.Message):
+    __slots__ = ("request_id", "code", "message")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    code: int
+    message: str
+    def __init__(self, request_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()

@@ -45,6 +45,11 @@ class SchedulerStub:
                 request_serializer=accelgen_dot_v1_dot_scheduler__pb2.WatchRequest.SerializeToString,
                 response_deserializer=accelgen_dot_v1_dot_scheduler__pb2.TokenBatch.FromString,
                 _registered_method=True)
+        self.WatchMany = channel.stream_stream(
+                '/accelgen.v1.Scheduler/WatchMany',
+                request_serializer=accelgen_dot_v1_dot_scheduler__pb2.WatchManyRequest.SerializeToString,
+                response_deserializer=accelgen_dot_v1_dot_scheduler__pb2.WatchManyResponse.FromString,
+                _registered_method=True)
         self.Cancel = channel.unary_unary(
                 '/accelgen.v1.Scheduler/Cancel',
                 request_serializer=accelgen_dot_v1_dot_gateway__pb2.CancelRequest.SerializeToString,
@@ -90,6 +95,16 @@ class SchedulerServicer:
     def Watch(self, request, context):
         """Stream a request's tokens from index `start_index` on. A gateway that lost its stream (its
         own restart, or the scheduler's) calls Watch again with the number of tokens it already has.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchMany(self, request_iterator, context):
+        """Watch many requests over one stream: what a gateway uses. Each response carries the new
+        tokens of every watched request that has any (about one message per iteration, instead of
+        one per request per iteration). The client adds and removes requests as it goes; a request
+        that cannot be watched gets a WatchError and the others go on. Same resume rule as Watch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,6 +159,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=accelgen_dot_v1_dot_scheduler__pb2.WatchRequest.FromString,
                     response_serializer=accelgen_dot_v1_dot_scheduler__pb2.TokenBatch.SerializeToString,
+            ),
+            'WatchMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.WatchMany,
+                    request_deserializer=accelgen_dot_v1_dot_scheduler__pb2.WatchManyRequest.FromString,
+                    response_serializer=accelgen_dot_v1_dot_scheduler__pb2.WatchManyResponse.SerializeToString,
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
                     servicer.Cancel,
@@ -230,6 +250,33 @@ class Scheduler:
             '/accelgen.v1.Scheduler/Watch',
             accelgen_dot_v1_dot_scheduler__pb2.WatchRequest.SerializeToString,
             accelgen_dot_v1_dot_scheduler__pb2.TokenBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/accelgen.v1.Scheduler/WatchMany',
+            accelgen_dot_v1_dot_scheduler__pb2.WatchManyRequest.SerializeToString,
+            accelgen_dot_v1_dot_scheduler__pb2.WatchManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -211,3 +211,40 @@ def test_classes_come_from_the_scheduler() -> None:
         assert (chat.app_class, chat.slo.tbt_ms, chat.slo.ttft_ms) == ("chat", 40, 500)
     finally:
         s.close()
+
+
+def test_concurrent_requests_share_one_watch_stream(stack: GatewayStack, stub) -> None:
+    """Tokens of every request come over one WatchMany stream, not one Watch per request."""
+    import concurrent.futures as cf
+
+    stack.reset(token_delay_s=0.01, batch_size=2)
+    with cf.ThreadPoolExecutor(max_workers=8) as pool:
+        outs = list(pool.map(lambda i: _generate(stub, stream=True, request_id=f"many-{i}"), range(8)))
+    assert all(_streamed_ids(out) == HELLO for out in outs)
+    watched = sorted(rid for m in stack.fake.watch_many_messages for rid in (w.request_id for w in m.watch))
+    assert watched == sorted(f"many-{i}" for i in range(8))
+    assert stack.fake.watch_many_streams <= 1  # the stream opened by an earlier test may still serve
+
+
+def test_abandoned_request_is_unwatched(stack: GatewayStack, stub) -> None:
+    stack.reset(token_delay_s=0.05)
+    stream = stub.Generate(gateway_pb2.GenerateRequest(text="hi", stream=True, request_id="left-1"), timeout=15)
+    next(stream)
+    stream.cancel()
+    assert stack.wait_for(lambda: any("left-1" in m.unwatch for m in stack.fake.watch_many_messages))
+
+
+def test_scheduler_without_watch_many_gets_one_watch_per_request() -> None:
+    from gateway.testing import FakeScheduler
+
+    fake = FakeScheduler(watch_many=False, batch_size=4)
+    s = GatewayStack(fake=fake)
+    try:
+        with grpc.insecure_channel(s.grpc_target) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            assert _streamed_ids(_generate(stub, stream=True, request_id="solo-1")) == HELLO
+            assert _streamed_ids(_generate(stub, stream=True, request_id="solo-2")) == HELLO
+        assert fake.watch_many_streams == 0 and not fake.watch_many_messages
+        assert [w[0] for w in fake.watches] == ["solo-1", "solo-2"]
+    finally:
+        s.close()

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from accelgen.stack import Stack, start_scheduler_proc, start_stack
-from accelgen.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from accelgen.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -191,3 +191,32 @@ def test_scheduler_classes_need_no_gateway_configuration(tmp_path: Path) -> None
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "vision, chat" in exc.value.details()
     finally:
         s.stop()
+
+
+def test_watch_many_multiplexes_requests_and_reports_errors_per_request(stack: Stack) -> None:
+    ids = [f"wm-{i}" for i in range(3)]
+    with grpc.insecure_channel(stack.scheduler_address) as ch:
+        sched = scheduler_pb2_grpc.SchedulerStub(ch)
+        for rid in ids:  # straight to the scheduler: nothing else watches them
+            sched.Submit(scheduler_pb2.SubmitRequest(
+                request_id=rid, prompt_token_ids=[7] * 20, app_class="chat",
+                sampling_params=common_pb2.SamplingParams(max_new_tokens=30, ignore_eos=True)), timeout=10)
+        watch = scheduler_pb2.WatchManyRequest(watch=[scheduler_pb2.WatchRequest(request_id=r) for r in ids + ["nope"]])
+        got: dict[str, list[int]] = {r: [] for r in ids}
+        finished, errors, messages = set(), {}, 0
+        for resp in sched.WatchMany(iter([watch]), timeout=60):  # ends once all it watches finished
+            messages += 1
+            for b in resp.batches:
+                assert b.start_index == len(got[b.request_id])
+                got[b.request_id].extend(b.token_ids)
+                if b.finished:
+                    finished.add(b.request_id)
+            errors.update({e.request_id: e for e in resp.errors})
+        assert finished == set(ids) and all(len(tokens) == 30 for tokens in got.values())
+        assert errors["nope"].code == grpc.StatusCode.NOT_FOUND.value[0] and "nope" in errors["nope"].message
+        # Two workers, so two lanes: about one message per iteration of each (<= 60), where one
+        # Watch per request would send one per token of each (90).
+        assert messages <= 2 * 30 + 5
+        again = scheduler_pb2.WatchManyRequest(watch=[scheduler_pb2.WatchRequest(request_id="wm-0", start_index=25)])
+        tail = [b for resp in sched.WatchMany(iter([again]), timeout=10) for b in resp.batches]
+    assert len(tail) == 1 and tail[0].finished and list(tail[0].token_ids) == got["wm-0"][25:]
