@@ -420,13 +420,13 @@ def analysis(table: dict[str, dict[str, Any]], results: dict[str, list[dict[str,
                 f"{_cat_sum(gw, 'tokenise'):.1f} s (de)tokenising. Worker: {wk.get('active_s', 0):.1f} s, of which "
                 f"{_cat_sum(wk, 'model forward'):.1f} s the model forward, {_cat_sum(wk, 'vLLM runner'):.1f} s vLLM's "
                 f"input preparation and sampling, {_cat_sum(wk, 'translation'):.2f} s AccelGen's plan translation. "
-                "The gRPC cost scales with tokens, not iterations: each iteration the scheduler sends the worker one "
-                "ExecuteIteration, but it sends the gateway one Watch message *per running request* (at saturation "
-                f"up to 128 per iteration; {n_tokens} tokens in the measured run), and the gateway decodes each one; "
-                "vLLM's engine core hands its API server one message per iteration with every request's output. "
-                "That per-token gRPC traffic, on the same two cores as the model, is the largest architectural cost "
-                "we can see. Ways to close the gap: one Watch stream per gateway that carries all of an iteration's "
-                "tokens in one message (as vLLM's engine-to-frontend path does); fewer Python hops per token. "
+                "Each iteration the scheduler sends the worker one ExecuteIteration and each gateway one WatchMany "
+                f"message with every request's new tokens ({n_tokens} tokens in the measured run), as vLLM's engine "
+                "core hands its API server one message per iteration. Until commit 6558c48 it sent one Watch "
+                "message per running request per iteration (up to 128 per iteration); in the run committed before "
+                "that (330f9f1) the scheduler was on-CPU 3.4 s, 2 s of it gRPC, and the stack reached 0.65x. What "
+                "is left outside the model is mostly the gateway's HTTP + SSE, the same work vLLM's API server "
+                "does, and the worker's Python around the model. "
                 "Not measured here: on a GPU server the model does not share two cores with these services.")
         out += [para, ""]
 
@@ -455,7 +455,7 @@ def analysis(table: dict[str, dict[str, Any]], results: dict[str, list[dict[str,
     para += ("What the stack adds to the first token, one at a time: the gateway tokenises the prompt and "
              "submits it (a gRPC call, and the scheduler writes the request to Redis before it answers), the "
              "scheduler plans and sends the prefill to the worker (a second gRPC call), commits the iteration to "
-             "Redis, and only then publishes the token on the request's Watch stream to the gateway (a third hop), "
+             "Redis, and only then publishes the token on the gateway's WatchMany stream (a third hop), "
              "which detokenises it and writes the SSE event.")
     out += [para, ""]
     out += [("*Found and fixed while writing this benchmark.* The first runs (before commit 0b30316) showed the "
@@ -492,7 +492,7 @@ def analysis(table: dict[str, dict[str, Any]], results: dict[str, list[dict[str,
             + (" (vllm serve's figure is an artefact of its tokens arriving in bunches, see above; when it "
                "streams normally its one-at-a-time TPOT is 1.4-1.7 ms)"
                if V[low]["median_tpot_ms"] < 1.0 else "") + ". Each token is one iteration round trip (plan, gRPC to the worker, "
-            "the model, gRPC back, the Redis commit, the Watch message to the gateway, the SSE event); the scheduler "
+            "the model, gRPC back, the Redis commit, the WatchMany message to the gateway, the SSE event); the scheduler "
             f"measures {sch_low.get('overhead_ms', float('nan')):.2f} ms of each iteration outside the model at this "
             "rate (EWMA), and since each iteration is longer, requests arriving meanwhile batch into it: "
             f"{sch_low.get('iterations', '?')} iterations against vllm serve's "
