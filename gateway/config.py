@@ -45,7 +45,8 @@ class GatewayConfig:
                                           "client gets UNAVAILABLE (covers a scheduler restart)")
     submit_timeout_s: float = _f(10.0, "deadline of Submit calls to the scheduler (s)")
     rpc_timeout_s: float = _f(5.0, "deadline of Cancel, GetRequest and GetServerInfo calls (s)")
-    watch_timeout_s: float = _f(3600.0, "deadline of one Watch stream; a request still running then "
+    watch_timeout_s: float = _f(3600.0, "deadline of one per-request Watch stream (used only when the scheduler "
+                                        "has no WatchMany); a request still running then "
                                         "is re-watched from where it was")
     server_info_ttl_s: float = _f(30.0, "how long the scheduler's ServerInfo (model, context length) "
                                         "is cached (s)")

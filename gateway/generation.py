@@ -25,6 +25,7 @@ from accelgen.v1 import common_pb2, gateway_pb2, scheduler_pb2
 from gateway.config import GatewayConfig
 from gateway.convert import (GRPC_NAMES, FieldNames, catalog_from_info, check_prompt, spec_to_slo, to_submit_request,
                              validate_request)
+from gateway.errors import GatewayError
 from gateway.scheduler_client import SchedulerClient
 from gateway.tokenizer import IncrementalDetokenizer, Tokenizer
 from scheduler_service.core.metrics import RequestRecord
@@ -179,7 +180,16 @@ class GenerationService:
         if self._pinned_catalog is None and info is not None and info is not self._catalog_source:
             self._catalog = catalog_from_info(info)
             self._catalog_source = info
+            if self.config.default_app_class not in self._catalog:
+                log.warning("default_app_class_unknown", default_app_class=self.config.default_app_class,
+                            scheduler_classes=list(self._catalog.names),
+                            effect="requests that name no class are refused")
         return self._catalog
+
+    @property
+    def _knows_classes(self) -> bool:
+        """Whether the catalog is the scheduler's (or pinned), not the built-in stand-in."""
+        return self._pinned_catalog is not None or self._catalog_source is not None
 
     async def prepare(self, req: gateway_pb2.GenerateRequest, names: FieldNames = GRPC_NAMES,
                       text_output: bool | None = None) -> Prepared:
@@ -193,7 +203,12 @@ class GenerationService:
             info_error = None
         except grpc.aio.AioRpcError as exc:  # bad input is still reported as such, then this
             info, info_error = None, exc
-        request_id, sampling, app_class, slo = validate_request(req, self.config, self._catalog_for(info), names)
+        try:
+            request_id, sampling, app_class, slo = validate_request(req, self.config, self._catalog_for(info), names)
+        except GatewayError as exc:
+            if info_error is not None and exc.param == names["app_class"] and not self._knows_classes:
+                raise info_error from None  # the classes are the scheduler's, and it cannot be asked
+            raise
         if req.WhichOneof("input") == "text":
             text = req.text
             if len(text) > _THREAD_TOKENIZE_CHARS:

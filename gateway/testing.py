@@ -145,6 +145,9 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
                         task.cancel()
                 for w in msg.watch:
                     self.watches.append((w.request_id, w.start_index))
+                    old = pumps.pop(w.request_id, None)
+                    if old is not None:  # a re-watch restarts the request's stream from its index
+                        old.cancel()
                     pumps[w.request_id] = asyncio.get_running_loop().create_task(pump(w.request_id, w.start_index))
 
         reader = asyncio.get_running_loop().create_task(read())

@@ -22,10 +22,11 @@ import grpc
 import structlog
 
 from accelgen.v1 import scheduler_pb2, scheduler_pb2_grpc
+from gateway.errors import GatewayError
 
 log = structlog.get_logger("gateway.watch_hub")
 
-Item = scheduler_pb2.TokenBatch | grpc.aio.AioRpcError
+Item = scheduler_pb2.TokenBatch | grpc.aio.AioRpcError | GatewayError
 
 
 def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -41,6 +42,7 @@ class WatchHub:
         self._outbox: asyncio.Queue[scheduler_pb2.WatchManyRequest] | None = None
         self._call: grpc.aio.StreamStreamCall | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._closed = False
         self.enabled = True
 
     def can_watch(self, request_id: str) -> bool:
@@ -58,7 +60,7 @@ class WatchHub:
                 watch=[scheduler_pb2.WatchRequest(request_id=request_id, start_index=start_index)]))
             while True:
                 item = await queue.get()
-                if isinstance(item, grpc.aio.AioRpcError):
+                if isinstance(item, Exception):
                     raise item
                 finished = item.finished
                 yield item
@@ -67,15 +69,20 @@ class WatchHub:
         finally:
             if self._subs.get(request_id) is queue:
                 del self._subs[request_id]
-                if not finished and self._outbox is not None:  # the client left: stop its tokens
+                if not finished and self._outbox is not None and not self._closed:  # the client left
                     self._send(scheduler_pb2.WatchManyRequest(unwatch=[request_id]))
 
     def close(self) -> None:
+        """The gateway is shutting down: end every stream here, and open no new one (the
+        requests keep running at the scheduler)."""
+        self._closed = True
         if self._call is not None:
             self._call.cancel()
 
     # -- the shared stream -------------------------------------------------------------------
     def _send(self, msg: scheduler_pb2.WatchManyRequest) -> None:
+        if self._closed:
+            raise _shutting_down()
         if self._outbox is None:
             self._open()
         assert self._outbox is not None
@@ -83,12 +90,12 @@ class WatchHub:
 
     def _open(self) -> None:
         outbox: asyncio.Queue[scheduler_pb2.WatchManyRequest] = asyncio.Queue()
-        self._outbox = outbox
-        self._call = self._stub.WatchMany(_requests(outbox))
-        self._reader = asyncio.get_running_loop().create_task(self._read(self._call, outbox))
+        call = self._stub.WatchMany(_requests(outbox))  # first: it raises on a closed channel
+        self._outbox, self._call = outbox, call
+        self._reader = asyncio.get_running_loop().create_task(self._read(call, outbox))
 
     async def _read(self, call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue) -> None:
-        error = rpc_error(grpc.StatusCode.UNAVAILABLE, "the WatchMany stream ended")
+        code, details = grpc.StatusCode.UNAVAILABLE, "the WatchMany stream ended"
         try:
             async for resp in call:
                 subs = self._subs
@@ -101,31 +108,51 @@ class WatchHub:
                     if queue is not None:
                         queue.put_nowait(rpc_error(_status(err.code), err.message))
         except grpc.aio.AioRpcError as exc:
-            error = exc
+            # Whatever ended the shared stream, each request is resumed (a request's own failure
+            # comes as a WatchError): one bad stream must not fail every request on the gateway.
+            details = f"the WatchMany stream broke: {exc.code().name}: {exc.details()}"
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 self.enabled = False
                 log.info("watch_many_unsupported", detail="the scheduler has no WatchMany; one Watch per request")
-                error = rpc_error(grpc.StatusCode.UNAVAILABLE, "the scheduler has no WatchMany; watching again")
+                details = "the scheduler has no WatchMany; watching again"
         except asyncio.CancelledError:
-            error = rpc_error(grpc.StatusCode.CANCELLED, "the gateway closed the WatchMany stream")
+            details = "the gateway closed the WatchMany stream"
+        except Exception:  # noqa: BLE001 - a bug here must reach the log and the waiting requests
+            log.exception("watch_many_reader_failed")
+            details = "the gateway's WatchMany reader failed"
         finally:
             if self._outbox is outbox:  # the next subscription opens a new stream
                 self._outbox, self._call, self._reader = None, None, None
-            for queue in self._subs.values():
-                queue.put_nowait(error)
+            for queue in self._subs.values():  # one error each: a shared one grows every traceback
+                queue.put_nowait(_shutting_down() if self._closed else rpc_error(code, details))
             self._subs.clear()
 
 
 async def _requests(outbox: asyncio.Queue[scheduler_pb2.WatchManyRequest]
                     ) -> AsyncIterator[scheduler_pb2.WatchManyRequest]:
-    """The request side of the stream: whatever queued up since the last write, as one message."""
+    """The request side of the stream: whatever queued up since the last write, as one message.
+
+    Only the last operation on each request survives the merge (the scheduler applies a
+    message's unwatches before its watches, so "watch r, unwatch r" must not become both)."""
     while True:
-        msg = await outbox.get()
-        while not outbox.empty():
-            more = outbox.get_nowait()
-            msg.watch.extend(more.watch)
-            msg.unwatch.extend(more.unwatch)
-        yield msg
+        last: dict[str, scheduler_pb2.WatchRequest | None] = {}  # request id -> watch, None = unwatch
+        while True:
+            msg = await outbox.get() if not last else outbox.get_nowait()
+            for w in msg.watch:
+                last.pop(w.request_id, None)
+                last[w.request_id] = w
+            for rid in msg.unwatch:
+                last.pop(rid, None)
+                last[rid] = None
+            if outbox.empty():
+                break
+        yield scheduler_pb2.WatchManyRequest(watch=[w for w in last.values() if w is not None],
+                                             unwatch=[rid for rid, w in last.items() if w is None])
+
+
+def _shutting_down() -> GatewayError:
+    return GatewayError(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down; the request keeps running "
+                                                     "at the scheduler (GetRequest returns its output)")
 
 
 def _status(number: int) -> grpc.StatusCode:

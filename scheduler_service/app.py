@@ -27,6 +27,7 @@ from accelgen.v1 import scheduler_pb2
 from scheduler_service import convert
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.core.profile import DeviceProfile
+from scheduler_service.errors import ServiceError
 from scheduler_service.core.request import Request
 from scheduler_service.lane import WorkerLane
 from scheduler_service.profiles import load_profile
@@ -34,14 +35,6 @@ from scheduler_service.state.store import IterationChanges, RedisStore, StoredRe
 from scheduler_service.watch import WatchSession
 
 log = structlog.get_logger("scheduler")
-
-
-class ServiceError(Exception):
-    """An error with a gRPC status name ("INVALID_ARGUMENT", ...); mapped in server.py only."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass

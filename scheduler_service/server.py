@@ -9,7 +9,8 @@ import structlog
 
 from accelgen.v1 import gateway_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler_service import convert
-from scheduler_service.app import SchedulerApp, ServiceError
+from scheduler_service.app import SchedulerApp
+from scheduler_service.errors import ServiceError
 
 log = structlog.get_logger("scheduler.rpc")
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 import grpc
 
 from accelgen.v1 import scheduler_pb2
+from scheduler_service.errors import ServiceError
 
 if TYPE_CHECKING:
     from scheduler_service.app import RequestChannel, SchedulerApp
@@ -35,25 +36,32 @@ class WatchSession:
         self._ready: list[scheduler_pb2.TokenBatch] = []  # whole answers from the store
         self._errors: list[scheduler_pb2.WatchError] = []
         self._event = asyncio.Event()
-        self.client_done = False
+        self._lookups: set[asyncio.Task[None]] = set()
 
     # -- called by channels and by the request reader ---------------------------------------
     def mark(self, request_id: str) -> None:
         self._dirty.add(request_id)
         self._event.set()
 
-    async def watch(self, request_id: str, start_index: int) -> None:
+    def watch(self, request_id: str, start_index: int) -> None:
         ch = self.app.channels.get(request_id)
         if ch is None:  # finished and expired here, unknown, or not yet recovered: ask the store
-            try:
-                self._ready.append(await self.app.batch_from_store(request_id, start_index))
-            except Exception as exc:  # noqa: BLE001 - every failure becomes this request's WatchError
-                self._fail(request_id, exc)
-            self._event.set()
+            # In a task of its own: a slow or absent Redis must not hold up the other requests.
+            task = asyncio.get_running_loop().create_task(self._from_store(request_id, start_index))
+            self._lookups.add(task)
             return
         self.next_index[request_id] = start_index
         ch.watchers.add(self)
         self.mark(request_id)
+
+    async def _from_store(self, request_id: str, start_index: int) -> None:
+        try:
+            self._ready.append(await self.app.batch_from_store(request_id, start_index))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this request's WatchError
+            self._fail(request_id, exc)
+        finally:
+            self._lookups.discard(asyncio.current_task())  # before waking serve(), which counts them
+            self._event.set()
 
     def unwatch(self, request_id: str) -> None:
         self.next_index.pop(request_id, None)
@@ -62,15 +70,16 @@ class WatchSession:
             ch.watchers.discard(self)
 
     def close(self) -> None:
+        for task in self._lookups:
+            task.cancel()
         for rid in list(self.next_index):
             self.unwatch(rid)
 
     def _fail(self, request_id: str, exc: Exception) -> None:
-        code = getattr(grpc.StatusCode, getattr(exc, "code", ""), None)
-        if code is None:  # not a ServiceError: the store is what failed
+        if isinstance(exc, ServiceError):
+            code, text = getattr(grpc.StatusCode, exc.code), str(exc)
+        else:  # the store is what failed
             code, text = grpc.StatusCode.UNAVAILABLE, f"the state store (Redis) is unavailable: {exc}"
-        else:
-            text = str(exc)
         self._errors.append(scheduler_pb2.WatchError(request_id=request_id, code=code.value[0], message=text))
 
     # -- the stream ---------------------------------------------------------------------------
@@ -120,7 +129,7 @@ class WatchSession:
                     yield resp
                 if reader.done():
                     reader.result()  # re-raise what broke the request stream
-                    if not self.next_index and not self._ready and not self._errors:
+                    if not (self.next_index or self._lookups or self._ready or self._errors):
                         return
         finally:
             reader.cancel()
@@ -132,7 +141,6 @@ class WatchSession:
                 for rid in msg.unwatch:
                     self.unwatch(rid)
                 for w in msg.watch:
-                    await self.watch(w.request_id, w.start_index)
+                    self.watch(w.request_id, w.start_index)
         finally:
-            self.client_done = True
-            self._event.set()
+            self._event.set()  # serve() notices the client is done

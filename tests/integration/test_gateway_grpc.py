@@ -248,3 +248,40 @@ def test_scheduler_without_watch_many_gets_one_watch_per_request() -> None:
         assert [w[0] for w in fake.watches] == ["solo-1", "solo-2"]
     finally:
         s.close()
+
+
+def test_unreachable_scheduler_is_unavailable_not_an_unknown_class() -> None:
+    """Before the gateway has seen the scheduler's classes it cannot call a class unknown."""
+    from gateway.testing import FakeScheduler
+
+    s = GatewayStack(fake=FakeScheduler(classes={"vision": dict(ttft_ms=2000, tbt_ms=120)}))
+    try:
+        s.loop.run(s._server.stop(0))
+        with grpc.insecure_channel(s.grpc_target) as channel, pytest.raises(grpc.RpcError) as err:
+            _generate(gateway_pb2_grpc.GatewayStub(channel), app_class="vision")
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        s.close()
+
+
+def test_closed_client_ends_streams_and_opens_no_new_one(stack: GatewayStack) -> None:
+    from accelgen.v1 import scheduler_pb2
+    from gateway.errors import GatewayError
+    from gateway.scheduler_client import SchedulerClient
+
+    stack.reset(token_delay_s=0.05)
+
+    async def scenario() -> tuple[str, int]:
+        client = SchedulerClient(stack.config)
+        await client.submit(scheduler_pb2.SubmitRequest(request_id="closing-1", prompt_token_ids=[5, 6]))
+        stream = client.watch("closing-1")
+        await stream.__anext__()
+        await client.close()
+        try:
+            await stream.__anext__()
+        except GatewayError as exc:
+            return exc.code.name, stack.fake.watch_many_streams
+        return "no error", stack.fake.watch_many_streams
+
+    code, streams = stack.loop.run(scenario())
+    assert code == "UNAVAILABLE" and streams == 1

@@ -254,9 +254,10 @@ class AccelGenPolicy(Policy):
         for request in urgent:
             if request.is_prefilling:
                 urgent_prefills.append(request)
-            elif batch.tokens_used < batch.token_budget and batch.schedule(request) == 0 \
-                    and batch.last_failure == "kv":
-                self.schedule_running_or_preempt(batch, request, self._victim)
+            elif batch.tokens_used < batch.token_budget:
+                state.tried.add(request)
+                if batch.schedule(request) == 0 and batch.last_failure == "kv":
+                    self.schedule_running_or_preempt(batch, request, self._victim)
         for request in urgent_prefills:
             if batch.tokens_left <= 0:
                 break
@@ -307,6 +308,7 @@ class AccelGenPolicy(Policy):
             # Fast path (this loop runs for every running request, every iteration): a decode
             # no tighter than the batch needs no ERA or grouping check, only its block.
             if (slo_min is None or tbt is None or tbt >= slo_min) and batch.schedule(r) > 0:
+                state.tried.add(r)
                 continue
             self._place(batch, r, state)
 
