@@ -254,10 +254,9 @@ class AccelGenPolicy(Policy):
         for request in urgent:
             if request.is_prefilling:
                 urgent_prefills.append(request)
-            elif batch.tokens_used < batch.token_budget:
+            else:
                 state.tried.add(request)
-                if batch.schedule(request) == 0 and batch.last_failure == "kv":
-                    self.schedule_running_or_preempt(batch, request, self._victim)
+                self.schedule_running_or_preempt(batch, request, self._victim)
         for request in urgent_prefills:
             if batch.tokens_left <= 0:
                 break
