@@ -141,9 +141,14 @@ class SchedulerApp:
     async def register_worker(self, worker_id: str, desc: dict) -> None:
         if desc.get("num_blocks", 0) < 2 or desc.get("block_size", 0) < 1:
             raise ServiceError("INVALID_ARGUMENT", "description.num_blocks must be >= 2 and block_size >= 1")
+        # Redis first: if it is down the registration is refused (the worker retries) and the
+        # lane this worker already has, with its requests, is left exactly as it was.
+        try:
+            await self.store.register_worker(worker_id, desc, self.config.heartbeat_ttl_s)
+        except Exception as exc:
+            raise ServiceError("UNAVAILABLE", f"the state store (Redis) is unavailable: {exc}") from None
         if worker_id in self.lanes:
-            await self.drop_worker(worker_id, reason="re-registered")
-        await self.store.register_worker(worker_id, desc, self.config.heartbeat_ttl_s)
+            await self.drop_worker(worker_id, reason="re-registered", remove_from_store=False)
         self._add_lane(worker_id, desc)
         orphans, self.orphans = self.orphans, []
         for r in orphans:
@@ -155,16 +160,26 @@ class SchedulerApp:
         if lane is None:
             return False
         lane.last_heartbeat = time.monotonic()
-        await self.store.heartbeat(worker_id, self.config.heartbeat_ttl_s)
+        try:
+            await self.store.heartbeat(worker_id, self.config.heartbeat_ttl_s)
+        except Exception as exc:
+            # The worker is alive and this scheduler knows it; only the Redis copy of its TTL is
+            # stale. Failing the heartbeat would make the worker re-register and lose its KV
+            # state over a Redis outage, so the answer stays "known".
+            log.warning("heartbeat_store_failed", worker=worker_id, error=str(exc))
         return True
 
-    async def drop_worker(self, worker_id: str, reason: str) -> None:
+    async def drop_worker(self, worker_id: str, reason: str, remove_from_store: bool = True) -> None:
         lane = self.lanes.pop(worker_id, None)
         if lane is None:
             return
         await lane.stop()
         moved = lane.core.release_unfinished()
-        await self.store.remove_worker(worker_id)
+        if remove_from_store:
+            try:
+                await self.store.remove_worker(worker_id)
+            except Exception as exc:  # its alive key expires on its own; the registry entry is inert
+                log.warning("remove_worker_store_failed", worker=worker_id, error=str(exc))
         for r in moved:
             self._route(r, adopt=True)
         log.warning("worker_dropped", worker=worker_id, reason=reason, requeued=len(moved))

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from accelgen.stack import Stack, start_scheduler_proc, start_stack
+from accelgen.stack import Stack, start_redis, start_scheduler_proc, start_stack
 from accelgen.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -146,14 +146,24 @@ def test_no_worker_is_unavailable(tmp_path: Path) -> None:
         s.stop()
 
 
-def test_redis_down_is_unavailable(tmp_path: Path) -> None:
+def test_redis_outage_is_unavailable_and_keeps_the_workers(tmp_path: Path) -> None:
     s = make_stack(tmp_path, workers=1)
     try:
+        redis_port = int(s.redis_url.rsplit(":", 1)[1].split("/")[0])
         s.find("redis").kill()
+        time.sleep(1.5)  # three heartbeats (0.5 s) land while Redis is down
+        with grpc.insecure_channel(s.scheduler_address) as ch:
+            info = scheduler_pb2_grpc.SchedulerStub(ch).GetServerInfo(scheduler_pb2.GetServerInfoRequest(), timeout=5)
+        assert info.live_workers == 1, "a Redis outage must not drop the workers"
         with pytest.raises(grpc.RpcError) as exc:
             generate(s.gateway_address, 5, timeout=30)
         assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "redis" in exc.value.details().lower()
+        # Redis back (empty, on the same port): the same worker serves again without re-registering.
+        proc, _ = start_redis(port=redis_port, log_dir=tmp_path)
+        s.procs[0] = proc
+        tokens, complete = generate(s.gateway_address, 5, timeout=60)
+        assert len(tokens) == 5 and complete.finish_reason == "length"
     finally:
         s.stop()
 
