@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 from accelgen.v1 import common_pb2, gateway_pb2, scheduler_pb2
 from gateway.config import GatewayConfig
 from gateway.errors import invalid
+from scheduler_service.convert import slo_to_proto
 from scheduler_service.core.slo import SLO, SLOCatalog, SLOClass
 
 FieldNames = Mapping[str, str]
@@ -90,7 +91,7 @@ def resolve_slo(app_class: str, spec: common_pb2.SLOSpec, config: GatewayConfig,
         if not (math.isfinite(value) and value >= 0):
             raise invalid(f"{name} must be a positive number of milliseconds (0 = class default), got {value}", name)
     if not any(values.values()):
-        return app_class, slo_to_spec(catalog.get(app_class).slo)
+        return app_class, slo_to_proto(catalog.get(app_class).slo)
     if bool(values["ttft"]) != bool(values["tbt"]):
         given, missing = ("ttft", "tbt") if values["ttft"] else ("tbt", "ttft")
         raise invalid(f"{names[given + '_ms']} needs {names[missing + '_ms']} too: an iteration-level SLO "
@@ -102,12 +103,7 @@ def resolve_slo(app_class: str, spec: common_pb2.SLOSpec, config: GatewayConfig,
             raise invalid(f"{name} = {value:g} is outside the allowed range [{lo:g}, {hi:g}] ms", name)
     slo = SLO(ttft_s=values["ttft"] / 1000 or None, tbt_s=values["tbt"] / 1000 or None,
               jct_s=values["jct"] / 1000 or None)
-    return app_class, slo_to_spec(slo)
-
-
-def slo_to_spec(slo: SLO) -> common_pb2.SLOSpec:
-    return common_pb2.SLOSpec(ttft_ms=(slo.ttft_s or 0) * 1000, tbt_ms=(slo.tbt_s or 0) * 1000,
-                              jct_ms=(slo.jct_s or 0) * 1000)
+    return app_class, slo_to_proto(slo)
 
 
 def catalog_from_info(info: scheduler_pb2.ServerInfo) -> SLOCatalog:

@@ -75,7 +75,8 @@ class Profiler:
         self.executor.execute(self._plan([], freed))
         return min(times) * 1000.0
 
-    def prefill_ms_once(self, num_tokens: int) -> None:
+    def warm_up_prefill(self, num_tokens: int) -> None:
+        """One untimed prefill of this size: the first forward of a new shape compiles or allocates."""
         rid = self._ids.next("warm")
         self.executor.execute(self._plan([self._new_chunk(rid, num_tokens, 1)], []))
         self.executor.execute(self._plan([], [rid]))
@@ -110,7 +111,7 @@ class Profiler:
         limit = self.info.max_num_batched_tokens or max_len
         sizes = [s for s in grid if s < max_len and s <= limit]
         for s in sizes:  # warm every shape once (first runs pay for kernel selection and allocation)
-            self.prefill_ms_once(s)
+            self.warm_up_prefill(s)
         # Two passes over the grid, fastest per size: the first seconds after an engine starts
         # were seen to stall small forwards by ~100 ms on this CPU.
         first = [self.prefill_ms(s) for s in sizes]
