@@ -68,6 +68,7 @@ class SchedulerApp:
         self.owner: dict[str, str] = {}  # request id -> worker id
         self.channels: dict[str, RequestChannel] = {}
         self.orphans: list[Request] = []  # unfinished requests with no live worker to run them
+        self._deferred_writes: set[asyncio.Task] = set()  # cancels made while Redis was down
         self._monitor: asyncio.Task | None = None
         self._stopping = False
 
@@ -238,6 +239,18 @@ class SchedulerApp:
         lane.wakeup.set()
         return request
 
+    async def _write_durably(self, changes: IterationChanges) -> None:
+        """One store write that must not be lost, retried with backoff while Redis is down."""
+        delay = 0.05
+        while True:
+            try:
+                await self.store.commit_iteration(changes)
+                return
+            except Exception as exc:
+                log.warning("commit_retry", worker=changes.worker_id, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+
     def _check_feasible(self, request: Request) -> None:
         """An SLO that no worker's profile can meet is refused up front, with the numbers."""
         tbt = request.slo.tbt_s
@@ -251,15 +264,7 @@ class SchedulerApp:
 
     async def commit(self, lane: WorkerLane, changes, outcome) -> None:
         """Make one iteration durable (one Redis round trip), then publish its tokens."""
-        delay = 0.05
-        while True:
-            try:
-                await self.store.commit_iteration(changes)
-                break
-            except Exception as exc:  # Redis briefly down: hold the tokens until they are durable
-                log.warning("commit_retry", worker=lane.worker_id, error=str(exc))
-                await asyncio.sleep(delay)
-                delay = min(1.0, delay * 2)
+        await self._write_durably(changes)  # Redis down: hold the tokens until they are durable
         touched = set()
         for ev in outcome.tokens:
             ch = self.channels.get(ev.request_id)
@@ -293,8 +298,17 @@ class SchedulerApp:
             if orphan is None:
                 raise ServiceError("NOT_FOUND", f"request {request_id!r} is not running or waiting")
             self.orphans.remove(orphan)
-        await self.store.commit_iteration(IterationChanges(worker_id=wid or "", status={request_id: ("cancelled", "abort")},
-                                                           finished=[request_id], freed_tables=[request_id]))
+        changes = IterationChanges(worker_id=wid or "", status={request_id: ("cancelled", "abort")},
+                                   finished=[request_id], freed_tables=[request_id])
+        try:
+            await self.store.commit_iteration(changes)
+        except Exception as exc:
+            # The cancel has already happened in memory; refusing it now would leave the client
+            # believing the request still runs. The record catches up when Redis is back.
+            log.warning("cancel_write_deferred", request=request_id, error=str(exc))
+            task = asyncio.create_task(self._write_durably(changes))
+            self._deferred_writes.add(task)
+            task.add_done_callback(self._deferred_writes.discard)
         if lane is not None:
             lane.core.forget(request_id)
             lane.wakeup.set()

@@ -26,7 +26,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from scheduler_service.core.request import Request, RequestStatus, SamplingParams
+from scheduler_service.core.request import FinishReason, Request, RequestStatus, SamplingParams
 from scheduler_service.core.slo import SLO
 
 
@@ -150,7 +150,9 @@ class RedisStore:
             pipe.get(self.p + f"out:{request_id}")
             pipe.get(self.p + f"tim:{request_id}")
             h, out, tim = await pipe.execute()
-        if not h:
+        if b"prompt" not in h:
+            # Nothing, or only fields an iteration commit or a cancel wrote after Redis lost the
+            # record (restarted without persistence): not a request we can describe.
             return None
         return _decode(request_id, h, out, tim)
 
@@ -257,7 +259,5 @@ def _decode(rid: str, h: dict[bytes, bytes], out: bytes | None, tim: bytes | Non
     if times:
         request.first_token_s, request.last_token_s = times[0], times[-1]
     if reason:
-        from scheduler_service.core.request import FinishReason
-
         request.finish_reason = FinishReason(reason)
     return StoredRequest(request=request, emitted_at=times, worker_id=g.get("worker", b"").decode())

@@ -150,20 +150,37 @@ def test_redis_outage_is_unavailable_and_keeps_the_workers(tmp_path: Path) -> No
     s = make_stack(tmp_path, workers=1)
     try:
         redis_port = int(s.redis_url.rsplit(":", 1)[1].split("/")[0])
-        s.find("redis").kill()
-        time.sleep(1.5)  # three heartbeats (0.5 s) land while Redis is down
-        with grpc.insecure_channel(s.scheduler_address) as ch:
-            info = scheduler_pb2_grpc.SchedulerStub(ch).GetServerInfo(scheduler_pb2.GetServerInfoRequest(), timeout=5)
-        assert info.live_workers == 1, "a Redis outage must not drop the workers"
-        with pytest.raises(grpc.RpcError) as exc:
-            generate(s.gateway_address, 5, timeout=30)
-        assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "redis" in exc.value.details().lower()
+        with cf.ThreadPoolExecutor(max_workers=1) as pool:
+            running = pool.submit(generate, s.gateway_address, LONG, request_id="outage-long", timeout=60)
+            time.sleep(0.5)
+            s.find("redis").kill()
+            time.sleep(1.5)  # three heartbeats (0.5 s) land while Redis is down
+            with grpc.insecure_channel(s.scheduler_address) as ch:
+                info = scheduler_pb2_grpc.SchedulerStub(ch).GetServerInfo(scheduler_pb2.GetServerInfoRequest(),
+                                                                           timeout=5)
+            assert info.live_workers == 1, "a Redis outage must not drop the workers"
+            with pytest.raises(grpc.RpcError) as exc:
+                generate(s.gateway_address, 5, timeout=30)
+            assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "redis" in exc.value.details().lower()
+            # A cancel during the outage takes effect at once; only its record waits for Redis.
+            with grpc.insecure_channel(s.gateway_address) as ch:
+                cancelled = gateway_pb2_grpc.GatewayStub(ch).Cancel(gateway_pb2.CancelRequest(request_id="outage-long"),
+                                                                   timeout=10)
+            assert cancelled.cancelled
+            tokens, complete = running.result(timeout=30)
+            assert complete.finish_reason == "abort" and len(tokens) < LONG
         # Redis back (empty, on the same port): the same worker serves again without re-registering.
         proc, _ = start_redis(port=redis_port, log_dir=tmp_path)
         s.procs[0] = proc
         tokens, complete = generate(s.gateway_address, 5, timeout=60)
         assert len(tokens) == 5 and complete.finish_reason == "length"
+        time.sleep(1.2)  # the deferred cancel record (retried at most 1 s apart) has landed by now
+        with grpc.insecure_channel(s.gateway_address) as ch, pytest.raises(grpc.RpcError) as exc:
+            gateway_pb2_grpc.GatewayStub(ch).GetRequest(gateway_pb2.GetRequestRequest(request_id="outage-long"),
+                                                        timeout=10)
+        # Redis came back empty, so the request's record is gone: a clear NOT_FOUND, not INTERNAL.
+        assert exc.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         s.stop()
 
