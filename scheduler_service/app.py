@@ -68,7 +68,8 @@ class SchedulerApp:
         self.owner: dict[str, str] = {}  # request id -> worker id
         self.channels: dict[str, RequestChannel] = {}
         self.orphans: list[Request] = []  # unfinished requests with no live worker to run them
-        self._deferred_writes: set[asyncio.Task] = set()  # cancels made while Redis was down
+        self._accepting: dict[str, asyncio.Task] = {}  # request id -> its Submit's write to Redis
+        self._background: set[asyncio.Task] = set()  # fire-and-forget work, kept referenced
         self._monitor: asyncio.Task | None = None
         self._stopping = False
 
@@ -94,7 +95,7 @@ class SchedulerApp:
         if self._monitor is not None:
             self._monitor.cancel()
         for lane in list(self.lanes.values()):
-            await lane.stop()
+            await lane.stop(commit_timeout_s=5.0)
         await self.store.release_lease(self.config.instance_id)
 
     async def _monitor_loop(self) -> None:
@@ -109,7 +110,22 @@ class SchedulerApp:
             now = time.monotonic()
             for wid, lane in list(self.lanes.items()):
                 if now - lane.last_heartbeat > self.config.heartbeat_ttl_s:
-                    await self.drop_worker(wid, reason="heartbeat timeout")
+                    # Not awaited: a drop waits for the lane's pending Redis write, which must
+                    # not hold up the lease or the other lanes while Redis is down.
+                    self.spawn(self.drop_worker(wid, reason="heartbeat timeout"))
+
+    def spawn(self, coro) -> asyncio.Task:
+        """Run ``coro`` in the background, keeping a reference until it ends (asyncio holds
+        only weak ones) and logging its failure instead of losing it."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+        return task
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background_task_failed", task=task.get_name(), error=repr(task.exception()))
 
     # -- workers ------------------------------------------------------------------------------
     def _lane_profile(self, desc: dict) -> DeviceProfile:
@@ -161,14 +177,18 @@ class SchedulerApp:
         if lane is None:
             return False
         lane.last_heartbeat = time.monotonic()
+        # The answer comes from memory. The Redis copy of the TTL is refreshed in the background:
+        # a Redis that is down or hanging must not fail or delay the heartbeat, or the worker
+        # would re-register and lose its KV state.
+        if lane.registry_refresh is None or lane.registry_refresh.done():
+            lane.registry_refresh = self.spawn(self._refresh_registry(worker_id))
+        return True
+
+    async def _refresh_registry(self, worker_id: str) -> None:
         try:
             await self.store.heartbeat(worker_id, self.config.heartbeat_ttl_s)
         except Exception as exc:
-            # The worker is alive and this scheduler knows it; only the Redis copy of its TTL is
-            # stale. Failing the heartbeat would make the worker re-register and lose its KV
-            # state over a Redis outage, so the answer stays "known".
             log.warning("heartbeat_store_failed", worker=worker_id, error=str(exc))
-        return True
 
     async def drop_worker(self, worker_id: str, reason: str, remove_from_store: bool = True) -> None:
         lane = self.lanes.pop(worker_id, None)
@@ -224,20 +244,31 @@ class SchedulerApp:
         if self.num_unfinished() >= self.config.max_queue:
             raise ServiceError("RESOURCE_EXHAUSTED", f"the queue is full ({self.config.max_queue} unfinished "
                                                      "requests); retry later")
-        if request.request_id in self.channels or request.request_id in self.owner:
-            raise ServiceError("ALREADY_EXISTS", f"request_id {request.request_id!r} is already in use")
-        lane = self._pick_lane()
-        assert lane is not None
-        try:
-            await self.store.add_request(request, lane.worker_id)
-        except Exception as exc:
-            raise ServiceError("UNAVAILABLE", f"the state store (Redis) is unavailable: {exc}") from None
-        self.channels[request.request_id] = RequestChannel(request_id=request.request_id,
-                                                           prompt_tokens=request.num_prompt_tokens)
-        lane.core.add_request(request)
-        self.owner[request.request_id] = lane.worker_id
-        lane.wakeup.set()
+        rid = request.request_id
+        if rid in self.channels or rid in self.owner or rid in self._accepting:
+            raise ServiceError("ALREADY_EXISTS", f"request_id {rid!r} is already in use")
+        # Shielded: a client that gives up mid-write leaves the request either wholly accepted
+        # (Redis and memory agree; the gateway cancels it) or not at all, never half.
+        accept = asyncio.create_task(self._accept(request))
+        self._accepting[rid] = accept
+        accept.add_done_callback(lambda t: t.cancelled() or t.exception())  # seen even if nobody awaits
+        await asyncio.shield(accept)
         return request
+
+    async def _accept(self, request: Request) -> None:
+        lane = self._pick_lane()
+        try:
+            if lane is None:
+                raise ServiceError("UNAVAILABLE", "no worker is registered; start a worker and retry")
+            try:
+                await self.store.add_request(request, lane.worker_id)
+            except Exception as exc:
+                raise ServiceError("UNAVAILABLE", f"the state store (Redis) is unavailable: {exc}") from None
+            self.channels[request.request_id] = RequestChannel(request_id=request.request_id,
+                                                               prompt_tokens=request.num_prompt_tokens)
+            self._route(request, adopt=False)  # picked again: that worker may have left meanwhile
+        finally:
+            self._accepting.pop(request.request_id, None)
 
     async def _write_durably(self, changes: IterationChanges) -> None:
         """One store write that must not be lost, retried with backoff while Redis is down."""
@@ -291,6 +322,9 @@ class SchedulerApp:
         asyncio.get_running_loop().call_later(60.0, self.channels.pop, request_id, None)
 
     async def cancel(self, request_id: str) -> bool:
+        accepting = self._accepting.get(request_id)
+        if accepting is not None:  # a gateway whose client left mid-Submit cancels at once
+            await asyncio.wait({accepting})
         wid = self.owner.get(request_id)
         lane = self.lanes.get(wid) if wid else None
         if lane is None or not lane.core.cancel(request_id, time.time()):
@@ -298,21 +332,19 @@ class SchedulerApp:
             if orphan is None:
                 raise ServiceError("NOT_FOUND", f"request {request_id!r} is not running or waiting")
             self.orphans.remove(orphan)
-        changes = IterationChanges(worker_id=wid or "", status={request_id: ("cancelled", "abort")},
-                                   finished=[request_id], freed_tables=[request_id])
-        try:
-            await self.store.commit_iteration(changes)
-        except Exception as exc:
-            # The cancel has already happened in memory; refusing it now would leave the client
-            # believing the request still runs. The record catches up when Redis is back.
-            log.warning("cancel_write_deferred", request=request_id, error=str(exc))
-            task = asyncio.create_task(self._write_durably(changes))
-            self._deferred_writes.add(task)
-            task.add_done_callback(self._deferred_writes.discard)
         if lane is not None:
             lane.core.forget(request_id)
             lane.wakeup.set()
         self._close(request_id, "abort")
+        # Everything in memory is done before the first await, so a Cancel whose caller gives up
+        # cannot leave it half-done. The record is written in the background, retried while
+        # Redis is down; a healthy Redis is waited for, so a GetRequest right after sees it.
+        changes = IterationChanges(worker_id=wid or "", status={request_id: ("cancelled", "abort")},
+                                   finished=[request_id], freed_tables=[request_id])
+        write = self.spawn(self._write_durably(changes))
+        await asyncio.wait({write}, timeout=1.0)
+        if not write.done():
+            log.warning("cancel_write_deferred", request=request_id)
         return True
 
     async def watch(self, request_id: str, start_index: int) -> AsyncIterator[scheduler_pb2.TokenBatch]:

@@ -62,6 +62,8 @@ class WorkerLane:
         self.last_heartbeat = time.monotonic()
         self.stats = LaneStats()
         self._task: asyncio.Task | None = None
+        self._committing: asyncio.Task | None = None  # the newest iteration's write; each waits for the one before
+        self.registry_refresh: asyncio.Task | None = None  # the heartbeat's TTL write to Redis, if in flight
         self._stopping = False
 
     # -- load ---------------------------------------------------------------------------------
@@ -72,7 +74,10 @@ class WorkerLane:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"lane-{self.worker_id}")
 
-    async def stop(self) -> None:
+    async def stop(self, commit_timeout_s: float | None = None) -> None:
+        """Stop planning, then wait (up to ``commit_timeout_s``; None: as long as Redis takes) for
+        the iterations already applied to the core to be written and published. Their tokens
+        are in the requests; a caller that moved the requests before that would skip them."""
         self._stopping = True
         self.wakeup.set()
         if self._task is not None:
@@ -81,6 +86,8 @@ class WorkerLane:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
+        if self._committing is not None:
+            await asyncio.wait({self._committing}, timeout=commit_timeout_s)
         await self.channel.close()
 
     # -- the loop -----------------------------------------------------------------------------
@@ -89,7 +96,6 @@ class WorkerLane:
         execution of iteration k+1 (at most one behind, in order), so the round trip to Redis is
         off the critical path while tokens still reach clients only once durable."""
         core = self.core
-        committing: asyncio.Task | None = None
         while not self._stopping:
             if not core.has_work() and not core._to_free:
                 self.wakeup.clear()
@@ -110,21 +116,33 @@ class WorkerLane:
             msg = convert.plan_to_proto(plan, core.requests, self.app.epoch)
             try:
                 reply = await self.stub.ExecuteIteration(msg, timeout=self.app.config.worker_rpc_timeout_s)
+                outcome = core.complete(plan, convert.result_from_proto(reply), time.time())
             except grpc.aio.AioRpcError as exc:
                 log.warning("worker_failed", worker=self.worker_id, code=exc.code().name, details=exc.details())
-                asyncio.create_task(self.app.drop_worker(self.worker_id, reason=f"ExecuteIteration: {exc.code().name}"))
+                self.app.spawn(self.app.drop_worker(self.worker_id, reason=f"ExecuteIteration: {exc.code().name}"))
                 return
-            now = time.time()
-            outcome = core.complete(plan, convert.result_from_proto(reply), now)
+            except Exception as exc:  # a reply the core cannot apply: this worker is not trustworthy
+                log.exception("iteration_failed", worker=self.worker_id)
+                self.app.spawn(self.app.drop_worker(self.worker_id, reason=f"bad iteration result: {exc}"))
+                return
             changes = self.changes_for(plan, outcome)
             self.stats.iterations += 1
             self.stats.last_iteration_s = reply.elapsed_s
             self.stats.decision_s.append(decision)
-            if committing is not None:
-                await committing
-            committing = asyncio.create_task(self.app.commit(self, changes, outcome))
+            # The write task exists before the next await, so stopping the loop cannot lose an
+            # iteration the core has applied; the loop stays at most one iteration ahead of Redis.
+            previous = self._committing
+            self._committing = asyncio.create_task(self._commit_after(previous, changes, outcome))
+            if previous is not None:
+                await asyncio.shield(previous)
             self._learn_overhead(time.perf_counter() - t0 - reply.elapsed_s)
             self._learn_time_correction(plan.predicted_time_s, reply.elapsed_s)
+
+    async def _commit_after(self, previous: asyncio.Task | None, changes: IterationChanges, outcome) -> None:
+        """Write iteration k only after iteration k-1: Redis and watchers see tokens in order."""
+        if previous is not None:
+            await asyncio.wait({previous})
+        await self.app.commit(self, changes, outcome)
 
     def _learn_overhead(self, overhead_s: float) -> None:
         """EWMA of the time an iteration spends outside the model; the policy budgets around it."""

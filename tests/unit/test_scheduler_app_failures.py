@@ -1,0 +1,230 @@
+"""SchedulerApp under failures, in one process: a scripted store (Redis down, or hanging) and
+in-process sim workers, so each race is driven step by step instead of hoped for.
+
+Each test names the failure it reproduces; each failed on the code before its fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, Callable
+
+import grpc
+import pytest
+
+from accelgen.v1 import common_pb2, scheduler_pb2, worker_pb2
+from scheduler_service.app import SchedulerApp
+from scheduler_service.config import SchedulerConfig
+from scheduler_service.errors import ServiceError
+from scheduler_service.server import describe_to_dict
+from scheduler_service.state.store import IterationChanges
+from worker_service.convert import description_to_proto
+from worker_service.executors.sim import SimExecutor, sim_token
+from worker_service.server import WorkerServicer
+
+
+class ScriptedStore:
+    """The RedisStore methods the app calls, in memory. ``down`` makes every call raise as a
+    refused connection does; an unset ``gate`` makes every call wait, as a hung Redis does
+    (only ``add_request`` while ``gate_submits_only``)."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.gate_submits_only = False
+        self.failures = 0
+        self.status: dict[str, str] = {}
+        self.tokens: dict[str, list[int]] = {}
+
+    async def _io(self, submit: bool = False) -> None:
+        if submit or not self.gate_submits_only:
+            await self.gate.wait()
+        if self.down:
+            self.failures += 1
+            raise ConnectionError("Error 111 connecting to redis (scripted)")
+
+    async def acquire_lease(self, instance: str, ttl_ms: int) -> bool:
+        return True
+
+    async def release_lease(self, instance: str) -> None:
+        pass
+
+    async def clear_block_tables(self) -> None:
+        pass
+
+    async def live_workers(self) -> dict[str, dict]:
+        return {}
+
+    async def load_live(self) -> list:
+        return []
+
+    async def register_worker(self, worker_id: str, description: dict, ttl_s: float) -> None:
+        await self._io()
+
+    async def heartbeat(self, worker_id: str, ttl_s: float) -> None:
+        await self._io()
+
+    async def remove_worker(self, worker_id: str) -> None:
+        await self._io()
+
+    async def add_request(self, request: Any, worker_id: str) -> None:
+        await self._io(submit=True)
+        self.status[request.request_id] = "waiting"
+        self.tokens[request.request_id] = []
+
+    async def commit_iteration(self, ch: IterationChanges) -> None:
+        await self._io()
+        for rid, (toks, _times) in ch.tokens.items():
+            self.tokens.setdefault(rid, []).extend(toks)
+        for rid, (status, _reason) in ch.status.items():
+            self.status[rid] = status
+
+
+class _Context:
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+class InProcessWorker:
+    """A sim worker called directly instead of over gRPC (it stands in for the lane's stub)."""
+
+    def __init__(self) -> None:
+        self.servicer = WorkerServicer(SimExecutor(time_scale=0))
+
+    async def ExecuteIteration(self, msg: worker_pb2.BatchPlan, timeout: float | None = None):
+        await asyncio.sleep(0.002)  # a real iteration yields to the loop; so does this one
+        return await self.servicer.ExecuteIteration(msg, _Context())
+
+
+def _run(scenario: Callable[[SchedulerApp, ScriptedStore], Awaitable[None]], workers: tuple[str, ...] = ("w0",)) -> None:
+    """Start an app on a scripted store with in-process workers, run ``scenario``, always stop."""
+
+    async def main() -> None:
+        store = ScriptedStore()
+        config = SchedulerConfig(heartbeat_interval_s=0.05, heartbeat_ttl_s=60.0)
+        app = SchedulerApp(config, store)  # type: ignore[arg-type]
+        await app.start()
+        try:
+            for worker_id in workers:
+                await _add_worker(app, worker_id)
+            await scenario(app, store)
+        finally:
+            store.down = False
+            store.gate.set()
+            await app.stop()
+
+    asyncio.run(main())
+
+
+async def _add_worker(app: SchedulerApp, worker_id: str) -> None:
+    worker = InProcessWorker()
+    msg = scheduler_pb2.RegisterWorkerRequest(worker_id=worker_id, address="127.0.0.1:1",
+                                              description=description_to_proto(worker.servicer.info))
+    await app.register_worker(worker_id, describe_to_dict(worker_id, msg))
+    app.lanes[worker_id].stub = worker  # before the lane's first await: it never sees the real stub
+
+
+def _submit(request_id: str, max_tokens: int) -> scheduler_pb2.SubmitRequest:
+    return scheduler_pb2.SubmitRequest(
+        request_id=request_id, prompt_token_ids=[7] * 40, app_class="batch",
+        sampling_params=common_pb2.SamplingParams(max_new_tokens=max_tokens, ignore_eos=True))
+
+
+async def _until(predicate, what: str, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def test_heartbeat_answers_from_memory_while_redis_hangs() -> None:
+    async def scenario(app: SchedulerApp, store: ScriptedStore) -> None:
+        store.gate.clear()  # Redis stops answering (a stall, not a refusal)
+        assert await asyncio.wait_for(app.heartbeat("w0"), timeout=0.5) is True
+
+    _run(scenario)
+
+
+def test_cancel_abandoned_by_its_caller_is_still_complete() -> None:
+    async def scenario(app: SchedulerApp, store: ScriptedStore) -> None:
+        await app.submit(_submit("r1", 500))
+        await _until(lambda: len(app.channels["r1"].tokens) >= 3, "first tokens")
+        store.gate.clear()
+        with pytest.raises(asyncio.TimeoutError):  # the Cancel's deadline ends while Redis hangs
+            await asyncio.wait_for(app.cancel("r1"), timeout=0.05)
+        channel = app.channels["r1"]
+        assert channel.finished and channel.finish_reason == "abort"  # watchers are released
+        assert "r1" not in app.lanes["w0"].core.requests and "r1" not in app.owner
+        store.gate.set()
+        await _until(lambda: store.status.get("r1") == "cancelled", "the deferred cancel record")
+
+    _run(scenario)
+
+
+def test_dropping_a_worker_while_redis_is_down_publishes_every_applied_token() -> None:
+    async def scenario(app: SchedulerApp, store: ScriptedStore) -> None:
+        await app.submit(_submit("r1", 60))
+        await _until(lambda: len(app.channels["r1"].tokens) >= 5, "first tokens")
+        store.down = True
+        await _until(lambda: store.failures >= 2, "a commit retrying")
+        drop = asyncio.create_task(app.drop_worker("w0", reason="test"))
+        await asyncio.sleep(0.1)
+        store.down = False
+        await drop
+        await _add_worker(app, "w1")  # adopts the orphaned request and recomputes it
+        channel = app.channels["r1"]
+        await _until(lambda: channel.finished, "the request to finish on w1")
+        assert channel.tokens == [sim_token("r1", i) for i in range(60)]
+        assert store.tokens["r1"] == channel.tokens
+
+    _run(scenario)
+
+
+def test_submit_racing_a_worker_drop_runs_on_a_live_worker() -> None:
+    async def scenario(app: SchedulerApp, store: ScriptedStore) -> None:
+        picked = app._pick_lane().worker_id  # both idle: the submit picks the same one
+        store.gate_submits_only = True
+        store.gate.clear()
+        submit = asyncio.create_task(app.submit(_submit("r1", 10)))
+        await asyncio.sleep(0.05)  # the submit is inside its Redis write
+        await app.drop_worker(picked, reason="test")  # leaves between the pick and the write's end
+        store.gate.set()
+        await submit
+        assert app.owner["r1"] != picked and app.owner["r1"] in app.lanes
+        await _until(lambda: app.channels["r1"].finished, "the request to finish")
+        assert len(app.channels["r1"].tokens) == 10
+
+    _run(scenario, workers=("w0", "w1"))
+
+
+def test_submit_abandoned_mid_write_is_accepted_whole_or_not_at_all() -> None:
+    async def scenario(app: SchedulerApp, store: ScriptedStore) -> None:
+        store.gate.clear()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(app.submit(_submit("r1", 10)), timeout=0.05)
+        with pytest.raises(ServiceError) as exc:  # still being accepted: the id is taken
+            await asyncio.wait_for(app.submit(_submit("r1", 10)), timeout=1.0)
+        assert exc.value.code == "ALREADY_EXISTS"
+        store.gate.set()
+        await _until(lambda: "r1" in app.channels and app.channels["r1"].finished, "the accepted request to finish")
+        assert store.status["r1"] == "finished" and len(app.channels["r1"].tokens) == 10
+
+    _run(scenario)
+
+
+def test_a_reply_the_core_cannot_apply_drops_the_worker_and_requeues() -> None:
+    class Garbled(InProcessWorker):
+        async def ExecuteIteration(self, msg, timeout=None):
+            reply = await super().ExecuteIteration(msg, timeout)
+            reply.sampled_token_ids.clear()  # claims to have sampled nothing
+            return reply
+
+    async def scenario(app: SchedulerApp, store: ScriptedStore) -> None:
+        app.lanes["w0"].stub = Garbled()
+        await app.submit(_submit("r1", 10))
+        await _until(lambda: "w0" not in app.lanes, "the worker to be dropped")
+        assert [r.request_id for r in app.orphans] == ["r1"]  # kept, waiting for a worker
+
+    _run(scenario)
