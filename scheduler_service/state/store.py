@@ -137,6 +137,9 @@ class RedisStore:
             "worker": worker_id,
         }
         async with self.redis.pipeline(transaction=True) as pipe:
+            # An id may be reused once its request has finished: the old record, its outputs and
+            # their expiry go, or the new request would start with the old tokens.
+            pipe.delete(self.p + f"req:{rid}", self.p + f"out:{rid}", self.p + f"tim:{rid}")
             pipe.hset(self.p + f"req:{rid}", mapping=fields)
             pipe.zadd(self.p + "live", {rid: request.arrival_s})
             await pipe.execute()

@@ -1,0 +1,62 @@
+"""RedisStore against a real redis-server: the records a restarted scheduler relies on."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Iterator
+
+import pytest
+
+from accelgen.stack import start_redis
+from scheduler_service.core.request import Request, RequestStatus, SamplingParams
+from scheduler_service.core.slo import SLO
+from scheduler_service.state.store import IterationChanges, RedisStore
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    proc, url = start_redis(workdir=tmp_path_factory.mktemp("redis"))
+    yield url
+    proc.stop()
+
+
+def _request(rid: str) -> Request:
+    return Request(request_id=rid, prompt_token_ids=[5, 6, 7], sampling=SamplingParams(max_tokens=4),
+                   slo=SLO(ttft_s=1.0, tbt_s=0.1), app_class="chat", arrival_s=1.0)
+
+
+def _finish(rid: str, tokens: list[int]) -> IterationChanges:
+    return IterationChanges(worker_id="w0", tokens={rid: (tokens, [2.0] * len(tokens))},
+                            status={rid: ("finished", "length")}, finished=[rid])
+
+
+def test_a_reused_request_id_starts_with_a_clean_record(redis_url: str) -> None:
+    async def scenario() -> None:
+        store = RedisStore(redis_url, prefix="reuse:")
+        await store.add_request(_request("r1"), "w0")
+        await store.commit_iteration(_finish("r1", [11, 12, 13]))
+        old = await store.load_request("r1")
+        assert old is not None and old.request.output_token_ids == [11, 12, 13]
+        await store.add_request(_request("r1"), "w1")  # the id, reused after the request finished
+        new = await store.load_request("r1")
+        assert new is not None and new.request.output_token_ids == [] and new.emitted_at == []
+        assert new.request.status == RequestStatus.WAITING and new.worker_id == "w1"
+        assert await store.redis.ttl("reuse:req:r1") == -1, "the old record's expiry must not carry over"
+        assert [r.request.request_id for r in await store.load_live()] == ["r1"]
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_fields_written_after_the_record_was_lost_read_as_unknown(redis_url: str) -> None:
+    async def scenario() -> None:
+        store = RedisStore(redis_url, prefix="lost:")
+        # Redis restarted empty; a cancel (or an iteration commit) then writes its status fields.
+        await store.commit_iteration(IterationChanges(worker_id="w0", status={"gone": ("cancelled", "abort")},
+                                                      finished=["gone"]))
+        assert await store.load_request("gone") is None
+        await store.close()
+
+    asyncio.run(scenario())
