@@ -235,6 +235,11 @@ class GenerationService:
             log.warning("submit_failed", request_id=prepared.submit.request_id, code=exc.code().name,
                         details=exc.details())
             raise
+        except asyncio.CancelledError:
+            # The client left while the Submit was in flight; the scheduler may have accepted it,
+            # and nobody would ever read or cancel it. (Cancelling an unknown id is harmless.)
+            self.client.cancel_in_background(prepared.submit.request_id)
+            raise
         log.info("request_submitted", request_id=prepared.submit.request_id,
                  prompt_tokens=len(prepared.submit.prompt_token_ids), app_class=prepared.submit.app_class)
         return ActiveRequest(prepared=prepared, slo=response.slo, client=self.client, tokenizer=self.tokenizer,

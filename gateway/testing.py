@@ -73,6 +73,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     max_model_len: int = 64
     classes: dict[str, dict[str, float]] | None = None  # name -> SLOSpec fields; None: report no classes
     submit_error: tuple[grpc.StatusCode, str] | None = None
+    submit_delay_s: float = 0.0          # Submit is accepted at once but answers this late
     break_after: int | None = None       # first Watch of a request aborts UNAVAILABLE at this index
     rewind_on_resume: int = 0            # a re-Watch resends this many tokens before start_index
     submits: list[scheduler_pb2.SubmitRequest] = field(default_factory=list)
@@ -103,6 +104,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
             await context.abort(*self.submit_error)
         tokens = self.tokens_for(request) if self.tokens_for else list(self.output_ids)
         self._requests[request.request_id] = _Record(submit=request, tokens=tokens)
+        await asyncio.sleep(self.submit_delay_s)
         return scheduler_pb2.SubmitResponse(request_id=request.request_id, slo=request.slo)
 
     async def Watch(self, request: scheduler_pb2.WatchRequest,

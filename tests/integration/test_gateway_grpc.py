@@ -153,6 +153,14 @@ def test_client_disconnect_cancels_at_the_scheduler(stack: GatewayStack, stub) -
     assert stack.wait_for(lambda: "gone-1" in stack.fake.cancels)
 
 
+def test_client_leaving_during_submit_cancels_at_the_scheduler(stack: GatewayStack, stub) -> None:
+    stack.reset(submit_delay_s=1.0)
+    stream = stub.Generate(gateway_pb2.GenerateRequest(text="hi", stream=True, request_id="gone-early"), timeout=15)
+    assert stack.wait_for(lambda: any(s.request_id == "gone-early" for s in stack.fake.submits))
+    stream.cancel()  # the scheduler has accepted it; its answer has not arrived yet
+    assert stack.wait_for(lambda: "gone-early" in stack.fake.cancels)
+
+
 def test_cancel_and_get_request_pass_through(stack: GatewayStack, stub) -> None:
     _generate(stub, request_id="done-1")
     state = stub.GetRequest(gateway_pb2.GetRequestRequest(request_id="done-1"), timeout=5)
