@@ -78,7 +78,9 @@ def test_openai_client_streams_a_completion(stack: Stack) -> None:
 
     client = OpenAI(base_url=f"http://127.0.0.1:{stack.http_port}/v1", api_key="unused")
     model = client.models.list().data[0].id
-    pieces = list(client.completions.create(model=model, prompt="hello there", max_tokens=12, stream=True,
+    # Long enough (200 iterations, each a Redis round trip) that the tokens cannot all arrive
+    # before the first chunk is flushed, however the machine is loaded.
+    pieces = list(client.completions.create(model=model, prompt="hello there", max_tokens=200, stream=True,
                                             extra_body={"ignore_eos": True, "app_class": "code"}))
     assert len(pieces) >= 2
     assert pieces[-1].choices[0].finish_reason == "length"
