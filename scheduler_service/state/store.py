@@ -93,8 +93,13 @@ _APPEND_ALL = "for i = 1, #KEYS do redis.call('APPEND', KEYS[i], ARGV[i]) end re
 
 
 class RedisStore:
-    def __init__(self, url: str, prefix: str = "accelgen:", finished_ttl_s: int = 3600) -> None:
-        self.redis = aioredis.from_url(url, decode_responses=False, socket_timeout=5.0, socket_connect_timeout=5.0)
+    def __init__(self, url: str, prefix: str = "accelgen:", finished_ttl_s: int = 3600,
+                 max_connections: int = 64) -> None:
+        # A blocking pool: a burst of Submits beyond max_connections waits for a connection
+        # (up to 5 s) instead of failing with "Too many connections", redis-py's default pool.
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=5.0,
+                                                        socket_timeout=5.0, socket_connect_timeout=5.0)
+        self.redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
         self.p = prefix
         self.finished_ttl_s = finished_ttl_s
         self._append_all = self.redis.register_script(_APPEND_ALL)

@@ -60,3 +60,13 @@ def test_fields_written_after_the_record_was_lost_read_as_unknown(redis_url: str
         await store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_burst_beyond_the_connection_pool_waits_instead_of_failing(redis_url: str) -> None:
+    async def scenario() -> None:
+        store = RedisStore(redis_url, prefix="burst:")
+        await asyncio.gather(*(store.add_request(_request(f"b{i}"), "w0") for i in range(300)))
+        assert len(await store.load_live()) == 300
+        await store.close()
+
+    asyncio.run(scenario())
