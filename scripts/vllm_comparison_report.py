@@ -566,7 +566,8 @@ def analysis(table: dict[str, dict[str, Any]], results: dict[str, list[dict[str,
         out += [(f"**Noise.** The machine is shared: other jobs used up to {max(rest):.1f} CPU-s during a single run "
                  f"(`rest of machine` above), and {busy} of {len(all_runs)} runs had them above 10% of the cores "
                  "and were left out of the medians (starred). Saturation runs last a few seconds, hence several "
-                 f"per system; in this run they spread {spread_txt}. Earlier runs today, with other sessions' "
-                 "test suites on the machine, moved vllm serve's saturation throughput between about 2,300 and "
-                 "4,500 tok/s and the stack's between 2,000 and 3,400, so compare systems within one run."), ""]
+                 f"per system; in this run they spread {spread_txt}. Earlier runs, on other days and on VMs "
+                 "of this size with a different CPU model (the set-up line names this one), gave absolute "
+                 "numbers up to 20% apart and ratios a few hundredths apart, so compare systems within one "
+                 "run."), ""]
     return out
