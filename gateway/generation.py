@@ -220,7 +220,12 @@ class GenerationService:
         if info is None:
             assert info_error is not None
             raise info_error
-        vocab = self.tokenizer.vocab_size if self.tokenizer.checks_vocab else None
+        # The workers' vocabulary bounds every id (a larger one would fail whole iterations);
+        # a real tokenizer's own vocabulary bounds them too.
+        limits = [info.vocab_size] if info.vocab_size else []
+        if self.tokenizer.checks_vocab:
+            limits.append(self.tokenizer.vocab_size)
+        vocab = min(limits) if limits else None
         check_prompt(prompt_ids, info.max_model_len, vocab, names)
         submit = to_submit_request(request_id, prompt_ids, sampling, app_class, slo, self.tokenizer.eos_token_id)
         if text_output is None:

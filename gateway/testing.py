@@ -74,6 +74,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     classes: dict[str, dict[str, float]] | None = None  # name -> SLOSpec fields; None: report no classes
     submit_error: tuple[grpc.StatusCode, str] | None = None
     submit_delay_s: float = 0.0          # Submit is accepted at once but answers this late
+    vocab_size: int = 0                  # reported in ServerInfo (0 = unknown)
     break_after: int | None = None       # first Watch of a request aborts UNAVAILABLE at this index
     rewind_on_resume: int = 0            # a re-Watch resends this many tokens before start_index
     submits: list[scheduler_pb2.SubmitRequest] = field(default_factory=list)
@@ -94,7 +95,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     async def GetServerInfo(self, request: Any, context: grpc.aio.ServicerContext) -> scheduler_pb2.ServerInfo:
         classes = [scheduler_pb2.AppClass(name=n, slo=common_pb2.SLOSpec(**spec)) for n, spec in (self.classes or {}).items()]
         return scheduler_pb2.ServerInfo(model=self.model, max_model_len=self.max_model_len, block_size=16,
-                                        live_workers=1, app_classes=[c.name for c in classes] or
+                                        live_workers=1, vocab_size=self.vocab_size, app_classes=[c.name for c in classes] or
                                         ["chat", "code", "summarization", "batch"], classes=classes)
 
     async def Submit(self, request: scheduler_pb2.SubmitRequest,

@@ -151,6 +151,7 @@ class SchedulerApp:
                           int(desc["block_size"]), self.config.policy, self.catalog, max_seqs,
                           max_batched_tokens=int(desc.get("max_num_batched_tokens") or 0))
         lane.model = str(desc.get("model") or lane.profile.name)
+        lane.vocab_size = int(desc.get("vocab_size") or 0)
         self.lanes[worker_id] = lane
         lane.start()
         return lane
@@ -229,13 +230,19 @@ class SchedulerApp:
         self.channels[r.request_id] = ch
         self._route(r, adopt=True)
 
+    def _vocab_size(self) -> int | None:
+        """The smallest vocabulary among the workers: a prompt id at or above it would fail the
+        whole iteration on some worker (and, re-queued, on the next one)."""
+        sizes = [lane.vocab_size for lane in self.lanes.values() if lane.vocab_size]
+        return min(sizes) if sizes else None
+
     def num_unfinished(self) -> int:
         return sum(lane.core.num_unfinished for lane in self.lanes.values()) + len(self.orphans)
 
     async def submit(self, msg: scheduler_pb2.SubmitRequest) -> Request:
         max_len = min((lane.profile.max_model_len for lane in self.lanes.values()), default=self.profile.max_model_len)
         try:
-            request = convert.request_from_submit(msg, self.catalog, max_len, time.time())
+            request = convert.request_from_submit(msg, self.catalog, max_len, time.time(), self._vocab_size())
         except convert.InvalidInput as exc:
             raise ServiceError("INVALID_ARGUMENT", str(exc)) from None
         if not self.lanes:
@@ -393,6 +400,7 @@ class SchedulerApp:
             live_workers=len(lanes), queued_requests=self.num_unfinished(), policy=self.config.policy,
             app_classes=list(self.catalog.names),
             classes=[scheduler_pb2.AppClass(name=c.name, slo=convert.slo_to_proto(c.slo)) for c in self.catalog.classes],
+            vocab_size=self._vocab_size() or 0,
             iterations=sum(ln.stats.iterations for ln in lanes),
             overhead_ms=1000 * sum(ln.stats.overhead_s for ln in lanes) / max(1, len(lanes)),
             **self._decision_percentiles(lanes))

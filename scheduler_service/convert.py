@@ -62,7 +62,7 @@ def slo_to_proto(slo: SLO) -> common_pb2.SLOSpec:
 
 
 def request_from_submit(msg: scheduler_pb2.SubmitRequest, catalog: SLOCatalog, max_model_len: int,
-                        now: float) -> Request:
+                        now: float, vocab_size: int | None = None) -> Request:
     if not msg.request_id:
         raise InvalidInput("request_id must not be empty")
     if not msg.prompt_token_ids:
@@ -71,6 +71,10 @@ def request_from_submit(msg: scheduler_pb2.SubmitRequest, catalog: SLOCatalog, m
     if n >= max_model_len:
         raise InvalidInput(f"prompt_token_ids has {n} tokens but the model context is {max_model_len} "
                            f"(at most {max_model_len - 1} leaves room for one output token)")
+    if vocab_size is not None and max(msg.prompt_token_ids) >= vocab_size:
+        i = next(i for i, t in enumerate(msg.prompt_token_ids) if t >= vocab_size)
+        raise InvalidInput(f"prompt_token_ids[{i}] = {msg.prompt_token_ids[i]} is outside the model's vocabulary "
+                           f"(ids must be below {vocab_size})")
     app_class = msg.app_class or catalog.names[0]
     if app_class not in catalog:
         raise InvalidInput(f"app_class {app_class!r} is unknown; known classes: {', '.join(catalog.names)}")

@@ -52,6 +52,7 @@ class WorkerLane:
         self.address = address
         self.profile = profile
         self.model = profile.name
+        self.vocab_size = 0  # what the worker reported; 0 = unknown
         policy_obj = make_policy(policy, profile, catalog)
         self.core = SchedulerCore(policy_obj, profile, kv=KVBlockManager(num_blocks, block_size),
                                   config=CoreConfig(max_num_seqs=max_num_seqs,

@@ -91,7 +91,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model", "max_model_len", "block_size", "live_workers", "queued_requests", "policy", "app_classes", "iterations", "sched_ms_p50", "sched_ms_p99", "overhead_ms", "classes")
+    __slots__ = ("model", "max_model_len", "block_size", "live_workers", "queued_requests", "policy", "app_classes", "iterations", "sched_ms_p50", "sched_ms_p99", "overhead_ms", "classes", "vocab_size")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,7 @@ class ServerInfo(_message.Message):
     SCHED_MS_P99_FIELD_NUMBER: _ClassVar[int]
     OVERHEAD_MS_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
     max_model_len: int
     block_size: int
@@ -116,7 +117,8 @@ class ServerInfo(_message.Message):
     sched_ms_p99: float
     overhead_ms: float
     classes: _containers.RepeatedCompositeFieldContainer[AppClass]
-    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., live_workers: _Optional[int] = ..., queued_requests: _Optional[int] = ..., policy: _Optional[str] = ..., app_classes: _Optional[_Iterable[str]] = ..., iterations: _Optional[int] = ..., sched_ms_p50: _Optional[float] = ..., sched_ms_p99: _Optional[float] = ..., overhead_ms: _Optional[float] = ..., classes: _Optional[_Iterable[_Union[AppClass, _Mapping]]] = ...) -> None: ...
+    vocab_size: int
+    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., live_workers: _Optional[int] = ..., queued_requests: _Optional[int] = ..., policy: _Optional[str] = ..., app_classes: _Optional[_Iterable[str]] = ..., iterations: _Optional[int] = ..., sched_ms_p50: _Optional[float] = ..., sched_ms_p99: _Optional[float] = ..., overhead_ms: _Optional[float] = ..., classes: _Optional[_Iterable[_Union[AppClass, _Mapping]]] = ..., vocab_size: _Optional[int] = ...) -> None: ...
 
 class AppClass(_message.Message):
     __slots__ = ("name", "slo")

@@ -161,6 +161,21 @@ def test_client_leaving_during_submit_cancels_at_the_scheduler(stack: GatewaySta
     assert stack.wait_for(lambda: "gone-early" in stack.fake.cancels)
 
 
+def test_token_ids_outside_the_workers_vocabulary_are_refused_before_submit() -> None:
+    from gateway.testing import FakeScheduler
+
+    s = GatewayStack(fake=FakeScheduler(vocab_size=1000))  # its own: ServerInfo is cached per gateway
+    try:
+        with grpc.insecure_channel(s.grpc_target) as channel, pytest.raises(grpc.RpcError) as exc:
+            _generate(gateway_pb2_grpc.GatewayStub(channel), request_id="oov-1",
+                      tokenized=common_pb2.TokenizedInput(input_ids=[5, 1000]))
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "input_ids[1] = 1000" in exc.value.details()
+        assert not any(sub.request_id == "oov-1" for sub in s.fake.submits)
+    finally:
+        s.close()
+
+
 def test_cancel_and_get_request_pass_through(stack: GatewayStack, stub) -> None:
     _generate(stub, request_id="done-1")
     state = stub.GetRequest(gateway_pb2.GetRequestRequest(request_id="done-1"), timeout=5)

@@ -214,6 +214,21 @@ def test_submit_abandoned_mid_write_is_accepted_whole_or_not_at_all() -> None:
     _run(scenario)
 
 
+def test_a_prompt_id_outside_the_vocabulary_is_refused_and_the_worker_kept() -> None:
+    async def scenario(app: SchedulerApp, store: ScriptedStore) -> None:
+        bad = _submit("r1", 5)
+        bad.prompt_token_ids[3] = 60000  # the sim worker's vocabulary has 50272 ids
+        with pytest.raises(ServiceError) as exc:
+            await app.submit(bad)
+        assert exc.value.code == "INVALID_ARGUMENT" and "prompt_token_ids[3] = 60000" in str(exc.value)
+        assert app.server_info().vocab_size == 50272
+        await app.submit(_submit("r2", 5))
+        await _until(lambda: app.channels["r2"].finished, "a good request to finish")
+        assert "w0" in app.lanes
+
+    _run(scenario)
+
+
 def test_a_reply_the_core_cannot_apply_drops_the_worker_and_requeues() -> None:
     class Garbled(InProcessWorker):
         async def ExecuteIteration(self, msg, timeout=None):
