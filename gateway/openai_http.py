@@ -46,6 +46,8 @@ async def _read_json(request: Request) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise invalid(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise invalid("the request body is nested too deeply") from None
 
 
 async def _stream(kind: Kind, parsed: OpenAIRequest, active: ActiveRequest, model: str) -> AsyncIterator[str]:

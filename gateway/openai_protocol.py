@@ -11,6 +11,7 @@ rather than silently ignored. Response shapes follow vLLM's OpenAI server, so ``
 from __future__ import annotations
 
 import math
+from array import array
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
@@ -41,7 +42,16 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "stop": (None, "", []),
     "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
     "logit_bias": (None, {}), "tools": (None, []), "min_tokens": (None, 0),
+    "response_format": (None, {"type": "text"}), "min_p": (None, 0), "tool_choice": (None, "none"),
+    "structured_outputs": (None,), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
+    "guided_grammar": (None,), "bad_words": (None, []), "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True), "prompt_logprobs": (None, 0), "parallel_tool_calls": (None, False),
 }
+
+# Integer fields and the range their protobuf field can carry (a larger value is a 400 here,
+# not a ValueError when the message is built).
+_INT32 = (-(2**31), 2**31 - 1)
+_INT64 = (-(2**63), 2**63 - 1)
 _UNSUPPORTED_HINT = {"stop": "; stop strings are not supported, use stop_token_ids"}
 
 
@@ -65,12 +75,16 @@ def _number(body: Mapping[str, Any], name: str) -> float | None:
     v = body.get(name)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise invalid(f"{name} must be a number, got {v!r}", name)
+    try:
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(float(v))
+    except OverflowError:  # an integer literal too large for a float
+        ok = False
+    if not ok:
+        raise invalid(f"{name} must be a finite number, got {v!r}", name)
     return float(v)
 
 
-def _int(body: Mapping[str, Any], name: str) -> int | None:
+def _int(body: Mapping[str, Any], name: str, bounds: tuple[int, int] = _INT32) -> int | None:
     v = body.get(name)
     if v is None:
         return None
@@ -78,6 +92,8 @@ def _int(body: Mapping[str, Any], name: str) -> int | None:
         v = int(v)
     if not _is_int(v):
         raise invalid(f"{name} must be an integer, got {v!r}", name)
+    if not bounds[0] <= v <= bounds[1]:
+        raise invalid(f"{name} = {v} is out of range (at most {bounds[1]})", name)
     return int(v)
 
 
@@ -104,7 +120,7 @@ def _check_unsupported(body: Mapping[str, Any]) -> None:
 
 def _token_ids(value: list[Any], name: str) -> list[int]:
     for i, t in enumerate(value):
-        if not _is_int(t) or t < 0:
+        if not _is_int(t) or not 0 <= t < 2**32:
             raise invalid(f"{name}[{i}] must be a token id (an integer >= 0), got {t!r}", name)
     return list(value)
 
@@ -120,12 +136,21 @@ def _prompt(body: Mapping[str, Any], req: gateway_pb2.GenerateRequest) -> None:
                           "(a string or a list of token ids)", "prompt")
         p = p[0]  # a batch of one is one prompt
     if isinstance(p, str):
-        req.text = p
+        req.text = _unicode(p, "prompt")
     elif isinstance(p, list):
         req.tokenized.input_ids.extend(_token_ids(p, "prompt"))
         req.tokenized.SetInParent()  # an empty list still selects token input (and fails as empty)
     else:
         raise invalid(f"prompt must be a string or a list of token ids, got {type(p).__name__}", "prompt")
+
+
+def _unicode(text: str, name: str) -> str:
+    """JSON may carry lone surrogates (\\ud800) that are no Unicode text and cannot be encoded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise invalid(f"{name} is not valid Unicode text: {exc.reason} at character {exc.start}", name) from None
+    return text
 
 
 def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
@@ -151,7 +176,7 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
             content = "\n".join(texts)
         elif not isinstance(content, str):
             raise invalid(f"messages[{i}].content must be a string or a list of text parts", "messages")
-        out.append({"role": m["role"], "content": content})
+        out.append({"role": m["role"], "content": _unicode(content, f"messages[{i}].content")})
     return out
 
 
@@ -185,6 +210,10 @@ def _sampling(body: Mapping[str, Any], kind: Kind, names: dict[str, str]) -> com
     temperature = _number(body, "temperature")
     sp.temperature = 1.0 if temperature is None else temperature  # OpenAI's default is 1, not greedy
     top_p = _number(body, "top_p")
+    # 0 means "unset" in the protobuf, so a 0 (or a value float32 rounds to 0) would silently
+    # become 1.0: refused here, as vLLM does.
+    if top_p is not None and not (0 < top_p <= 1 and array("f", [top_p])[0] > 0):
+        raise invalid(f"top_p must be in (0, 1], got {top_p!r}", "top_p")
     sp.top_p = 1.0 if top_p is None else top_p
     top_k = _int(body, "top_k")
     sp.top_k = 0 if top_k in (None, -1) else top_k  # vLLM's -1 and our 0 both mean "disabled"
@@ -196,7 +225,7 @@ def _sampling(body: Mapping[str, Any], kind: Kind, names: dict[str, str]) -> com
         max_tokens = 16  # the OpenAI (and vLLM) default for completions; chat runs to the context
     if max_tokens is not None:
         sp.max_new_tokens = max_tokens
-    seed = _int(body, "seed")
+    seed = _int(body, "seed", _INT64)
     if seed is not None:
         sp.seed = seed
     stop_ids = body.get("stop_token_ids")
@@ -226,7 +255,9 @@ def parse_request(kind: Kind, body: Any, headers: Mapping[str, str]) -> OpenAIRe
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise invalid(f"stream_options must be an object, got {options!r}", "stream_options")
-    include_usage = bool(stream and options and _bool(options, "include_usage"))
+    if options is not None and not stream:
+        raise invalid("stream_options can only be set when stream is true", "stream_options")
+    include_usage = bool(options and _bool(options, "include_usage"))
     req.stream = stream
     return OpenAIRequest(kind=kind, generate=req, names=names, messages=messages, stream=stream,
                          include_usage=include_usage)

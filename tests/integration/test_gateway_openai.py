@@ -111,6 +111,20 @@ def test_models_and_health(fresh: GatewayStack, client: openai.OpenAI) -> None:
     ({"prompt": "hi", "app_class": "poetry"}, "app_class"),
     ({"prompt": "hi", "slo_ttft_ms": 500}, "slo_tbt_ms"),
     ({"prompt": "x" * 100}, "prompt"),
+    # values no protobuf field can carry: a 400, not a 500 from building the message
+    ({"prompt": "hi", "max_tokens": 2**31}, "max_tokens"),
+    ({"prompt": "hi", "top_k": 2**31}, "top_k"),
+    ({"prompt": "hi", "seed": 2**63}, "seed"),
+    ({"prompt": [2**32]}, "prompt"),
+    ({"prompt": "hi", "stop_token_ids": [2**32]}, "stop_token_ids"),
+    ({"prompt": "hi", "temperature": 10**400}, "temperature"),
+    # what vLLM refuses rather than silently changes or ignores
+    ({"prompt": "hi", "top_p": 0}, "top_p"),
+    ({"prompt": "hi", "top_p": 1e-50}, "top_p"),
+    ({"prompt": "hi", "min_p": 0.1}, "min_p"),
+    ({"prompt": "hi", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"prompt": "hi", "max_tokens": 100}, "max_tokens"),  # 2 + 100 tokens > the fake's 64-token context
 ])
 def test_bad_completion_input_is_400_naming_the_field(fresh: GatewayStack, body, field) -> None:
     r = httpx.post(fresh.http_base + "/v1/completions", json={"model": "m", **body})
@@ -129,6 +143,18 @@ def test_bad_chat_input_and_bad_json(fresh: GatewayStack, client: openai.OpenAI)
     r = httpx.post(fresh.http_base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]})
     assert r.status_code == 400 and "image_url" in r.json()["error"]["message"]
+    r = httpx.post(fresh.http_base + "/v1/completions", content=b"[" * 100_000 + b"]" * 100_000,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "nested" in r.json()["error"]["message"]
+    # a lone surrogate is legal JSON but no Unicode text (sent raw: httpx cannot encode it)
+    r = httpx.post(fresh.http_base + "/v1/completions", content=rb'{"prompt": "\ud800"}',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = httpx.post(fresh.http_base + "/v1/chat/completions",
+                   content=rb'{"messages": [{"role": "user", "content": "\ud800"}]}',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content"
+    assert fresh.fake.submits == []
 
 
 @pytest.mark.parametrize("code, status", [(grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
