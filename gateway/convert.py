@@ -126,8 +126,9 @@ def spec_to_slo(spec: common_pb2.SLOSpec) -> SLO | None:
 
 
 def check_prompt(prompt_ids: Sequence[int], max_model_len: int | None, vocab_size: int | None,
-                 names: FieldNames = GRPC_NAMES) -> None:
-    """Non-empty, fits the context with room for one output token, ids inside the vocabulary."""
+                 names: FieldNames = GRPC_NAMES, max_new_tokens: int | None = None) -> None:
+    """Non-empty, fits the context with room for one output token (for all ``max_new_tokens``
+    when the client set it, as vLLM's server requires), ids inside the vocabulary."""
     name = names["prompt"]
     if not prompt_ids:
         raise invalid(f"{name}: the prompt is empty; send at least one token of text", name)
@@ -135,6 +136,11 @@ def check_prompt(prompt_ids: Sequence[int], max_model_len: int | None, vocab_siz
     if max_model_len and n >= max_model_len:
         raise invalid(f"{name}: the prompt has {n} tokens but the model's context is {max_model_len} tokens "
                       f"(at most {max_model_len - 1} leave room for one output token); shorten the prompt", name)
+    if max_model_len and max_new_tokens is not None and n + max_new_tokens > max_model_len:
+        field = names["max_new_tokens"]
+        raise invalid(f"the model's context is {max_model_len} tokens, but {n + max_new_tokens} were requested "
+                      f"({n} in the prompt, {field} = {max_new_tokens}); reduce the prompt or {field} "
+                      f"(at most {max_model_len - n} here)", field)
     if vocab_size is not None:
         for i, tok in enumerate(prompt_ids):
             if tok >= vocab_size:

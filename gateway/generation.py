@@ -226,7 +226,8 @@ class GenerationService:
         if self.tokenizer.checks_vocab:
             limits.append(self.tokenizer.vocab_size)
         vocab = min(limits) if limits else None
-        check_prompt(prompt_ids, info.max_model_len, vocab, names)
+        max_new = sampling.max_new_tokens if sampling.HasField("max_new_tokens") else None
+        check_prompt(prompt_ids, info.max_model_len, vocab, names, max_new)
         submit = to_submit_request(request_id, prompt_ids, sampling, app_class, slo, self.tokenizer.eos_token_id)
         if text_output is None:
             text_output = req.WhichOneof("input") == "text"

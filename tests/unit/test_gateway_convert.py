@@ -7,7 +7,7 @@ import pytest
 
 from accelgen.v1 import common_pb2, gateway_pb2
 from gateway.config import GatewayConfig
-from gateway.convert import (check_prompt, resolve_request_id, resolve_slo, to_submit_request, validate_request,
+from gateway.convert import (GRPC_NAMES, check_prompt, resolve_request_id, resolve_slo, to_submit_request, validate_request,
                              validate_sampling)
 from gateway.errors import GatewayError, http_status_of, status_of
 from scheduler_service.core.slo import SLOCatalog
@@ -72,6 +72,9 @@ def test_check_prompt() -> None:
     assert "outside the vocabulary" in _invalid(check_prompt, [1, 300], 100, 259).message
     assert "empty" in _invalid(check_prompt, [], 100, None).message
     check_prompt([1, 300], 100, None)  # byte tokenizer: ids beyond bytes are legal for sim workers
+    check_prompt([1] * 10, 20, None, max_new_tokens=10)  # exactly fills the context
+    err = _invalid(check_prompt, [1] * 10, 20, None, GRPC_NAMES, 11)
+    assert err.param == "sampling_params.max_new_tokens" and "at most 10 here" in err.message
 
 
 def test_validate_request_and_submit() -> None:
