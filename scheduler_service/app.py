@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -290,15 +291,18 @@ class SchedulerApp:
                 delay = min(1.0, delay * 2)
 
     def _check_feasible(self, request: Request) -> None:
-        """An SLO that no worker's profile can meet is refused up front, with the numbers."""
+        """An SLO that no worker's profile can meet is refused up front, with the numbers.
+        FAILED_PRECONDITION (HTTP 400), not RESOURCE_EXHAUSTED: retrying cannot help while
+        these workers serve, and HTTP clients retry a 429 on their own."""
         tbt = request.slo.tbt_s
         if tbt is None:
             return
         fastest = min(lane.profile.forward_time_s(1) for lane in self.lanes.values())
         if tbt < fastest:
-            raise ServiceError("RESOURCE_EXHAUSTED",
-                               f"slo.tbt_ms={tbt * 1000:g} cannot be met: one decode iteration takes at least "
-                               f"{fastest * 1000:.2f} ms on the registered workers")
+            raise ServiceError("FAILED_PRECONDITION",
+                               f"the SLO's tbt_ms = {tbt * 1000:g} cannot be met: one decode iteration takes at "
+                               f"least {fastest * 1000:.2f} ms on the registered workers; ask for at least "
+                               f"{math.ceil(fastest * 1000)} ms or use a looser application class")
 
     async def commit(self, lane: WorkerLane, changes, outcome) -> None:
         """Make one iteration durable (one Redis round trip), then publish its tokens."""

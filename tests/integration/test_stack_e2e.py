@@ -91,7 +91,7 @@ def test_openai_client_streams_a_completion(stack: Stack) -> None:
     ({"max_tokens": 5, "prompt_len": 5000}, grpc.StatusCode.INVALID_ARGUMENT, "context"),
     ({"max_tokens": 5, "app_class": "nope"}, grpc.StatusCode.INVALID_ARGUMENT, "app_class"),
     ({"max_tokens": 5, "ttft_ms": 1000, "tbt_ms": 0.5}, grpc.StatusCode.INVALID_ARGUMENT, "tbt_ms"),
-    ({"max_tokens": 5, "ttft_ms": 1000, "tbt_ms": 10}, grpc.StatusCode.RESOURCE_EXHAUSTED, "cannot be met"),
+    ({"max_tokens": 5, "ttft_ms": 1000, "tbt_ms": 10}, grpc.StatusCode.FAILED_PRECONDITION, "cannot be met"),
 ])
 def test_errors_have_codes_and_leave_other_requests_intact(stack: Stack, request_fields: dict, code: grpc.StatusCode,
                                                            fragment: str) -> None:
