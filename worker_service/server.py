@@ -43,6 +43,8 @@ class PlanRunner:
         if plan.epoch != self.epoch:
             # A new scheduler incarnation rebuilt its state from Redis; what this worker holds
             # about requests belongs to the old one. Drop it: the new one sends is_new chunks.
+            # This happens even if the plan is then rejected (ValueError below): once a newer
+            # scheduler has spoken, the old one's state is obsolete whatever the new one sent.
             if self.epoch is not None:
                 log.info("epoch_changed", old=self.epoch, new=plan.epoch, iteration=plan.iteration)
             self.executor.reset()
