@@ -32,6 +32,9 @@ class GatewayConfig:
     model: str | None = _f(None, "HF model directory or name whose tokenizer is used; unset or 'sim' = "
                                  "the byte tokenizer of the sim executor")
     tokenizer: str | None = _f(None, "tokenizer directory or name, when it differs from --model")
+    served_model_name: str = _f("", "other names clients may give as `model` over HTTP, comma-separated (as "
+                                    "vLLM's --served-model-name); the scheduler's model name and --model "
+                                    "are always accepted, any other name is 404")
     default_app_class: str = _f("chat", "application class of requests that name none")
     slo_ttft_ms_min: float = _f(10.0, "smallest TTFT SLO a client may ask for (ms)")
     slo_ttft_ms_max: float = _f(600_000.0, "largest TTFT SLO a client may ask for (ms)")
@@ -73,6 +76,12 @@ class GatewayConfig:
             raise ValueError("default_app_class must name a class (the scheduler's classes are checked per request)")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+
+    def model_names(self, scheduler_model: str | None = None) -> set[str]:
+        """Every name a client may give as ``model`` (the scheduler's, when given, included)."""
+        names = {n.strip() for n in self.served_model_name.split(",") if n.strip()}
+        names.update(n for n in (self.model, scheduler_model) if n)
+        return names
 
     @property
     def tokenizer_path(self) -> str | None:

@@ -22,8 +22,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gateway.errors import GatewayError, http_status_of, invalid, status_of
 from gateway.generation import ActiveRequest, GenerationService, Outcome
-from gateway.openai_protocol import (Kind, OpenAIRequest, error_body, full_response, models_body, parse_request,
-                                     response_id, stream_chunk, usage_chunk)
+from gateway.openai_protocol import (Kind, OpenAIRequest, check_model, error_body, full_response, models_body,
+                                     parse_request, response_id, stream_chunk, usage_chunk)
 
 log = structlog.get_logger("gateway.http")
 
@@ -121,7 +121,11 @@ def create_app(service: GenerationService) -> FastAPI:
         return JSONResponse(models_body(info.model, info.max_model_len, int(time.time())))
 
     async def generate(kind: Kind, request: Request) -> Response:
-        parsed = parse_request(kind, await _read_json(request), request.headers)
+        body = await _read_json(request)
+        parsed = parse_request(kind, body, request.headers)
+        model = body.get("model")  # parse_request made sure body is an object
+        if model is not None and not (isinstance(model, str) and model in service.config.model_names()):
+            check_model(model, service.config.model_names((await service.client.server_info()).model))
         if parsed.messages is not None:
             try:
                 parsed.generate.text = service.tokenizer.apply_chat(parsed.messages)

@@ -15,9 +15,11 @@ from array import array
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
+import grpc
+
 from accelgen.v1 import common_pb2, gateway_pb2
 from gateway.convert import FieldNames
-from gateway.errors import invalid
+from gateway.errors import GatewayError, invalid
 
 Kind = Literal["completion", "chat"]
 
@@ -235,6 +237,18 @@ def _sampling(body: Mapping[str, Any], kind: Kind, names: dict[str, str]) -> com
         sp.stop_token_ids.extend(_token_ids(stop_ids, "stop_token_ids"))
     sp.ignore_eos = _bool(body, "ignore_eos")
     return sp
+
+
+def check_model(model: Any, served: set[str]) -> None:
+    """``model`` may be left out (the served model is meant) or name it; another name is a 404
+    and a non-string a 400, as in vLLM's server."""
+    if model is None:
+        return
+    if not isinstance(model, str):
+        raise invalid(f"model must be a string, got {model!r}", "model")
+    if model not in served:
+        raise GatewayError(grpc.StatusCode.NOT_FOUND, f"The model `{model}` does not exist; this server serves "
+                           f"{', '.join(sorted(served))}", "model")
 
 
 def parse_request(kind: Kind, body: Any, headers: Mapping[str, str]) -> OpenAIRequest:

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[GatewayStack]:
-    s = GatewayStack(reconnect_timeout_s=3.0)
+    s = GatewayStack(reconnect_timeout_s=3.0, served_model_name="alias")
     yield s
     s.close()
 
@@ -70,13 +70,13 @@ def test_openai_client_gets_a_chat_completion(fresh: GatewayStack, client: opena
 
 
 def test_openai_client_streams_chat(fresh: GatewayStack, client: openai.OpenAI) -> None:
-    chunks = list(client.chat.completions.create(model="m", stream=True, messages=[{"role": "user", "content": "x"}]))
+    chunks = list(client.chat.completions.create(model="fake-model", stream=True, messages=[{"role": "user", "content": "x"}]))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello, world!"
 
 
 def test_raw_sse_shape_matches_vllm(fresh: GatewayStack) -> None:
-    body = {"model": "m", "prompt": [5, 6, 7], "max_tokens": 13, "stream": True, "ignore_eos": True,
+    body = {"model": "fake-model", "prompt": [5, 6, 7], "max_tokens": 13, "stream": True, "ignore_eos": True,
             "logprobs": None, "repetition_penalty": 1.0, "stream_options": {"include_usage": True}}
     with httpx.stream("POST", fresh.http_base + "/v1/completions", json=body,
                       headers={"x-request-id": "bench-abc-0"}) as r:
@@ -127,16 +127,28 @@ def test_models_and_health(fresh: GatewayStack, client: openai.OpenAI) -> None:
     ({"prompt": "hi", "max_tokens": 100}, "max_tokens"),  # 2 + 100 tokens > the fake's 64-token context
 ])
 def test_bad_completion_input_is_400_naming_the_field(fresh: GatewayStack, body, field) -> None:
-    r = httpx.post(fresh.http_base + "/v1/completions", json={"model": "m", **body})
+    r = httpx.post(fresh.http_base + "/v1/completions", json={"model": "fake-model", **body})
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert field in err["message"] and err["param"] == field and err["code"] == 400
     assert fresh.fake.submits == []
 
 
+def test_model_may_be_omitted_or_name_what_is_served_and_nothing_else(fresh: GatewayStack,
+                                                                     client: openai.OpenAI) -> None:
+    url = fresh.http_base + "/v1/completions"
+    assert httpx.post(url, json={"prompt": "hi", "max_tokens": 2}).status_code == 200  # no model: the served one
+    assert httpx.post(url, json={"model": "alias", "prompt": "hi", "max_tokens": 2}).status_code == 200
+    with pytest.raises(openai.NotFoundError, match="gpt-4"):
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
+    r = httpx.post(url, json={"model": ["fake-model"], "prompt": "hi"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    assert len(fresh.fake.submits) == 2
+
+
 def test_bad_chat_input_and_bad_json(fresh: GatewayStack, client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="messages"):
-        client.chat.completions.create(model="m", messages=[])
+        client.chat.completions.create(model="fake-model", messages=[])
     r = httpx.post(fresh.http_base + "/v1/chat/completions", content=b"{not json",
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
@@ -162,15 +174,15 @@ def test_bad_chat_input_and_bad_json(fresh: GatewayStack, client: openai.OpenAI)
                                           (grpc.StatusCode.INVALID_ARGUMENT, 400)])
 def test_scheduler_errors_map_to_http(fresh: GatewayStack, code, status) -> None:
     fresh.fake.submit_error = (code, "no profile meets a 1 ms TBT")
-    r = httpx.post(fresh.http_base + "/v1/completions", json={"model": "m", "prompt": "hi", "stream": True})
+    r = httpx.post(fresh.http_base + "/v1/completions", json={"model": "fake-model", "prompt": "hi", "stream": True})
     assert r.status_code == status and r.json()["error"]["message"] == "no profile meets a 1 ms TBT"
 
 
 def test_slo_from_headers_and_extra_body(fresh: GatewayStack, client: openai.OpenAI) -> None:
-    client.completions.create(model="m", prompt="a", extra_headers={
+    client.completions.create(model="fake-model", prompt="a", extra_headers={
         "x-accelgen-app-class": "code", "x-accelgen-slo-ttft-ms": "900", "x-accelgen-slo-tbt-ms": "150"})
-    client.completions.create(model="m", prompt="b", extra_body={"app_class": "batch", "slo_jct_ms": 60_000})
-    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "c"}],
+    client.completions.create(model="fake-model", prompt="b", extra_body={"app_class": "batch", "slo_jct_ms": 60_000})
+    client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "c"}],
                                    extra_body={"app_class": "summarization", "top_k": 5, "stop_token_ids": [9]},
                                    extra_headers={"x-accelgen-app-class": "code"})  # the body wins
     by_header, by_body, chat = fresh.fake.submits
@@ -183,7 +195,7 @@ def test_slo_from_headers_and_extra_body(fresh: GatewayStack, client: openai.Ope
 def test_stream_resumes_after_scheduler_restart(fresh: GatewayStack) -> None:
     fresh.reset(token_delay_s=0.03)
     with httpx.stream("POST", fresh.http_base + "/v1/completions",
-                      json={"model": "m", "prompt": "hi", "stream": True}) as r:
+                      json={"model": "fake-model", "prompt": "hi", "stream": True}) as r:
         lines = r.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         fresh.restart_scheduler(down_s=0.3)
@@ -195,7 +207,7 @@ def test_stream_resumes_after_scheduler_restart(fresh: GatewayStack) -> None:
 def test_http_disconnect_cancels_at_the_scheduler(fresh: GatewayStack) -> None:
     fresh.reset(token_delay_s=0.05)
     with httpx.stream("POST", fresh.http_base + "/v1/completions",
-                      json={"model": "m", "prompt": "hi", "stream": True}, headers={"x-request-id": "gone-http"}) as r:
+                      json={"model": "fake-model", "prompt": "hi", "stream": True}, headers={"x-request-id": "gone-http"}) as r:
         next(line for line in r.iter_lines() if line.startswith("data: "))
     assert fresh.wait_for(lambda: "gone-http" in fresh.fake.cancels)
 
@@ -227,5 +239,5 @@ def test_non_streaming_client_gone_cancels_at_the_scheduler(fresh: GatewayStack)
     fresh.reset(token_delay_s=0.1)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(fresh.http_base + "/v1/chat/completions", timeout=0.3, headers={"x-request-id": "gone-full"},
-                   json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+                   json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]})
     assert fresh.wait_for(lambda: "gone-full" in fresh.fake.cancels)
