@@ -85,7 +85,12 @@ class Registration:
 
     async def _register(self) -> bool:
         if self._before_register is not None:
-            await self._before_register()
+            try:
+                await self._before_register()
+            except Exception:  # e.g. the executor failed to reset: retried with the registration,
+                # rather than ending this loop and leaving a SERVING worker no scheduler knows
+                log.exception("before_register_failed", worker=self.worker_id)
+                return False
         request = scheduler_pb2.RegisterWorkerRequest(worker_id=self.worker_id, address=self.address,
                                                       description=self.description)
         try:
