@@ -106,8 +106,10 @@ def run(scenario: Callable[[], Awaitable[None]]) -> None:
 
 # -- plans on the wire ---------------------------------------------------------------------
 def new(rid: str, prompt: list[int], blocks: list[int], samples: bool = True) -> worker_pb2.ScheduledChunk:
+    """The whole prompt (``samples``), or its first part of a longer one (not ``samples``)."""
     return worker_pb2.ScheduledChunk(request_id=rid, token_ids=prompt, new_block_ids=blocks, is_new=True,
-                                     block_table=blocks, prompt_len=len(prompt), samples=samples,
+                                     block_table=blocks, prompt_len=len(prompt) + (0 if samples else 1),
+                                     samples=samples,
                                      sampling_params=common_pb2.SamplingParams(max_new_tokens=8))
 
 
@@ -247,7 +249,7 @@ def test_freed_requests_are_forgotten():
     async def scenario():
         async with cluster() as (_, handle, stub):
             await stub.ExecuteIteration(batch(1, new("x", [1, 2], [1]), new("y", [3], [2])), timeout=2)
-            await stub.ExecuteIteration(batch(2, step("y", 1, 4), freed=("x",)), timeout=2)
+            await stub.ExecuteIteration(batch(2, step("y", 1, sim_token("y", 0)), freed=("x",)), timeout=2)
             assert "x" not in handle.executor.requests and "y" in handle.executor.requests
             err = await rejected(stub, batch(3, step("x", 2, 5)))
             assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "'x'" in err.details()
@@ -358,6 +360,6 @@ def test_iterations_stay_serialised_when_a_caller_gives_up():
             assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             # The abandoned iteration still runs to the end before the next one starts, so the
             # request it introduced is known when the next plan refers to it.
-            r = await stub.ExecuteIteration(batch(2, step("x", 8, 1)), timeout=5)
+            r = await stub.ExecuteIteration(batch(2, step("x", 8, sim_token("x", 0))), timeout=5)
             assert r.sampled_token_ids["x"] == sim_token("x", 1)
     run(scenario)

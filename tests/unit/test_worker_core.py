@@ -79,13 +79,13 @@ def test_sim_freed_requests_are_forgotten_and_rejected_plans_change_nothing():
     ex = sim()
     ex.execute(plan(new_chunk("a", [1, 2], [1]), new_chunk("b", [3], [2]), new_chunk("d", [3], [3])))
     assert "a" in ex.requests and "b" in ex.requests
-    ex.execute(plan(next_chunk("b", 1, [4]), freed=["a", "never-seen"], iteration=2))
+    ex.execute(plan(next_chunk("b", 1, [sim_token("b", 0)]), freed=["a", "never-seen"], iteration=2))
     assert "a" not in ex.requests
     with pytest.raises(ValueError, match="'a'.*unknown"):
         ex.execute(plan(next_chunk("a", 2, [5]), iteration=3))
     # Atomic: the good chunk before the bad one did not advance, the freed id was not freed.
     with pytest.raises(ValueError, match="block id 9999"):
-        ex.execute(plan(next_chunk("b", 2, [5]), new_chunk("c", [1], [9999]), freed=["d"], iteration=4))
+        ex.execute(plan(next_chunk("b", 2, [sim_token("b", 1)]), new_chunk("c", [1], [9999]), freed=["d"], iteration=4))
     assert ex.requests.get("b").num_computed_tokens == 2 and "c" not in ex.requests and "d" in ex.requests
 
 
@@ -99,12 +99,29 @@ def test_sim_checks_blocks_context_and_vocab():
         ex.execute(plan(new_chunk("v", [60000], [1])))
     with pytest.raises(ValueError, match="beyond max_model_len=2048"):
         ex.execute(plan(new_chunk("long", [1] * 2049, list(range(1, 18)))))
-    ex.execute(plan(new_chunk("g", [1] * 128, [1], samples=False)))
+    ex.execute(plan(new_chunk("g", [1] * 128, [1], samples=False, prompt_len=300)))
     with pytest.raises(ValueError, match="needs|need 2 blocks"):
-        ex.execute(plan(next_chunk("g", 128, [1]), iteration=2))
-    ex.execute(plan(next_chunk("g", 128, [1], new_blocks=[2]), iteration=2))
+        ex.execute(plan(next_chunk("g", 128, [1], samples=False), iteration=2))
+    ex.execute(plan(next_chunk("g", 128, [1], new_blocks=[2], samples=False), iteration=2))
     with pytest.raises(ValueError, match="num_computed_tokens=200 but only 129 KV entries"):
-        ex.execute(plan(next_chunk("g", 200, [1]), iteration=3))
+        ex.execute(plan(next_chunk("g", 200, [1], samples=False), iteration=3))
+
+
+def test_sim_samples_exactly_where_vllm_would():
+    ex = sim()
+    with pytest.raises(ValueError, match="samples=False but the chunk reaches"):
+        ex.execute(plan(new_chunk("a", [1] * 8, [1], samples=False)))
+    with pytest.raises(ValueError, match="samples=True but the chunk stops short"):
+        ex.execute(plan(new_chunk("a", [1] * 8, [1], prompt_len=20)))
+    with pytest.raises(ValueError, match="runs past prompt_len"):
+        ex.execute(plan(new_chunk("a", [1] * 8, [1], prompt_len=4)))
+    ex.execute(plan(new_chunk("a", [1] * 8, [1], samples=False, prompt_len=10)))
+    with pytest.raises(ValueError, match="straddle"):
+        ex.execute(plan(next_chunk("a", 8, [1, 1, 1]), iteration=2))
+    ex.execute(plan(next_chunk("a", 8, [1, 1]), iteration=2))  # reaches the prompt's end: samples
+    with pytest.raises(ValueError, match="not the tokens this worker sampled"):
+        ex.execute(plan(next_chunk("a", 10, [sim_token("a", 0) + 1]), iteration=3))
+    ex.execute(plan(next_chunk("a", 10, [sim_token("a", 0)]), iteration=3))
 
 
 def test_sim_elapsed_follows_the_profile():
@@ -128,7 +145,7 @@ def test_sim_describe_comes_from_the_profile():
 def test_plan_runner_resets_on_epoch_change_only():
     runner = PlanRunner(sim())
     runner.run(plan(new_chunk("a", [1], [1]), epoch="one"))
-    runner.run(plan(next_chunk("a", 1, [2]), epoch="one", iteration=2))
+    runner.run(plan(next_chunk("a", 1, [sim_token("a", 0)]), epoch="one", iteration=2))
     with pytest.raises(ValueError, match="unknown"):
         runner.run(plan(next_chunk("a", 2, [3]), epoch="two", iteration=1))
     assert runner.epoch == "two" and len(runner.executor.requests) == 0

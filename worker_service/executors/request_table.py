@@ -27,6 +27,9 @@ class RequestState:
     num_computed_tokens: int  # KV entries that exist on this worker
     block_table: tuple[int, ...]
     sampling: SamplingParams | None
+    # Tokens whose ids the scheduler sent with is_new: the prompt, plus the outputs of a request
+    # being recomputed. Beyond them every token is one this worker sampled.
+    known_len: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,9 @@ class RequestTable:
                 )
             self._check_blocks(where, "block_table", c.block_table)
             prompt_len, table, sampling = c.prompt_len, tuple(c.block_table), c.sampling
+            known_len = c.prompt_len + c.num_output_tokens
+            if c.num_computed_tokens + len(c.token_ids) > known_len:
+                raise ValueError(f"{where}: is_new chunk runs past prompt_len + num_output_tokens = {known_len}")
         else:
             old = requests.get(c.request_id)
             if old is None:
@@ -99,6 +105,11 @@ class RequestTable:
                 )
             self._check_blocks(where, "new_block_ids", c.new_block_ids)
             prompt_len, table, sampling = old.prompt_len, old.block_table + tuple(c.new_block_ids), old.sampling
+            known_len = old.known_len
+            start, stop = c.num_computed_tokens, c.num_computed_tokens + len(c.token_ids)
+            if start < known_len < stop:
+                raise ValueError(f"{where}: positions {start}..{stop - 1} straddle the end of the tokens sent "
+                                 f"with is_new ({known_len}) on this worker; resend it with is_new")
         end = c.num_computed_tokens + len(c.token_ids)
         if end > self.max_model_len:
             raise ValueError(f"{where}: runs to position {end}, beyond max_model_len={self.max_model_len}")
@@ -110,7 +121,12 @@ class RequestTable:
         bad = [t for t in c.token_ids if t >= self.vocab_size]
         if bad:
             raise ValueError(f"{where}.token_ids: {bad[0]} is not below vocab_size={self.vocab_size}")
-        return RequestState(prompt_len, end, table, sampling)
+        if c.samples != (end >= known_len):
+            # vLLM samples exactly when a chunk reaches the last known token; every executor
+            # holds plans to that, so the sim rejects what a vLLM worker would.
+            raise ValueError(f"{where}: samples={c.samples} but the chunk "
+                             f"{'reaches' if end >= known_len else 'stops short of'} the request's last token")
+        return RequestState(prompt_len, end, table, sampling, known_len)
 
     def _check_blocks(self, where: str, field: str, block_ids: list[int]) -> None:
         for b in block_ids:

@@ -78,6 +78,7 @@ class SimExecutor(Executor):
 
     def execute(self, plan: WorkerPlan) -> ExecResult:
         prepared = self.requests.prepare(plan)  # raises before anything "runs"
+        self._check_decode_tokens(plan, prepared.states)
         elapsed = 0.0
         if plan.chunks and self.time_scale > 0:
             modeled = self.profile.batch_time_s((len(c.token_ids), c.num_computed_tokens) for c in plan.chunks)
@@ -92,6 +93,18 @@ class SimExecutor(Executor):
         }
         self.requests.commit(prepared)
         return ExecResult(iteration=plan.iteration, sampled_token_ids=sampled, elapsed_s=elapsed)
+
+    def _check_decode_tokens(self, plan: WorkerPlan, states) -> None:
+        """A decode feeds back tokens this worker sampled; vLLM's runner refuses others, and so
+        does the sim (its samples are a function of request and index, so it needs no memory)."""
+        for i, (c, state) in enumerate(zip(plan.chunks, states)):
+            if c.is_new or c.num_computed_tokens < state.known_len:
+                continue
+            expected = [sim_token(c.request_id, p - state.prompt_len, self.vocab_size)
+                        for p in range(c.num_computed_tokens, state.num_computed_tokens)]
+            if list(c.token_ids) != expected:
+                raise ValueError(f"chunks[{i}] (request {c.request_id!r}): token_ids {list(c.token_ids)[:8]} are not "
+                                 f"the tokens this worker sampled there ({expected[:8]}); resend it with is_new")
 
     def reset(self) -> None:
         self.requests.reset()
