@@ -7,7 +7,9 @@
   adopted by the other lanes and recomputed (their outputs so far are kept).
 - **Recovery.** A (re)started scheduler takes the leader lease, starts a new *epoch* (workers
   drop their caches when they see it), and adopts every live request from Redis: nothing
-  accepted is lost, and since every block table starts empty, no KV block is leaked.
+  accepted is lost, and since every block table starts empty, no KV block is leaked. Each lane
+  has an epoch of its own (the scheduler's plus a generation), so a worker given a fresh lane
+  drops what an older lane left there, and a worker re-registering after a blip keeps its lane.
 - **Delivery.** Tokens are published to watchers only after the iteration's Redis write.
 """
 
@@ -38,6 +40,12 @@ from scheduler_service.watch import WatchSession
 log = structlog.get_logger("scheduler")
 
 
+# A registration with the same values is the same worker (a restarted worker process with the
+# same id is caught by its first plan: it knows none of the lane's requests, the iteration fails
+# INVALID_ARGUMENT, the lane is dropped and the worker re-registers into a fresh one).
+_SAME_WORKER_KEYS = ("address", "model", "executor", "block_size", "num_blocks", "max_model_len", "vocab_size")
+
+
 @dataclass
 class RequestChannel:
     """What watchers of one request see: its tokens so far and whether it is done."""
@@ -65,6 +73,7 @@ class SchedulerApp:
         self.catalog = config.catalog()
         self.profile = load_profile(config.profile)
         self.epoch = uuid.uuid4().hex[:12]
+        self._lane_generation = 0  # lane epochs are f"{epoch}.{generation}"
         self.lanes: dict[str, WorkerLane] = {}
         self.owner: dict[str, str] = {}  # request id -> worker id
         self.channels: dict[str, RequestChannel] = {}
@@ -151,6 +160,9 @@ class SchedulerApp:
         lane = WorkerLane(self, worker_id, desc["address"], self._lane_profile(desc), int(desc["num_blocks"]),
                           int(desc["block_size"]), self.config.policy, self.catalog, max_seqs,
                           max_batched_tokens=int(desc.get("max_num_batched_tokens") or 0))
+        self._lane_generation += 1
+        lane.epoch = f"{self.epoch}.{self._lane_generation}"
+        lane.description = dict(desc)
         lane.model = str(desc.get("model") or lane.profile.name)
         lane.vocab_size = int(desc.get("vocab_size") or 0)
         self.lanes[worker_id] = lane
@@ -166,8 +178,15 @@ class SchedulerApp:
             await self.store.register_worker(worker_id, desc, self.config.heartbeat_ttl_s)
         except Exception as exc:
             raise ServiceError("UNAVAILABLE", f"the state store (Redis) is unavailable: {exc}") from None
-        if worker_id in self.lanes:
-            await self.drop_worker(worker_id, reason="re-registered", remove_from_store=False)
+        existing = self.lanes.get(worker_id)
+        if existing is not None and all(existing.description.get(k) == desc.get(k) for k in _SAME_WORKER_KEYS):
+            # The same worker back after a blip (say its heartbeats failed while this scheduler
+            # started and adopted it from Redis): it still holds what this lane sent it.
+            existing.last_heartbeat = time.monotonic()
+            log.info("worker_reregistered", worker=worker_id, lane_epoch=existing.epoch)
+            return
+        if existing is not None:  # changed: a new lane (new epoch), the old one's requests re-queued
+            await self.drop_worker(worker_id, reason="re-registered with a new description", remove_from_store=False)
         self._add_lane(worker_id, desc)
         orphans, self.orphans = self.orphans, []
         for r in orphans:

@@ -53,6 +53,8 @@ class WorkerLane:
         self.profile = profile
         self.model = profile.name
         self.vocab_size = 0  # what the worker reported; 0 = unknown
+        self.epoch = ""  # sent with every plan; set by the app, new for every lane
+        self.description: dict = {}  # the registration this lane was made from
         policy_obj = make_policy(policy, profile, catalog)
         self.core = SchedulerCore(policy_obj, profile, kv=KVBlockManager(num_blocks, block_size),
                                   config=CoreConfig(max_num_seqs=max_num_seqs,
@@ -114,7 +116,7 @@ class WorkerLane:
                 except asyncio.TimeoutError:
                     pass
                 continue
-            msg = convert.plan_to_proto(plan, core.requests, self.app.epoch)
+            msg = convert.plan_to_proto(plan, core.requests, self.epoch)
             try:
                 reply = await self.stub.ExecuteIteration(msg, timeout=self.app.config.worker_rpc_timeout_s)
                 outcome = core.complete(plan, convert.result_from_proto(reply), time.time())

@@ -92,7 +92,6 @@ async def start_worker(config: WorkerConfig, executor: Executor | None = None) -
     registration = Registration(
         scheduler_pb2_grpc.SchedulerStub(channel), config.worker_id, address, servicer.description,
         rpc_timeout_s=config.rpc_timeout_s, backoff_max_s=config.register_backoff_max_s,
-        before_register=servicer.forget_requests,
     )
     handle = WorkerHandle(config, port, address, server, health_servicer, servicer, registration, channel)
     handle.task = asyncio.create_task(serve_until_stopped(

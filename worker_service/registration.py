@@ -7,6 +7,11 @@ heartbeat that failed (the scheduler was down; it may have come back without us)
 lead to registering again with the full description. Registration retries with exponential
 backoff until the scheduler answers; every call carries a deadline so a hung scheduler cannot
 stall the loop.
+
+Registering does not reset the executor. Plans carry their lane's epoch and the worker resets
+on the first plan of a new one (server.PlanRunner), so a scheduler that gives this worker a
+fresh lane also gives it a clean slate, and one that keeps the lane (same worker back after a
+blip) finds the requests it sent still there.
 """
 
 from __future__ import annotations

@@ -74,15 +74,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                   elapsed_s=round(result.elapsed_s, 6), predicted_s=round(plan.predicted_time_s, 6))
         return result_to_proto(result)
 
-    async def forget_requests(self) -> None:
-        """Reset the executor on its thread, after any iteration already queued there.
-
-        Called before every RegisterWorker: the scheduler starts a fresh session for a worker
-        that (re-)registers and sends every request it schedules there as new, so whatever
-        this worker still holds would only occupy the model runner's slots.
-        """
-        await asyncio.get_running_loop().run_in_executor(self._thread, self.executor.reset)
-
     async def Describe(self, request: worker_pb2.DescribeRequest, context: grpc.aio.ServicerContext) -> scheduler_pb2.WorkerDescription:
         return self.description
 

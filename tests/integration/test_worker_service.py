@@ -148,9 +148,12 @@ def test_reregisters_when_the_scheduler_forgot_it():
             await stub.ExecuteIteration(batch(1, new("x", [1, 2], [1])), timeout=2)
             fake.forget = 1
             await eventually(lambda: len(fake.registrations) == 2, what="re-registration")
-            # A registration is a new session on the scheduler: the worker forgot "x" first.
-            assert "x" not in handle.executor.requests
+            # Registering resets nothing: a scheduler keeping this worker's lane still finds "x".
+            assert "x" in handle.executor.requests
             assert fake.registrations[1].description == fake.registrations[0].description
+            # A fresh lane's first plan carries a new epoch, and that is what clears the worker.
+            await stub.ExecuteIteration(batch(2, new("y", [3], [2]), epoch="e1.2"), timeout=2)
+            assert "x" not in handle.executor.requests and "y" in handle.executor.requests
             n = len(fake.heartbeats)
             await eventually(lambda: len(fake.heartbeats) >= n + 2, what="heartbeats after re-registering")
             assert len(fake.registrations) == 2

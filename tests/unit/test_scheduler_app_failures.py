@@ -229,6 +229,22 @@ def test_a_prompt_id_outside_the_vocabulary_is_refused_and_the_worker_kept() -> 
     _run(scenario)
 
 
+def test_a_worker_reregistering_unchanged_keeps_its_lane_and_a_changed_one_gets_a_fresh_epoch() -> None:
+    async def scenario(app: SchedulerApp, store: ScriptedStore) -> None:
+        await app.submit(_submit("r1", 300))
+        await _until(lambda: len(app.channels["r1"].tokens) >= 3, "first tokens")
+        lane = app.lanes["w0"]
+        await app.register_worker("w0", dict(lane.description))  # back after a blip, as it was
+        assert app.lanes["w0"] is lane and app.owner["r1"] == "w0"
+        await _until(lambda: app.channels["r1"].finished, "the request to finish on the kept lane")
+        assert app.channels["r1"].tokens == [sim_token("r1", i) for i in range(300)]
+        changed = dict(lane.description, num_blocks=lane.description["num_blocks"] - 1)
+        await app.register_worker("w0", changed)  # another KV size: not the worker the lane knew
+        assert app.lanes["w0"] is not lane and app.lanes["w0"].epoch not in ("", lane.epoch)
+
+    _run(scenario)
+
+
 def test_a_reply_the_core_cannot_apply_drops_the_worker_and_requeues() -> None:
     class Garbled(InProcessWorker):
         async def ExecuteIteration(self, msg, timeout=None):
