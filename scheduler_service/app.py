@@ -157,14 +157,11 @@ class SchedulerApp:
         max_seqs = self.config.max_num_seqs
         if desc.get("max_num_seqs"):
             max_seqs = min(max_seqs, int(desc["max_num_seqs"]))
+        self._lane_generation += 1
         lane = WorkerLane(self, worker_id, desc["address"], self._lane_profile(desc), int(desc["num_blocks"]),
                           int(desc["block_size"]), self.config.policy, self.catalog, max_seqs,
-                          max_batched_tokens=int(desc.get("max_num_batched_tokens") or 0))
-        self._lane_generation += 1
-        lane.epoch = f"{self.epoch}.{self._lane_generation}"
-        lane.description = dict(desc)
-        lane.model = str(desc.get("model") or lane.profile.name)
-        lane.vocab_size = int(desc.get("vocab_size") or 0)
+                          max_batched_tokens=int(desc.get("max_num_batched_tokens") or 0), description=desc,
+                          epoch=f"{self.epoch}.{self._lane_generation}")
         self.lanes[worker_id] = lane
         lane.start()
         return lane

@@ -46,15 +46,13 @@ class LaneStats:
 class WorkerLane:
     def __init__(self, app: "SchedulerApp", worker_id: str, address: str, profile: DeviceProfile,
                  num_blocks: int, block_size: int, policy: str, catalog: SLOCatalog, max_num_seqs: int,
-                 max_batched_tokens: int = 0) -> None:
+                 max_batched_tokens: int = 0, description: dict | None = None, epoch: str = "") -> None:
         self.app = app
         self.worker_id = worker_id
         self.address = address
         self.profile = profile
-        self.model = profile.name
-        self.vocab_size = 0  # what the worker reported; 0 = unknown
-        self.epoch = ""  # sent with every plan; set by the app, new for every lane
-        self.description: dict = {}  # the registration this lane was made from
+        self.description = dict(description or {})  # the registration this lane was made from
+        self.epoch = epoch  # sent with every plan; new for every lane, so the worker resets on it
         policy_obj = make_policy(policy, profile, catalog)
         self.core = SchedulerCore(policy_obj, profile, kv=KVBlockManager(num_blocks, block_size),
                                   config=CoreConfig(max_num_seqs=max_num_seqs,
@@ -68,6 +66,15 @@ class WorkerLane:
         self._committing: asyncio.Task | None = None  # the newest iteration's write; each waits for the one before
         self.registry_refresh: asyncio.Task | None = None  # the heartbeat's TTL write to Redis, if in flight
         self._stopping = False
+
+    @property
+    def model(self) -> str:
+        return str(self.description.get("model") or self.profile.name)
+
+    @property
+    def vocab_size(self) -> int:
+        """What the worker reported; 0 = unknown."""
+        return int(self.description.get("vocab_size") or 0)
 
     # -- load ---------------------------------------------------------------------------------
     def load(self) -> int:
