@@ -43,7 +43,8 @@ log = structlog.get_logger("scheduler")
 # A registration with the same values is the same worker (a restarted worker process with the
 # same id is caught by its first plan: it knows none of the lane's requests, the iteration fails
 # INVALID_ARGUMENT, the lane is dropped and the worker re-registers into a fresh one).
-_SAME_WORKER_KEYS = ("address", "model", "executor", "block_size", "num_blocks", "max_model_len", "vocab_size")
+_SAME_WORKER_KEYS = ("address", "model", "executor", "block_size", "num_blocks", "max_model_len", "vocab_size",
+                     "max_num_seqs", "max_num_batched_tokens", "profile_json")
 
 
 @dataclass
@@ -80,6 +81,8 @@ class SchedulerApp:
         self.orphans: list[Request] = []  # unfinished requests with no live worker to run them
         self._accepting: dict[str, asyncio.Task] = {}  # request id -> its Submit's write to Redis
         self._background: set[asyncio.Task] = set()  # fire-and-forget work, kept referenced
+        self._dropping: dict[str, WorkerLane] = {}  # lanes being stopped, until their requests move on
+        self._cancel_after_accept: set[str] = set()  # cancelled while their Submit was being written
         self._monitor: asyncio.Task | None = None
         self._stopping = False
 
@@ -127,9 +130,12 @@ class SchedulerApp:
     def spawn(self, coro) -> asyncio.Task:
         """Run ``coro`` in the background, keeping a reference until it ends (asyncio holds
         only weak ones) and logging its failure instead of losing it."""
-        task = asyncio.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background_done)
+        return self._track(asyncio.create_task(coro))
+
+    def _track(self, task: asyncio.Task) -> asyncio.Task:
+        if task not in self._background:
+            self._background.add(task)
+            task.add_done_callback(self._background_done)
         return task
 
     def _background_done(self, task: asyncio.Task) -> None:
@@ -209,19 +215,29 @@ class SchedulerApp:
             log.warning("heartbeat_store_failed", worker=worker_id, error=str(exc))
 
     async def drop_worker(self, worker_id: str, reason: str, remove_from_store: bool = True) -> None:
+        """Take the worker's lane away and re-route its unfinished requests. Runs as a task of
+        its own: a caller that gives up (an RPC deadline while Redis is slow) cannot stop it
+        between taking the lane away and handing its requests on."""
+        await asyncio.shield(self.spawn(self._drop_worker(worker_id, reason, remove_from_store)))
+
+    async def _drop_worker(self, worker_id: str, reason: str, remove_from_store: bool) -> None:
         lane = self.lanes.pop(worker_id, None)
         if lane is None:
             return
-        await lane.stop()
-        moved = lane.core.release_unfinished()
+        self._dropping[worker_id] = lane  # its requests are still cancellable while it stops
+        try:
+            await lane.stop()
+            moved = lane.core.release_unfinished()
+        finally:
+            del self._dropping[worker_id]
+        for r in moved:
+            self._route(r, adopt=True)
+        log.warning("worker_dropped", worker=worker_id, reason=reason, requeued=len(moved))
         if remove_from_store:
             try:
                 await self.store.remove_worker(worker_id)
             except Exception as exc:  # its alive key expires on its own; the registry entry is inert
                 log.warning("remove_worker_store_failed", worker=worker_id, error=str(exc))
-        for r in moved:
-            self._route(r, adopt=True)
-        log.warning("worker_dropped", worker=worker_id, reason=reason, requeued=len(moved))
 
     # -- requests -----------------------------------------------------------------------------
     def _pick_lane(self) -> WorkerLane | None:
@@ -293,6 +309,9 @@ class SchedulerApp:
             self._route(request, adopt=False)  # picked again: that worker may have left meanwhile
         finally:
             self._accepting.pop(request.request_id, None)
+        if request.request_id in self._cancel_after_accept:
+            self._cancel_after_accept.discard(request.request_id)
+            self.spawn(self.cancel(request.request_id))
 
     async def _write_durably(self, changes: IterationChanges) -> None:
         """One store write that must not be lost, retried with backoff while Redis is down."""
@@ -326,7 +345,7 @@ class SchedulerApp:
         touched = set()
         for ev in outcome.tokens:
             ch = self.channels.get(ev.request_id)
-            if ch is not None:
+            if ch is not None and not ch.finished:  # a cancelled request's channel takes no more
                 ch.tokens.append(ev.token_id)
                 ch.times.append(ev.time_s)
                 touched.add(ev.request_id)
@@ -349,11 +368,11 @@ class SchedulerApp:
         asyncio.get_running_loop().call_later(60.0, self.channels.pop, request_id, None)
 
     async def cancel(self, request_id: str) -> bool:
-        accepting = self._accepting.get(request_id)
-        if accepting is not None:  # a gateway whose client left mid-Submit cancels at once
-            await asyncio.wait({accepting})
+        if request_id in self._accepting:  # a gateway whose client left mid-Submit cancels at once
+            self._cancel_after_accept.add(request_id)  # applied as soon as the request is in
+            return True
         wid = self.owner.get(request_id)
-        lane = self.lanes.get(wid) if wid else None
+        lane = (self.lanes.get(wid) or self._dropping.get(wid)) if wid else None
         if lane is None or not lane.core.cancel(request_id, time.time()):
             orphan = next((r for r in self.orphans if r.request_id == request_id), None)
             if orphan is None:
@@ -368,7 +387,11 @@ class SchedulerApp:
         # Redis is down; a healthy Redis is waited for, so a GetRequest right after sees it.
         changes = IterationChanges(worker_id=wid or "", status={request_id: ("cancelled", "abort")},
                                    finished=[request_id], freed_tables=[request_id])
-        write = self.spawn(self._write_durably(changes))
+        # Behind the lane's own pending writes: one of them may still carry this request's
+        # tokens or a "running" status, and Redis must end with "cancelled".
+        write = lane.chain_write(self._write_durably(changes)) if lane is not None else \
+            self.spawn(self._write_durably(changes))
+        self._track(write)
         await asyncio.wait({write}, timeout=1.0)
         if not write.done():
             log.warning("cancel_write_deferred", request=request_id)

@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Coroutine
 
 import grpc
 import structlog
@@ -142,17 +142,17 @@ class WorkerLane:
             # The write task exists before the next await, so stopping the loop cannot lose an
             # iteration the core has applied; the loop stays at most one iteration ahead of Redis.
             previous = self._committing
-            self._committing = asyncio.create_task(self._commit_after(previous, changes, outcome))
+            self.chain_write(self.app.commit(self, changes, outcome))
             if previous is not None:
                 await asyncio.shield(previous)
             self._learn_overhead(time.perf_counter() - t0 - reply.elapsed_s)
             self._learn_time_correction(plan.predicted_time_s, reply.elapsed_s)
 
-    async def _commit_after(self, previous: asyncio.Task | None, changes: IterationChanges, outcome) -> None:
-        """Write iteration k only after iteration k-1: Redis and watchers see tokens in order."""
-        if previous is not None:
-            await asyncio.wait({previous})
-        await self.app.commit(self, changes, outcome)
+    def chain_write(self, write: Coroutine[Any, Any, None]) -> asyncio.Task:
+        """Run ``write`` after every write queued on this lane before it: Redis and watchers see
+        iteration k before k+1, and a cancel's record after the iterations that preceded it."""
+        self._committing = asyncio.create_task(_after(self._committing, write))
+        return self._committing
 
     def _learn_overhead(self, overhead_s: float) -> None:
         """EWMA of the time an iteration spends outside the model; the policy budgets around it."""
@@ -198,3 +198,9 @@ class WorkerLane:
             if c.is_new and r is not None and c.request_id not in ch.status:
                 ch.status[c.request_id] = ("running", "")
         return ch
+
+
+async def _after(previous: asyncio.Task | None, write: Coroutine[Any, Any, None]) -> None:
+    if previous is not None:
+        await asyncio.wait({previous})  # its failure is its own (logged there); ours still runs
+    await write

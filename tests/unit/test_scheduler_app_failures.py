@@ -139,6 +139,14 @@ async def _until(predicate, what: str, timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.005)
 
 
+async def _running_when_redis_goes_down(app: SchedulerApp, store: ScriptedStore) -> None:
+    """r1 (60 tokens) is mid-generation when Redis starts refusing: a commit is retrying."""
+    await app.submit(_submit("r1", 60))
+    await _until(lambda: len(app.channels["r1"].tokens) >= 5, "first tokens")
+    store.down = True
+    await _until(lambda: store.failures >= 2, "a commit retrying")
+
+
 def test_heartbeat_answers_from_memory_while_redis_hangs() -> None:
     async def scenario(app: SchedulerApp, store: ScriptedStore) -> None:
         store.gate.clear()  # Redis stops answering (a stall, not a refusal)
@@ -165,10 +173,7 @@ def test_cancel_abandoned_by_its_caller_is_still_complete() -> None:
 
 def test_dropping_a_worker_while_redis_is_down_publishes_every_applied_token() -> None:
     async def scenario(app: SchedulerApp, store: ScriptedStore) -> None:
-        await app.submit(_submit("r1", 60))
-        await _until(lambda: len(app.channels["r1"].tokens) >= 5, "first tokens")
-        store.down = True
-        await _until(lambda: store.failures >= 2, "a commit retrying")
+        await _running_when_redis_goes_down(app, store)
         drop = asyncio.create_task(app.drop_worker("w0", reason="test"))
         await asyncio.sleep(0.1)
         store.down = False
@@ -241,6 +246,63 @@ def test_a_worker_reregistering_unchanged_keeps_its_lane_and_a_changed_one_gets_
         changed = dict(lane.description, num_blocks=lane.description["num_blocks"] - 1)
         await app.register_worker("w0", changed)  # another KV size: not the worker the lane knew
         assert app.lanes["w0"] is not lane and app.lanes["w0"].epoch not in ("", lane.epoch)
+
+    _run(scenario)
+
+
+def test_a_drop_whose_caller_gives_up_still_hands_the_requests_on() -> None:
+    async def scenario(app: SchedulerApp, store: ScriptedStore) -> None:
+        await _running_when_redis_goes_down(app, store)
+        with pytest.raises(asyncio.TimeoutError):  # e.g. DeregisterWorker's deadline, Redis still down
+            await asyncio.wait_for(app.drop_worker("w0", reason="test"), timeout=0.05)
+        store.down = False
+        await _until(lambda: [r.request_id for r in app.orphans] == ["r1"], "the request to be orphaned")
+        await _add_worker(app, "w1")
+        await _until(lambda: app.channels["r1"].finished, "the request to finish on w1")
+        assert app.channels["r1"].tokens == [sim_token("r1", i) for i in range(60)]
+
+    _run(scenario)
+
+
+def test_cancel_is_recorded_after_the_lanes_earlier_writes() -> None:
+    async def scenario(app: SchedulerApp, store: ScriptedStore) -> None:
+        await app.submit(_submit("r1", 500))
+        store.down = True  # the first iteration's write (status "running") cannot land
+        await _until(lambda: store.failures >= 5, "that write backing off to ~1 s between tries")
+        await asyncio.wait_for(app.cancel("r1"), timeout=2.0)
+        store.down = False
+        await asyncio.sleep(1.5)  # both writes land: the iteration's retry and the cancel's
+        assert store.status["r1"] == "cancelled"
+
+    _run(scenario)
+
+
+def test_cancel_while_the_worker_is_being_dropped_cancels() -> None:
+    async def scenario(app: SchedulerApp, store: ScriptedStore) -> None:
+        await _running_when_redis_goes_down(app, store)
+        drop = asyncio.create_task(app.drop_worker("w0", reason="test"))
+        await asyncio.sleep(0.05)  # the lane is gone from app.lanes, its requests not yet moved
+        assert await app.cancel("r1") is True
+        store.down = False
+        await drop
+        assert app.orphans == [] and "r1" not in app.owner
+        assert app.channels["r1"].finish_reason == "abort"
+        await _until(lambda: store.status.get("r1") == "cancelled", "the cancel record")
+
+    _run(scenario)
+
+
+def test_cancel_during_a_submits_write_applies_once_it_is_in() -> None:
+    async def scenario(app: SchedulerApp, store: ScriptedStore) -> None:
+        store.gate_submits_only = True
+        store.gate.clear()
+        submit = asyncio.create_task(app.submit(_submit("r1", 500)))
+        await asyncio.sleep(0.05)
+        assert await asyncio.wait_for(app.cancel("r1"), timeout=0.5) is True  # does not wait for Redis
+        store.gate.set()
+        await submit
+        await _until(lambda: app.channels["r1"].finished, "the request to be cancelled")
+        assert app.channels["r1"].finish_reason == "abort" and "r1" not in app.owner
 
     _run(scenario)
 
