@@ -240,6 +240,10 @@ class GenerationService:
         except grpc.aio.AioRpcError as exc:  # the client sees the status; the operator needs the line
             log.warning("submit_failed", request_id=prepared.submit.request_id, code=exc.code().name,
                         details=exc.details())
+            if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+                # The scheduler may have accepted it all the same (its write outlives the call),
+                # and this client is told it failed: nobody would read or cancel it.
+                self.client.cancel_in_background(prepared.submit.request_id)
             raise
         except asyncio.CancelledError:
             # The client left while the Submit was in flight; the scheduler may have accepted it,

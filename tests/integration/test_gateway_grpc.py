@@ -176,6 +176,19 @@ def test_token_ids_outside_the_workers_vocabulary_are_refused_before_submit() ->
         s.close()
 
 
+def test_a_submit_past_its_deadline_is_cancelled_at_the_scheduler() -> None:
+    from gateway.testing import FakeScheduler
+
+    s = GatewayStack(fake=FakeScheduler(submit_delay_s=1.0), submit_timeout_s=0.2)
+    try:
+        with grpc.insecure_channel(s.grpc_target) as channel, pytest.raises(grpc.RpcError) as exc:
+            _generate(gateway_pb2_grpc.GatewayStub(channel), request_id="slow-submit")
+        assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert s.wait_for(lambda: "slow-submit" in s.fake.cancels)  # accepted there, so withdrawn
+    finally:
+        s.close()
+
+
 def test_cancel_and_get_request_pass_through(stack: GatewayStack, stub) -> None:
     _generate(stub, request_id="done-1")
     state = stub.GetRequest(gateway_pb2.GetRequestRequest(request_id="done-1"), timeout=5)

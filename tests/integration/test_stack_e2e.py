@@ -172,12 +172,19 @@ def test_redis_outage_is_unavailable_and_keeps_the_workers(tmp_path: Path) -> No
             assert cancelled.cancelled
             tokens, complete = running.result(timeout=30)
             assert complete.finish_reason == "abort" and len(tokens) < LONG
-        # Redis back (empty, on the same port): the same worker serves again without re-registering.
+        # Redis back (empty, on the same port): the same worker serves again.
         proc, _ = start_redis(port=redis_port, log_dir=tmp_path)
         s.procs[0] = proc
         tokens, complete = generate(s.gateway_address, 5, timeout=60)
         assert len(tokens) == 5 and complete.finish_reason == "length"
-        time.sleep(1.2)  # the deferred cancel record (retried at most 1 s apart) has landed by now
+        import redis
+
+        client = redis.Redis.from_url(s.redis_url)
+        deadline = time.monotonic() + 10  # the deferred cancel record lands once Redis answers
+        while client.hget("accelgen:req:outage-long", "status") != b"cancelled" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.hget("accelgen:req:outage-long", "status") == b"cancelled"
+        client.close()
         with grpc.insecure_channel(s.gateway_address) as ch, pytest.raises(grpc.RpcError) as exc:
             gateway_pb2_grpc.GatewayStub(ch).GetRequest(gateway_pb2.GetRequestRequest(request_id="outage-long"),
                                                         timeout=10)
