@@ -270,8 +270,10 @@ def test_cancel_is_recorded_after_the_lanes_earlier_writes() -> None:
         store.down = True  # the first iteration's write (status "running") cannot land
         await _until(lambda: store.failures >= 5, "that write backing off to ~1 s between tries")
         await asyncio.wait_for(app.cancel("r1"), timeout=2.0)
+        lane = app.lanes["w0"]
         store.down = False
-        await asyncio.sleep(1.5)  # both writes land: the iteration's retry and the cancel's
+        await _until(lambda: all(t.done() for t in app._background) and lane._committing.done(),
+                     "the iteration's write and the cancel's to land")
         assert store.status["r1"] == "cancelled"
 
     _run(scenario)
