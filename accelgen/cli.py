@@ -145,7 +145,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         result = run_load(stack.gateway_address, workload, SLOCatalog(), profile.s_pf)
     finally:
         stack.stop()
-    rows = {"service (client clock)": result.summary, "service (scheduler clock)": result.server_summary}
+    rows = _service_rows(result)
     if args.executor == "sim":
         rows["simulator (predicted)"] = run_many([RunSpec(spec, "accelgen")])[0]
     print()
@@ -216,6 +216,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# Iteration-level metrics: a client replaying load through the gateway sees tokens and their
+# times, not the batches that made them, so for service rows these are unknown, not zero.
+_NOT_SEEN_BY_CLIENTS = ("compute_util", "kv_util", "preemptions", "sched_ms_p99")
+
+
+def _service_rows(result: Any) -> dict[str, dict[str, Any]]:
+    unknown = dict.fromkeys(_NOT_SEEN_BY_CLIENTS)
+    return {"service (client clock)": {**result.summary, **unknown},
+            "service (scheduler clock)": {**result.server_summary, **unknown}}
+
+
 def cmd_load(args: argparse.Namespace) -> int:
     from bench.loadgen import run_load
     from scheduler_service.core.slo import SLOCatalog
@@ -228,13 +239,15 @@ def cmd_load(args: argparse.Namespace) -> int:
     workload = spec.build(profile.max_model_len)
     print(f"replaying {len(workload)} requests ({args.workload}) against {args.gateway} ...", flush=True)
     result = run_load(args.gateway, workload, SLOCatalog(), profile.s_pf)
-    row = headline(result.summary)
-    print(format_table({"service (client clock)": result.summary, "service (scheduler clock)": result.server_summary}))
+    rows = _service_rows(result)
+    row = headline(rows["service (client clock)"])
+    print(format_table(rows))
     if result.errors:
         print(f"errors: {result.errors}")
     out = {"config": {"workload": args.workload, "rate": args.rate, "duration_s": args.duration, "seed": args.seed,
                       "gateway": args.gateway, "profile": args.profile, "source": "service (client-side timing)"},
-           "policies": {args.policy_label: row, f"{args.policy_label} (scheduler clock)": headline(result.server_summary)},
+           "policies": {args.policy_label: row,
+                        f"{args.policy_label} (scheduler clock)": headline(rows["service (scheduler clock)"])},
            "errors": result.errors}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

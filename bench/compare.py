@@ -120,8 +120,8 @@ def format_table(rows: Mapping[str, Mapping[str, Any]], title: str = "policy") -
     width = max([len(title)] + [len(k) for k in rows]) + 2
     head = title.ljust(width) + " ".join(h.rjust(max(len(h), 9)) for _, h, _ in cols)
     lines = [head, "-" * len(head)]
-    for name, row in rows.items():
-        cells = [fmt.format(row[key]).rjust(max(len(h), 9)) for key, h, fmt in cols]
+    for name, row in rows.items():  # None: not measured by whoever produced the row
+        cells = [("-" if row[key] is None else fmt.format(row[key])).rjust(max(len(h), 9)) for key, h, fmt in cols]
         lines.append(name.ljust(width) + " ".join(cells))
     return "\n".join(lines)
 

@@ -72,3 +72,13 @@ def test_overhead_benchmark_times_every_policy() -> None:
         assert per_size["10"]["p50_ms"] > 0
         assert per_size["10"]["p99_ms"] >= per_size["10"]["p50_ms"]
     assert "p50 ms" in overhead.format_results(results)
+
+
+def test_unmeasured_metrics_print_as_a_dash_not_zero() -> None:
+    from bench.compare import format_table
+
+    row = {"throughput_tok_s": 10.0, "goodput_tok_s": 9.0, "slo_attainment": 0.5, "p99_tbt_ms": 40.0,
+           "p50_ttft_ms": 100.0, "mean_jct_s": 2.0, "compute_util": None, "kv_util": None, "preemptions": None,
+           "sched_ms_p99": None}
+    line = format_table({"service": row}).splitlines()[-1]
+    assert line.split()[-4:] == ["-", "-", "-", "-"] and "0.00" not in line
