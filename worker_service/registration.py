@@ -17,7 +17,6 @@ blip) finds the requests it sent still there.
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
 
 import grpc
 import structlog
@@ -41,7 +40,6 @@ class Registration:
         description: scheduler_pb2.WorkerDescription,
         rpc_timeout_s: float = 2.0,
         backoff_max_s: float = 5.0,
-        before_register: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._stub = stub
         self.worker_id = worker_id
@@ -49,7 +47,6 @@ class Registration:
         self.description = description
         self.rpc_timeout_s = rpc_timeout_s
         self.backoff_max_s = backoff_max_s
-        self._before_register = before_register
         self.heartbeat_interval_s = DEFAULT_HEARTBEAT_INTERVAL_S
         self.registered = asyncio.Event()  # set while the scheduler is believed to know us
         self.num_registrations = 0
@@ -89,13 +86,6 @@ class Registration:
             await self._heartbeat()
 
     async def _register(self) -> bool:
-        if self._before_register is not None:
-            try:
-                await self._before_register()
-            except Exception:  # e.g. the executor failed to reset: retried with the registration,
-                # rather than ending this loop and leaving a SERVING worker no scheduler knows
-                log.exception("before_register_failed", worker=self.worker_id)
-                return False
         request = scheduler_pb2.RegisterWorkerRequest(worker_id=self.worker_id, address=self.address,
                                                       description=self.description)
         try:

@@ -28,7 +28,6 @@ from worker_service.config import WorkerConfig
 from worker_service.convert import description_to_proto
 from worker_service.executors.sim import SimExecutor, sim_token
 from worker_service.main import WorkerHandle, start_worker
-from worker_service.registration import Registration
 
 pytestmark = pytest.mark.integration
 
@@ -176,31 +175,6 @@ def test_retries_until_the_scheduler_answers_and_again_after_it_was_down():
             await eventually(lambda: fake2.registrations, what="re-registration with the new scheduler")
         finally:
             await handle.stop()
-            await server.stop(None)
-    run(scenario)
-
-
-def test_a_failing_reset_before_registering_is_retried_not_fatal():
-    async def scenario():
-        fake = FakeScheduler()
-        server, port = await serve_fake(fake)
-        failures = [RuntimeError("executor reset failed")] * 2
-
-        async def flaky_reset() -> None:
-            if failures:
-                raise failures.pop()
-
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        reg = Registration(scheduler_pb2_grpc.SchedulerStub(channel), "w1", "127.0.0.1:1",
-                           scheduler_pb2.WorkerDescription(num_blocks=8, block_size=16), backoff_max_s=0.05,
-                           before_register=flaky_reset)
-        reg.start()
-        try:
-            await eventually(lambda: fake.registrations, what="registration after two failed resets")
-            assert failures == [] and len(fake.registrations) == 1
-        finally:
-            await reg.stop()
-            await channel.close()
             await server.stop(None)
     run(scenario)
 

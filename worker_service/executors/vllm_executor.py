@@ -380,14 +380,10 @@ class VllmExecutor(Executor):
             if c.is_new:
                 if c.request_id in reqs or c.request_id in self._reqs:
                     finished.add(c.request_id)  # resync: drop the runner's old copy first
-                total = c.prompt_len + c.num_output_tokens
-                if end > total:
-                    raise ValueError(f"{where}: is_new chunk runs to {end}, past prompt_len + num_output_tokens "
-                                     f"= {total}")
+                total = c.prompt_len + c.num_output_tokens  # RequestTable.prepare: end <= total
                 prompt = list(c.token_ids) + [_PLACEHOLDER_TOKEN] * (total - end)
                 r = _RunnerRequest(prompt, end, [], list(c.block_table), self._sampling(c.sampling), start)
                 new_blocks.extend(c.block_table)
-                self._check_samples(where, c, end == total)
                 new_reqs.append(self._new_request_data(c.request_id, r, start))
             else:
                 old = reqs[c.request_id]  # RequestTable.prepare vouched that it exists
@@ -401,25 +397,21 @@ class VllmExecutor(Executor):
                     r.prompt[start:end] = c.token_ids
                     r.known = max(r.known, end)
                     r.outputs = []  # the streaming update clears the runner's outputs
-                    self._check_samples(where, c, end == total)
                     new_reqs.append(self._new_request_data(c.request_id, r, start))
-                elif start >= total:  # decode: the runner feeds tokens it sampled itself
+                else:  # decode (RequestTable.prepare refused chunks straddling `total`): the runner
+                    # feeds back tokens it sampled itself
                     expected = r.outputs[start - total:end - total]
                     if end - total > len(r.outputs) or list(c.token_ids) != expected:
                         raise ValueError(
                             f"{where}: token_ids {list(c.token_ids)[:8]} at positions {start}..{end - 1} are not "
                             f"the tokens this worker sampled there ({expected[:8]}); resend it with is_new"
                         )
-                    self._check_samples(where, c, True)
                     del r.outputs[end - total:]  # recomputing from an earlier output: drop the rest
                     cached.req_ids.append(c.request_id)
                     cached.new_token_ids.append([])
                     cached.new_block_ids.append((list(c.new_block_ids),) if c.new_block_ids else None)
                     cached.num_computed_tokens.append(start)
                     cached.num_output_tokens.append(end - total)
-                else:
-                    raise ValueError(f"{where}: positions {start}..{end - 1} straddle the end of the prefill "
-                                     f"({total} tokens) on this worker; resend it with is_new")
             r.num_computed = end
             reqs[c.request_id] = r
             num_scheduled[c.request_id] = len(c.token_ids)
@@ -437,15 +429,6 @@ class VllmExecutor(Executor):
             new_block_ids_to_zero=(sorted(set(new_blocks)) or None) if self._needs_zeroing else None,
         )
         return _Translated(out, reqs, sampling_chunks)
-
-    @staticmethod
-    def _check_samples(where: str, c: ChunkSpec, reaches_end: bool) -> None:
-        """vLLM samples exactly when a chunk reaches the last known token; the plan must agree."""
-        if c.samples != reaches_end:
-            raise ValueError(
-                f"{where}: samples={c.samples} but the chunk {'reaches' if reaches_end else 'stops short of'} "
-                "the request's last token (vLLM samples exactly when it does)"
-            )
 
     def _new_request_data(self, rid: str, r: _RunnerRequest, num_computed: int):
         # Fresh lists: the in-process runner keeps (and extends) what it is given.
