@@ -77,8 +77,8 @@ class GatewayConfig:
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
 
-    def model_names(self, scheduler_model: str | None = None) -> set[str]:
-        """Every name a client may give as ``model`` (the scheduler's, when given, included)."""
+    def model_names(self, scheduler_model: str) -> set[str]:
+        """Every name a client may give as ``model``."""
         names = {n.strip() for n in self.served_model_name.split(",") if n.strip()}
         names.update(n for n in (self.model, scheduler_model) if n)
         return names

@@ -123,16 +123,14 @@ def create_app(service: GenerationService) -> FastAPI:
     async def generate(kind: Kind, request: Request) -> Response:
         body = await _read_json(request)
         parsed = parse_request(kind, body, request.headers)
-        model = body.get("model")  # parse_request made sure body is an object
-        if model is not None and not (isinstance(model, str) and model in service.config.model_names()):
-            check_model(model, service.config.model_names((await service.client.server_info()).model))
         if parsed.messages is not None:
             try:
                 parsed.generate.text = service.tokenizer.apply_chat(parsed.messages)
             except Exception as exc:  # a template that rejects the roles/order
                 raise invalid(f"messages: the model's chat template rejected them: {exc}", "messages") from None
         prepared = await service.prepare(parsed.generate, names=parsed.names, text_output=True)
-        model = (await service.client.server_info()).model
+        model = (await service.client.server_info()).model  # cached: prepare has just asked
+        check_model(body.get("model"), service.config.model_names(model))
         active = await service.start(prepared)
         headers = {"x-request-id": active.request_id}
         if parsed.stream:

@@ -125,7 +125,7 @@ class SchedulerApp:
                 if now - lane.last_heartbeat > self.config.heartbeat_ttl_s:
                     # Not awaited: a drop waits for the lane's pending Redis write, which must
                     # not hold up the lease or the other lanes while Redis is down.
-                    self.spawn(self.drop_worker(wid, reason="heartbeat timeout"))
+                    self.start_drop(wid, reason="heartbeat timeout")
 
     def spawn(self, coro) -> asyncio.Task:
         """Run ``coro`` in the background, keeping a reference until it ends (asyncio holds
@@ -133,9 +133,8 @@ class SchedulerApp:
         return self._track(asyncio.create_task(coro))
 
     def _track(self, task: asyncio.Task) -> asyncio.Task:
-        if task not in self._background:
-            self._background.add(task)
-            task.add_done_callback(self._background_done)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
         return task
 
     def _background_done(self, task: asyncio.Task) -> None:
@@ -218,7 +217,11 @@ class SchedulerApp:
         """Take the worker's lane away and re-route its unfinished requests. Runs as a task of
         its own: a caller that gives up (an RPC deadline while Redis is slow) cannot stop it
         between taking the lane away and handing its requests on."""
-        await asyncio.shield(self.spawn(self._drop_worker(worker_id, reason, remove_from_store)))
+        await asyncio.shield(self.start_drop(worker_id, reason, remove_from_store))
+
+    def start_drop(self, worker_id: str, reason: str, remove_from_store: bool = True) -> asyncio.Task:
+        """``drop_worker`` for callers that must not wait for it (the monitor, the lane itself)."""
+        return self.spawn(self._drop_worker(worker_id, reason, remove_from_store))
 
     async def _drop_worker(self, worker_id: str, reason: str, remove_from_store: bool) -> None:
         lane = self.lanes.pop(worker_id, None)

@@ -129,11 +129,11 @@ class WorkerLane:
                 outcome = core.complete(plan, convert.result_from_proto(reply), time.time())
             except grpc.aio.AioRpcError as exc:
                 log.warning("worker_failed", worker=self.worker_id, code=exc.code().name, details=exc.details())
-                self.app.spawn(self.app.drop_worker(self.worker_id, reason=f"ExecuteIteration: {exc.code().name}"))
+                self.app.start_drop(self.worker_id, reason=f"ExecuteIteration: {exc.code().name}")
                 return
             except Exception as exc:  # a reply the core cannot apply: this worker is not trustworthy
                 log.exception("iteration_failed", worker=self.worker_id)
-                self.app.spawn(self.app.drop_worker(self.worker_id, reason=f"bad iteration result: {exc}"))
+                self.app.start_drop(self.worker_id, reason=f"bad iteration result: {exc}")
                 return
             changes = self.changes_for(plan, outcome)
             self.stats.iterations += 1
