@@ -5,15 +5,53 @@ Two kinds of workload exist, and both end up as the same flat list of
 schedulers never care where a request came from:
 
 * ``paper-mix`` - the evaluation mix of the AccelGen paper: Poisson arrivals,
-  a fraction of requests with long prompts (BWB long-document translation and
-  arXiv summarization rows) and the rest short chat prompts (ShareGPT rows).
-  The length datasets carry no timestamps, so arrivals are synthetic.
+  35% of requests (``long_fraction``) with long prompts (rows of BWB
+  long-document translation and arXiv summarization, Llama-2 token counts)
+  and 65% short prompts (rows of Stanford Alpaca by default, or of the first
+  turns of ShareGPT conversations with ``short_data="sharegpt"``; both OPT
+  token counts, see
+  ``../shared/traces/SOURCES.md`` section 5). The length datasets carry no
+  timestamps, so arrivals are synthetic. Each request's ``source`` names the
+  dataset its row came from: ``"alpaca"``, ``"sharegpt"``, ``"bwb"`` or
+  ``"arxiv"``.
 * Azure LLM inference traces (Splitwise, 2023) - real arrival timestamps and
   token counts, which keep the burstiness a Poisson process hides.
 
-Neither source says which SLO class (chat / code / summarization ...) a request
-belongs to, so the class is drawn from a weighted mix, independently of length:
-the experiments want to vary the SLO mix and the length mix separately.
+Fitting a request into the model context
+----------------------------------------
+Rows longer than the context are fitted the way a real client does it, not by
+cutting the output at whatever room the prompt leaves (which turned long rows
+into ``max_model_len - 1``-token prompts that generate a single token):
+
+1. The output is capped at :func:`max_output_tokens`, ``max_model_len // 2``
+   (:data:`MAX_OUTPUT_TOKENS` = 1024 at the 2,048-token context of OPT-13B).
+   A client asking for a completion must set ``max_tokens`` so that prompt
+   plus completion fit; half the context is a common default, and it leaves
+   the prompt at least as much room as the answer.
+2. The prompt is then clipped, keeping its head, to
+   ``max_model_len - output``, so ``prompt + output <= max_model_len``.
+
+Both stay >= 1 (a 0 in the data becomes 1). A request that already fits is
+unchanged, and an output of 1 token appears only where the data row had one
+(or where ``max_model_len < 4`` leaves a cap of 1).
+The same rule applies to paper-mix and to the Azure traces.
+
+SLO classes
+-----------
+Neither source says which SLO class (chat / code / summarization ...) a
+request belongs to. ``classes`` selects how it is assigned:
+
+* ``"uniform"`` (default) - each request draws its class from ``slo_mix``,
+  independently of its length: the experiments can then vary the SLO mix and
+  the length mix separately.
+* ``"by-app"`` - the class follows the kind of request: a long request is
+  ``summarization``; a short one is ``chat`` or ``code``, drawn with the
+  relative weights ``slo_mix`` gives those two classes (default: equal). In
+  paper-mix "long" means a BWB/arXiv row; in an Azure trace it means the
+  (fitted) prompt exceeds ``long_threshold``, i.e. exactly ``is_long``.
+  ``slo_mix`` may then name only chat, code and summarization, and the weight
+  of summarization is not used (the long share is set by ``long_fraction`` or
+  by the trace).
 
 Every random choice comes from one generator seeded by ``seed`` so that the
 same arguments always give the identical list - benchmark comparisons between
@@ -27,15 +65,17 @@ import datetime as _dt
 import functools
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 __all__ = [
-    "DEFAULT_SLO_MIX", "WORKLOAD_NAMES", "WorkloadRequest", "azure_trace",
-    "load_workload", "paper_mix", "parse_slo_mix", "traces_dir",
+    "CLASS_MODES", "DEFAULT_SLO_MIX", "MAX_OUTPUT_TOKENS", "SHORT_DATA", "WORKLOAD_NAMES", "WorkloadRequest",
+    "azure_trace", "length_summary", "load_workload", "max_output_tokens", "paper_mix", "parse_slo_mix",
+    "traces_dir",
 ]  # fmt: skip
 
 DEFAULT_SLO_MIX: dict[str, float] = {"chat": 1.0, "code": 1.0, "summarization": 1.0}
@@ -43,13 +83,46 @@ DEFAULT_SLO_MIX: dict[str, float] = {"chat": 1.0, "code": 1.0, "summarization": 
 WORKLOAD_NAMES: tuple[str, ...] = ("paper-mix", "azure-conv", "azure-code", "trace")
 
 # File names as they appear in ../shared/traces and in tests/data/traces_sample.
+# Short prompts (OPT token counts; SOURCES.md section 5):
+ALPACA_FILE = "alpaca_token_lengths.csv"
+SHAREGPT_FIRST_TURN_FILE = "sharegpt_first_turn_token_lengths.csv"
+# Multi-turn ShareGPT (median prompt ~1,700 tokens, so not a short class): no
+# workload reads it any more; the name (and its sample) stay for ad-hoc analysis.
 SHAREGPT_FILE = "vidur_etalon_sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
+# Long prompts (Llama-2 token counts):
 BWB_FILE = "vidur_etalon_bwb_stats_llama2_tokenizer_filtered_v2.csv"
 ARXIV_FILE = "vidur_arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv"
 AZURE_FILES: dict[str, str] = {
     "azure-conv": "azure_llm_2023_conv__AzurePublicDataset.csv",
     "azure-code": "azure_llm_2023_code__AzurePublicDataset.csv",
 }
+
+#: ``short_data`` choices of paper-mix -> the file its short rows come from.
+SHORT_DATA: dict[str, str] = {"alpaca": ALPACA_FILE, "sharegpt": SHAREGPT_FIRST_TURN_FILE}
+
+#: ``classes`` choices: how a request gets its SLO class (see the module docstring).
+CLASS_MODES: tuple[str, ...] = ("uniform", "by-app")
+
+#: The SLO classes of ``classes="by-app"``: short requests are chat or code, long ones summarization.
+_BY_APP_SHORT: tuple[str, ...] = ("chat", "code")
+_BY_APP_LONG = "summarization"
+
+#: Context of the paper's OPT-13B, the default ``max_model_len`` everywhere.
+_DEFAULT_MAX_MODEL_LEN = 2048
+
+
+def max_output_tokens(max_model_len: int) -> int:
+    """Output cap (the client's ``max_tokens``) for a model context of ``max_model_len``.
+
+    Half the context: a client asking for a completion must set ``max_tokens``
+    so that prompt plus completion fit, half the context is a common default,
+    and it leaves the prompt at least as much room as the answer.
+    """
+    return max_model_len // 2
+
+
+#: The output cap at the paper's 2,048-token context (OPT-13B): ``max_output_tokens(2048)``.
+MAX_OUTPUT_TOKENS: int = max_output_tokens(_DEFAULT_MAX_MODEL_LEN)
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 _SAMPLE_DIR = _REPO_ROOT / "tests" / "data" / "traces_sample"
@@ -241,26 +314,65 @@ def _class_table(slo_mix: Mapping[str, float] | None) -> tuple[list[str], np.nda
     return names, cdf
 
 
-def _draw_classes(rng: np.random.Generator, n: int, slo_mix: Mapping[str, float] | None) -> list[str]:
-    """Draw ``n`` app classes. One uniform per request, in request order, so
-    request i's class does not depend on how many requests follow it (cutting a
-    trace shorter keeps the classes of the rows that remain)."""
-    names, cdf = _class_table(slo_mix)
-    idx = np.searchsorted(cdf, rng.random(n), side="right")
-    return [names[i] for i in idx.tolist()]
+def _class_plan(classes: str, slo_mix: Mapping[str, float] | None) -> tuple[list[str], np.ndarray]:
+    """Validated (class names, cumulative probabilities) that :func:`_draw_classes` draws from.
 
-
-def _truncate(prompt: np.ndarray, output: np.ndarray, max_model_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fit each request into the model context, as a serving front end would.
-
-    The prompt keeps at most ``max_model_len - 1`` tokens so that at least one
-    token can be generated; the output is cut where the context is full. Hence
-    ``prompt + output <= max_model_len`` and both are >= 1.
+    For ``"uniform"`` the whole SLO mix; for ``"by-app"`` only its chat/code
+    part (the classes of short requests). Called before any file is read so
+    that a bad argument fails fast.
     """
-    if max_model_len < 2:
-        raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
-    p = np.clip(prompt, 1, max_model_len - 1)
-    o = np.maximum(1, np.minimum(output, max_model_len - p))
+    if classes not in CLASS_MODES:
+        raise ValueError(f"unknown classes={classes!r}; choose one of {', '.join(CLASS_MODES)}")
+    if classes == "uniform":
+        return _class_table(slo_mix)
+    mix = DEFAULT_SLO_MIX if slo_mix is None else slo_mix
+    _class_table(mix)  # the usual checks on names and weights
+    allowed = (*_BY_APP_SHORT, _BY_APP_LONG)
+    extra = [name for name, weight in mix.items() if name not in allowed and float(weight) > 0]
+    if extra:
+        raise ValueError(
+            f"classes='by-app' assigns only {', '.join(allowed)}; slo_mix class(es) {extra} would never be drawn"
+        )
+    short = {name: mix.get(name, 0.0) for name in _BY_APP_SHORT}
+    if not any(float(w) > 0 for w in short.values()):
+        raise ValueError(
+            f"classes='by-app' draws short requests' class from the chat and code weights of slo_mix; "
+            f"give chat or code a weight > 0 (got {dict(mix)!r})"
+        )
+    return _class_table(short)
+
+
+def _draw_classes(
+    rng: np.random.Generator, plan: tuple[list[str], np.ndarray], is_long: np.ndarray, classes: str
+) -> list[str]:
+    """Draw an app class per request.
+
+    One uniform per request, in request order, whatever ``classes`` is, so
+    request i's class does not depend on how many requests follow it (cutting a
+    trace shorter keeps the classes of the rows that remain) and the two modes
+    consume the random stream alike. With ``"by-app"`` a long request's uniform
+    is drawn but not used: it is always summarization.
+    """
+    names, cdf = plan
+    idx = np.searchsorted(cdf, rng.random(len(is_long)), side="right")
+    drawn = [names[i] for i in idx.tolist()]
+    if classes == "by-app":
+        return [_BY_APP_LONG if lg else c for c, lg in zip(drawn, is_long.tolist())]
+    return drawn
+
+
+def _fit_context(prompt: np.ndarray, output: np.ndarray, max_model_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fit each request into the model context as a client does (module docstring).
+
+    The output is capped at ``max_output_tokens(max_model_len)``, then the
+    prompt keeps its first ``max_model_len - output`` tokens. Hence
+    ``prompt + output <= max_model_len``, both are >= 1, a request that fits
+    is unchanged, and a 1-token output means the data had <= 1.
+    """
+    if isinstance(max_model_len, bool) or not isinstance(max_model_len, (int, np.integer)) or max_model_len < 2:
+        raise ValueError(f"max_model_len must be an integer >= 2, got {max_model_len!r}")
+    o = np.clip(output, 1, max_output_tokens(int(max_model_len)))
+    p = np.clip(prompt, 1, max_model_len - o)
     return p, o
 
 
@@ -303,15 +415,20 @@ def paper_mix(
     seed: int = 0,
     long_fraction: float = 0.35,
     slo_mix: Mapping[str, float] | None = None,
-    max_model_len: int = 2048,
+    max_model_len: int = _DEFAULT_MAX_MODEL_LEN,
     data_dir: Path | None = None,
+    short_data: str = "alpaca",
+    classes: str = "uniform",
 ) -> list[WorkloadRequest]:
     """The AccelGen evaluation mix: Poisson(``rate``) arrivals in ``[0, duration_s)``.
 
-    Each request is long with probability ``long_fraction``: its (prompt,
-    output) pair is one row drawn uniformly from BWB + arXiv together;
-    otherwise it is a ShareGPT row. Prompt and output come from the same row
-    so their correlation in the data is kept.
+    Each request is long with probability ``long_fraction`` (the paper: 0.35):
+    its (prompt, output) pair is one row drawn uniformly from BWB + arXiv
+    together; otherwise it is a row of the ``short_data`` set (a key of
+    :data:`SHORT_DATA`: ``"alpaca"`` or ``"sharegpt"`` first turns). Prompt and
+    output come from the same row so their correlation in the data is kept;
+    then the pair is fitted into ``max_model_len`` (module docstring).
+    ``classes`` is ``"uniform"`` or ``"by-app"`` (module docstring).
 
     Draw order from ``PCG64(seed)``: inter-arrival gaps, long/short flags,
     long-row indices, short-row indices, app classes.
@@ -320,9 +437,11 @@ def paper_mix(
     _check_positive("duration_s", duration_s)
     if not 0.0 <= long_fraction <= 1.0:
         raise ValueError(f"long_fraction must be in [0, 1], got {long_fraction!r}")
-    _class_table(slo_mix)  # fail before the (possibly slow) first file read
+    if short_data not in SHORT_DATA:
+        raise ValueError(f"unknown short_data={short_data!r}; choose one of {', '.join(SHORT_DATA)}")
+    plan = _class_plan(classes, slo_mix)  # fail before the (possibly slow) first file read
     base = Path(data_dir) if data_dir is not None else traces_dir()
-    sg_p, sg_o = _read_lengths(_key(base / SHAREGPT_FILE))
+    sh_p, sh_o = _read_lengths(_key(base / SHORT_DATA[short_data]))
     bwb_p, bwb_o = _read_lengths(_key(base / BWB_FILE))
     ax_p, ax_o = _read_lengths(_key(base / ARXIV_FILE))
     long_p, long_o = np.concatenate([bwb_p, ax_p]), np.concatenate([bwb_o, ax_o])
@@ -343,17 +462,17 @@ def paper_mix(
 
     is_long = rng.random(n) < long_fraction
     long_idx = rng.integers(0, len(long_p), size=n)
-    short_idx = rng.integers(0, len(sg_p), size=n)
-    classes = _draw_classes(rng, n, slo_mix)
+    short_idx = rng.integers(0, len(sh_p), size=n)
+    app_classes = _draw_classes(rng, plan, is_long, classes)
 
-    prompt = np.where(is_long, long_p[long_idx], sg_p[short_idx])
-    output = np.where(is_long, long_o[long_idx], sg_o[short_idx])
-    prompt, output = _truncate(prompt, output, max_model_len)
+    prompt = np.where(is_long, long_p[long_idx], sh_p[short_idx])
+    output = np.where(is_long, long_o[long_idx], sh_o[short_idx])
+    prompt, output = _fit_context(prompt, output, max_model_len)
     sources = [
-        ("bwb" if j < len(bwb_p) else "arxiv") if lg else "sharegpt"
+        ("bwb" if j < len(bwb_p) else "arxiv") if lg else short_data
         for lg, j in zip(is_long.tolist(), long_idx.tolist())
     ]
-    return _build(arrivals, prompt, output, classes, sources, is_long)
+    return _build(arrivals, prompt, output, app_classes, sources, is_long)
 
 
 def azure_trace(
@@ -363,32 +482,37 @@ def azure_trace(
     duration_s: float | None = None,
     seed: int = 0,
     slo_mix: Mapping[str, float] | None = None,
-    max_model_len: int = 2048,
+    max_model_len: int = _DEFAULT_MAX_MODEL_LEN,
     source: str = "trace",
     long_threshold: int = 1024,
+    classes: str = "uniform",
 ) -> list[WorkloadRequest]:
     """Replay an Azure-format trace with its real inter-arrival times.
 
     Arrivals are relative to the first row and divided by ``time_scale``
     (``time_scale=10`` replays 10x faster, i.e. 10x the load, with the same
     burst shape). With ``duration_s`` only rows arriving before it are kept.
-    ``is_long`` means the (truncated) prompt exceeds ``long_threshold``, so it
-    always agrees with the ``prompt_len`` the scheduler sees.
+    Lengths are fitted into ``max_model_len`` like paper-mix's (module
+    docstring). ``is_long`` means the fitted prompt exceeds ``long_threshold``,
+    so it always agrees with the ``prompt_len`` the scheduler sees; with
+    ``classes="by-app"`` those requests are summarization and the others chat
+    or code.
     """
     _check_positive("time_scale", time_scale)
     if duration_s is not None:
         _check_positive("duration_s", duration_s)
-    _class_table(slo_mix)
+    plan = _class_plan(classes, slo_mix)
     t, p, o = _read_trace(_key(Path(path)))
     arrivals = t / time_scale
     if duration_s is not None:
         keep = arrivals < duration_s
         arrivals, p, o = arrivals[keep], p[keep], o[keep]
     n = len(arrivals)
+    prompt, output = _fit_context(p, o, max_model_len)
+    is_long = prompt > long_threshold
     rng = np.random.Generator(np.random.PCG64(seed))
-    classes = _draw_classes(rng, n, slo_mix)
-    prompt, output = _truncate(p, o, max_model_len)
-    return _build(arrivals, prompt, output, classes, [source] * n, prompt > long_threshold)
+    app_classes = _draw_classes(rng, plan, is_long, classes)
+    return _build(arrivals, prompt, output, app_classes, [source] * n, is_long)
 
 
 def load_workload(
@@ -400,30 +524,40 @@ def load_workload(
     time_scale: float = 1.0,
     trace: Path | None = None,
     slo_mix: Mapping[str, float] | None = None,
-    max_model_len: int = 2048,
+    max_model_len: int = _DEFAULT_MAX_MODEL_LEN,
     long_fraction: float = 0.35,
+    short_data: str | None = None,
+    classes: str = "uniform",
 ) -> list[WorkloadRequest]:
     """Build a workload by name (the CLI / benchmark entry point).
 
-    ``paper-mix`` needs ``rate``; ``azure-conv`` / ``azure-code`` read the
-    Azure files in :func:`traces_dir`; ``trace`` needs ``trace=PATH``. For the
-    traces ``duration_s`` cuts the (time-scaled) replay. An argument that does
-    not apply to the chosen workload is an error rather than silently ignored,
-    so a mistyped benchmark config cannot run a different experiment.
+    ``paper-mix`` needs ``rate`` and takes ``short_data`` (default
+    ``"alpaca"``); ``azure-conv`` / ``azure-code`` read the Azure files in
+    :func:`traces_dir`; ``trace`` needs ``trace=PATH``. For the traces
+    ``duration_s`` cuts the (time-scaled) replay. ``classes`` applies to every
+    workload. An argument that does not apply to the chosen workload is an
+    error rather than silently ignored, so a mistyped benchmark config cannot
+    run a different experiment.
     """
     if name not in WORKLOAD_NAMES:
         raise ValueError(f"unknown workload {name!r}; choose one of {', '.join(WORKLOAD_NAMES)}")
+    _class_plan(classes, slo_mix)  # a bad classes / slo_mix fails here for every workload, before any file read
     if name == "paper-mix":
         if rate is None:
             raise ValueError("workload 'paper-mix' needs rate=<requests per second> (CLI: --rate)")
         if trace is not None:
             raise ValueError("trace=PATH applies only to workload 'trace', not 'paper-mix'")
         return paper_mix(rate=rate, duration_s=duration_s, seed=seed, long_fraction=long_fraction,
-                         slo_mix=slo_mix, max_model_len=max_model_len)  # fmt: skip
+                         slo_mix=slo_mix, max_model_len=max_model_len,
+                         short_data="alpaca" if short_data is None else short_data, classes=classes)  # fmt: skip
     if rate is not None:
         raise ValueError(
             f"rate applies only to 'paper-mix'; workload {name!r} keeps the trace's own arrivals "
             "(pass time_scale=K to replay it K times faster)"
+        )
+    if short_data is not None:
+        raise ValueError(
+            f"short_data applies only to 'paper-mix'; workload {name!r} takes its lengths from the trace"
         )
     if name == "trace":
         if trace is None:
@@ -438,4 +572,37 @@ def load_workload(
             f"set ACCELGEN_TRACES_DIR to the folder holding it (the in-repo sample is {_SAMPLE_DIR})")  # fmt: skip
         raise FileNotFoundError(f"trace file {path} not found; {hint}")
     return azure_trace(path, time_scale=time_scale, duration_s=duration_s, seed=seed, slo_mix=slo_mix,
-                       max_model_len=max_model_len, source=source)  # fmt: skip
+                       max_model_len=max_model_len, source=source, classes=classes)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------
+
+
+def _stats(values: list[int]) -> dict[str, float | int]:
+    arr = np.asarray(values, dtype=np.float64)
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99]).tolist()
+    return {"mean": float(arr.mean()), "p50": p50, "p90": p90, "p99": p99, "max": int(max(values))}
+
+
+def length_summary(requests: Sequence[WorkloadRequest]) -> dict[str, dict[str, Any]]:
+    """Token-length statistics of a built workload, per ``source``, for reports.
+
+    Returns ``{source: {"count": n, "prompt": S, "output": S}}`` where ``S`` is
+    ``{"mean", "p50", "p90", "p99", "max"}`` of ``prompt_len`` / ``output_len``:
+    the lengths *as used*, i.e. after fitting into the context, not the raw
+    rows. Percentiles interpolate linearly between order statistics (numpy's
+    default), so p50 of ``[1, 2, 3, 4]`` is 2.5. Sources appear in sorted
+    order; all numbers are plain Python ``int``/``float`` (JSON-ready). An
+    empty workload gives ``{}``.
+    """
+    by_source: dict[str, tuple[list[int], list[int]]] = {}
+    for r in requests:
+        prompts, outputs = by_source.setdefault(r.source, ([], []))
+        prompts.append(r.prompt_len)
+        outputs.append(r.output_len)
+    return {
+        source: {"count": len(prompts), "prompt": _stats(prompts), "output": _stats(outputs)}
+        for source, (prompts, outputs) in sorted(by_source.items())
+    }

@@ -1,8 +1,10 @@
 """MetricsCollector on hand-made events: on-time flags, goodput in 1 s windows, attainment with
-a TBT tolerance, JCT, percentiles and duration-weighted utilisation."""
+a TBT tolerance, request goodput, refusals, per-class latency percentiles, JCT, percentiles and
+duration-weighted utilisation."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from scheduler_service.core.metrics import IterationSample, MetricsCollector, RequestRecord
@@ -30,9 +32,11 @@ def test_on_time_flags_ttft_then_tbt() -> None:
     # TTFT 0.5 <= 1.0; gaps 0.05, 0.25, 0.05 against TBT 0.1.
     r = rec(CHAT, 0.0, [0.5, 0.55, 0.8, 0.85], finish=0.85)
     assert r.on_time_flags() == [True, True, False, True]
-    # First token 0.5 s after arrival misses a 0.2 s TTFT; later gaps are judged on their own.
+    # First token 0.5 s after arrival misses a 0.2 s TTFT: the stream started late, so none of
+    # its tokens is on time for goodput, although each later gap alone meets the TBT.
     r = rec(STRICT_TTFT, 1.0, [1.5, 1.55, 1.6], finish=1.6)
-    assert r.on_time_flags() == [False, True, True]
+    assert r.own_bound_flags() == [False, True, True]
+    assert r.on_time_flags() == [False, False, False]
     assert rec(CHAT, 0.0, []).on_time_flags() == []
     # Exactly on the bound counts as on time (TTFT 1.0 after arrival 0.0).
     assert rec(CHAT, 0.0, [1.0]).on_time_flags() == [True]
@@ -81,7 +85,7 @@ def _collector(tol: float = 0.05) -> MetricsCollector:
     """Five requests, worked by hand (window 1 s).
 
     a chat  arrival 0.0  tokens 0.5 0.55 0.8 0.85  flags T T F T   finished 0.85
-    b chat  arrival 1.0  tokens 1.5 1.55 1.6       flags F T T     finished 1.6 (TTFT 0.2 missed)
+    b chat  arrival 1.0  tokens 1.5 1.55 1.6       flags F F F     finished 1.6 (late start: TTFT 0.2)
     c batch arrival 0.0  tokens 0.3 0.6 1.9        JCT 2.0, done at 1.9: all on time
     d batch arrival 0.5  tokens 0.7 1.8            JCT 1.0, done at 1.8 (1.3 s): all late
     e chat  arrival 1.0  tokens 1.2                on time, never finished
@@ -111,8 +115,8 @@ def test_summary_counts_goodput_and_throughput() -> None:
     assert s["output_tokens"] == 13
     assert s["throughput_tok_s"] == pytest.approx(13 / 1.9)
     # On-time tokens: window [0,1): a 0.5 0.55 0.85, c 0.3 0.6 -> 5;
-    #                 window [1,2): b 1.55 1.6, c 1.9, e 1.2   -> 4.   Mean 4.5 tokens/s.
-    assert s["goodput_tok_s"] == pytest.approx(4.5)
+    #                 window [1,2): c 1.9, e 1.2 (b started late) -> 2.   Mean 3.5 tokens/s.
+    assert s["goodput_tok_s"] == pytest.approx(3.5)
     assert s["preemptions"] == 1
 
 
@@ -154,8 +158,8 @@ def test_summary_with_horizon_counts_goodput_up_to_it() -> None:
     assert s["duration_s"] == 1.0
     assert s["goodput_tok_s"] == pytest.approx(5.0)
     s = _collector().summary(horizon_s=3.0)
-    # Three windows: 5, 4, 0 on-time tokens -> 3 tokens/s.
-    assert s["goodput_tok_s"] == pytest.approx(3.0)
+    # Three windows: 5, 2, 0 on-time tokens -> 7/3 tokens/s.
+    assert s["goodput_tok_s"] == pytest.approx(7 / 3)
 
 
 @pytest.mark.unit
@@ -185,6 +189,170 @@ def test_empty_collector() -> None:
     assert s["slo_attainment"] == 0.0 and s["goodput_tok_s"] == 0.0
     assert s["iterations"] == 0 and s["compute_util"] == 0.0 and s["kv_unallocated"] == 1.0
     assert s["p50_ttft_ms"] == 0.0 and s["mean_jct_s"] == 0.0
+
+
+# -- the late-start rule, request goodput, refusals, per-class percentiles ----------------------
+
+
+@pytest.mark.unit
+def test_a_late_start_earns_no_token_goodput() -> None:
+    # The issue's flaw: first token 48 s late, then 100 tokens evenly 0.05 s apart (each gap
+    # within the 0.1 s TBT). None of them is on time, so goodput is 0 while throughput is not.
+    m = MetricsCollector(s_pf=768)
+    m.on_arrival("late", "chat", CHAT, 0.0, 10)
+    times = [48.0 + 0.05 * i for i in range(100)]
+    for t in times:
+        m.on_token("late", t)
+    m.on_finish("late", times[-1], "stop")
+    assert m.requests["late"].own_bound_flags()[1:] == [True] * 99
+    assert m.requests["late"].on_time_flags() == [False] * 100
+    s = m.summary(horizon_s=60.0)
+    assert s["goodput_tok_s"] == 0.0 and s["output_tokens"] == 100
+    assert s["throughput_tok_s"] == pytest.approx(100 / 60)
+    assert s["slo_attainment"] == 0.0 and s["request_goodput_rps"] == 0.0
+
+
+@pytest.mark.unit
+def test_on_time_start_keeps_per_gap_flags() -> None:
+    # First token on time: later tokens are judged gap by gap as before (the 0.8 token is late).
+    r = rec(CHAT, 0.0, [0.5, 0.55, 0.8, 0.85], finish=0.85)
+    assert r.on_time_flags() == r.own_bound_flags() == [True, True, False, True]
+    # JCT requests are unchanged: all on time iff the job finished within its JCT.
+    assert rec(SLO(jct_s=2.0), 0.0, [0.3, 1.9], finish=1.9).on_time_flags() == [True, True]
+
+
+@pytest.mark.unit
+def test_request_goodput_rps_counts_attained_requests_per_second() -> None:
+    # Two requests over a 10 s horizon, one attained -> 1 / 10 = 0.1 requests/s.
+    m = MetricsCollector(s_pf=768)
+    m.on_arrival("ok", "chat", CHAT, 0.0, 10)
+    m.on_arrival("slow", "chat", STRICT_TTFT, 0.0, 10)
+    for t in (0.1, 0.2):
+        m.on_token("ok", t)
+    for t in (0.5, 0.6):  # TTFT 0.5 s > 0.2 s
+        m.on_token("slow", t)
+    m.on_finish("ok", 0.2, "stop")
+    m.on_finish("slow", 0.6, "stop")
+    s = m.summary(horizon_s=10.0)
+    assert s["request_goodput_rps"] == pytest.approx(0.1)
+    assert s["request_goodput_rps_by_class"] == {"chat": pytest.approx(0.1)}
+    assert s["slo_attainment"] == pytest.approx(0.5)
+
+
+@pytest.mark.unit
+def test_request_goodput_rps_on_the_shared_collector() -> None:
+    s = _collector(tol=0.34).summary()
+    # Attained: a (chat) and c (batch), over the 1.9 s until the last token.
+    assert s["request_goodput_rps"] == pytest.approx(2 / 1.9)
+    assert s["request_goodput_rps_by_class"] == {"batch": pytest.approx(1 / 1.9), "chat": pytest.approx(1 / 1.9)}
+    # Horizon 1.0 s: a's last token (0.85) is in, c's (1.9) is not -> 1 request in 1 s.
+    s = _collector(tol=0.34).summary(horizon_s=1.0)
+    assert s["request_goodput_rps"] == pytest.approx(1.0)
+    assert s["request_goodput_rps_by_class"] == {"batch": 0.0, "chat": pytest.approx(1.0)}
+
+
+@pytest.mark.unit
+def test_per_class_latency_percentiles() -> None:
+    s = _collector().summary()
+    assert s["num_requests_by_class"] == {"batch": 2, "chat": 3}
+    # TBT gaps, chat: a 0.05 0.25 0.05, b 0.05 0.05 (e has one token) -> sorted 0.05 x4, 0.25;
+    #   p99 at rank 0.99 * 4 = 3.96: 0.05 + 0.96 * 0.20 = 0.242 s.
+    # batch: c 0.3 1.3, d 1.1 -> sorted 0.3 1.1 1.3; rank 1.98: 1.1 + 0.98 * 0.2 = 1.296 s.
+    assert s["p99_tbt_ms_by_class"] == {"batch": pytest.approx(1296.0), "chat": pytest.approx(242.0)}
+    # Pooled, the eight gaps give rank 6.93: 1.1 + 0.93 * 0.2 = 1.286 s -- neither class's p99.
+    assert s["p99_tbt_ms"] == pytest.approx(1286.0)
+    # TTFT, chat: a 0.5, b 0.5, e 0.2 -> p50 0.5, p99 (rank 1.98) 0.5.
+    # batch: c 0.3, d 0.2 -> p50 0.25; p99 at rank 0.99: 0.2 + 0.99 * 0.1 = 0.299 s.
+    assert s["p50_ttft_ms_by_class"] == {"batch": pytest.approx(250.0), "chat": pytest.approx(500.0)}
+    assert s["p99_ttft_ms_by_class"] == {"batch": pytest.approx(299.0), "chat": pytest.approx(500.0)}
+    # Keys come sorted by class name.
+    for key in ("slo_attainment_by_class", "num_requests_by_class", "refused_by_class",
+                "request_goodput_rps_by_class", "p50_ttft_ms_by_class", "p99_ttft_ms_by_class",
+                "p99_tbt_ms_by_class"):
+        assert list(s[key]) == ["batch", "chat"], key
+
+
+@pytest.mark.unit
+def test_per_class_percentiles_match_numpy_default() -> None:
+    m = MetricsCollector(s_pf=768)
+    gaps = {"b-strict": [0.01, 0.02, 0.04, 0.03, 0.2], "a-lax": [0.3, 0.1, 0.5]}
+    for cls, gs in gaps.items():
+        m.on_arrival(cls, cls, SLO(ttft_s=1.0, tbt_s=0.5), 0.0, 10)
+        t = 0.1
+        m.on_token(cls, t)
+        for g in gs:
+            t += g
+            m.on_token(cls, t)
+        m.on_finish(cls, t, "stop")
+    s = m.summary()
+    assert list(s["p99_tbt_ms_by_class"]) == ["a-lax", "b-strict"]
+    for cls, gs in gaps.items():
+        assert s["p99_tbt_ms_by_class"][cls] == pytest.approx(float(np.percentile(gs, 99)) * 1000.0)
+    assert s["p99_tbt_ms_by_class"]["b-strict"] == pytest.approx(193.6)  # 0.04 + 0.96 * 0.16 s
+
+
+@pytest.mark.unit
+def test_a_class_without_gaps_reports_zero_percentiles() -> None:
+    m = MetricsCollector(s_pf=768)
+    m.on_arrival("one", "single", CHAT, 0.0, 10)
+    m.on_token("one", 0.3)
+    m.on_finish("one", 0.3, "stop")
+    m.on_arrival("no", "refused-only", CHAT, 0.0, 10)
+    m.on_refused("no", 0.0)
+    s = m.summary()
+    assert s["p99_tbt_ms_by_class"] == {"refused-only": 0.0, "single": 0.0}
+    assert s["p50_ttft_ms_by_class"] == {"refused-only": 0.0, "single": pytest.approx(300.0)}
+    assert s["p99_ttft_ms_by_class"] == {"refused-only": 0.0, "single": pytest.approx(300.0)}
+
+
+@pytest.mark.unit
+def test_a_refused_request_is_a_miss() -> None:
+    m = _collector(tol=0.34)
+    m.on_arrival("r", "chat", CHAT, 1.5, prompt_len=10)
+    m.on_refused("r", 1.5)
+    record = m.requests["r"]
+    assert record.finish_reason == "refused" and record.finish_s == 1.5 and record.token_times == []
+    assert record.refused and not record.attained(1.0)
+    s = m.summary()
+    # Six requests now, still two attained (a, c): attainment falls from 2/5 to 2/6.
+    assert s["num_requests"] == 6 and s["num_refused"] == 1
+    assert s["num_finished"] == 5  # the refusal ended the request
+    assert s["slo_attainment"] == pytest.approx(2 / 6)
+    assert s["slo_attainment_by_class"] == {"batch": pytest.approx(0.5), "chat": pytest.approx(1 / 4)}
+    assert s["refused_by_class"] == {"batch": 0, "chat": 1}
+    assert s["num_requests_by_class"] == {"batch": 2, "chat": 4}
+    # No tokens and no job: output, goodput and JCT are those of the five others.
+    assert s["output_tokens"] == 13 and s["duration_s"] == pytest.approx(1.9)
+    assert s["mean_jct_s"] == pytest.approx((0.85 + 0.6 + 1.9 + 1.3) / 4)
+    assert s["request_goodput_rps"] == pytest.approx(2 / 1.9)
+
+
+@pytest.mark.unit
+def test_refusal_after_tokens_is_rejected() -> None:
+    m = MetricsCollector(s_pf=768)
+    m.on_arrival("x", "chat", CHAT, 0.0, 10)
+    m.on_token("x", 0.1)
+    with pytest.raises(ValueError, match="before any token"):
+        m.on_refused("x", 0.2)
+
+
+@pytest.mark.unit
+def test_summary_keeps_its_keys_and_adds_the_new_ones() -> None:
+    s = _collector().summary()
+    existing = {"num_requests", "num_finished", "duration_s", "output_tokens", "throughput_tok_s",
+                "goodput_tok_s", "request_goodput_tok_s", "slo_attainment", "slo_attainment_by_class",
+                "p50_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "p50_tbt_ms", "p90_tbt_ms", "p99_tbt_ms",
+                "p50_jct_s", "p90_jct_s", "p99_jct_s", "mean_jct_s", "preemptions", "iterations",
+                "compute_util", "kv_util", "kv_unallocated", "sched_ms_p50", "sched_ms_p99",
+                "mean_forward_tokens"}
+    added = {"request_goodput_rps", "request_goodput_rps_by_class", "num_requests_by_class",
+             "p99_tbt_ms_by_class", "p50_ttft_ms_by_class", "p99_ttft_ms_by_class", "num_refused",
+             "refused_by_class"}
+    assert existing | added <= set(s)
+    empty = MetricsCollector(s_pf=768).summary()
+    assert existing | added <= set(empty)
+    assert empty["request_goodput_rps"] == 0.0 and empty["num_refused"] == 0
+    assert empty["p99_tbt_ms_by_class"] == {} and empty["refused_by_class"] == {}
 
 
 # -- iteration metrics -------------------------------------------------------------------------

@@ -17,11 +17,16 @@ from hypothesis import strategies as st
 
 from bench import workloads as W
 from bench.workloads import (
+    CLASS_MODES,
     DEFAULT_SLO_MIX,
+    MAX_OUTPUT_TOKENS,
+    SHORT_DATA,
     WORKLOAD_NAMES,
     WorkloadRequest,
     azure_trace,
+    length_summary,
     load_workload,
+    max_output_tokens,
     paper_mix,
     parse_slo_mix,
     traces_dir,
@@ -30,6 +35,9 @@ from bench.workloads import (
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "traces_sample"
 CONV = SAMPLE / W.AZURE_FILES["azure-conv"]
 CODE = SAMPLE / W.AZURE_FILES["azure-code"]
+LENGTH_COLS = ("num_prefill_tokens", "num_decode_tokens")
+LENGTH_FILES = {"alpaca": W.ALPACA_FILE, "sharegpt": W.SHAREGPT_FIRST_TURN_FILE, "bwb": W.BWB_FILE,
+                "arxiv": W.ARXIV_FILE}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -40,6 +48,17 @@ def _sample_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def _rows(path: Path, a: str, b: str) -> set[tuple[int, int]]:
     with open(path, newline="") as fh:
         return {(int(r[a]), int(r[b])) for r in csv.DictReader(fh)}
+
+
+def _row_list(path: Path, a: str, b: str) -> list[tuple[int, int]]:
+    with open(path, newline="") as fh:
+        return [(int(r[a]), int(r[b])) for r in csv.DictReader(fh)]
+
+
+def _fit(prompt: int, output: int, max_model_len: int = 2048) -> tuple[int, int]:
+    """The fitting rule written out for one request, independently of the vectorised code."""
+    out = min(max(output, 1), max_model_len // 2)
+    return min(max(prompt, 1), max_model_len - out), out
 
 
 def _check_wellformed(reqs: list[WorkloadRequest], max_model_len: int) -> None:
@@ -55,7 +74,9 @@ def _check_wellformed(reqs: list[WorkloadRequest], max_model_len: int) -> None:
 @pytest.mark.unit
 def test_sample_files_present_and_small() -> None:
     names = {p.name for p in SAMPLE.glob("*.csv")}
-    assert names == {W.SHAREGPT_FILE, W.BWB_FILE, W.ARXIV_FILE, *W.AZURE_FILES.values()}
+    assert names == {W.ALPACA_FILE, W.SHAREGPT_FIRST_TURN_FILE, W.SHAREGPT_FILE, W.BWB_FILE, W.ARXIV_FILE,
+                     *W.AZURE_FILES.values()}  # fmt: skip
+    assert set(SHORT_DATA.values()) <= names
     assert sum(p.stat().st_size for p in SAMPLE.iterdir()) < 1_000_000
     for p in SAMPLE.glob("*.csv"):
         assert sum(1 for _ in p.open()) == 1501
@@ -93,7 +114,7 @@ def test_paper_mix_long_fraction_and_sources() -> None:
     assert abs(frac - 0.35) < 0.02
     for r in reqs:
         assert r.is_long == (r.source in ("bwb", "arxiv"))
-        assert r.is_long or r.source == "sharegpt"
+        assert r.is_long or r.source == "alpaca"  # the default short data
     # Long rows are uniform over BWB + arXiv rows; the sample has 1500 of each.
     long_sources = Counter(r.source for r in reqs if r.is_long)
     assert abs(long_sources["bwb"] / sum(long_sources.values()) - 0.5) < 0.05
@@ -103,35 +124,72 @@ def test_paper_mix_long_fraction_and_sources() -> None:
 
 @pytest.mark.unit
 def test_paper_mix_pairs_prompt_and_output_from_same_row() -> None:
-    # With a huge context nothing is truncated, so each pair must be a real row.
-    reqs = paper_mix(rate=50, duration_s=20, seed=3, max_model_len=10**6, data_dir=SAMPLE)
-    cols = ("num_prefill_tokens", "num_decode_tokens")
-    rows = {
-        "sharegpt": _rows(SAMPLE / W.SHAREGPT_FILE, *cols),
-        "bwb": _rows(SAMPLE / W.BWB_FILE, *cols),
-        "arxiv": _rows(SAMPLE / W.ARXIV_FILE, *cols),
-    }
-    for r in reqs:
-        assert (r.prompt_len, r.output_len) in rows[r.source]
+    # With a huge context nothing is fitted, so each pair must be a real row of the file its source names.
+    rows = {src: _rows(SAMPLE / name, *LENGTH_COLS) for src, name in LENGTH_FILES.items()}
+    for short in ("alpaca", "sharegpt"):
+        reqs = paper_mix(rate=50, duration_s=20, seed=3, max_model_len=10**6, data_dir=SAMPLE, short_data=short)
+        assert {r.source for r in reqs} == {short, "bwb", "arxiv"}
+        for r in reqs:
+            assert (r.prompt_len, r.output_len) in rows[r.source]
 
 
 @pytest.mark.unit
 @pytest.mark.parametrize("max_model_len", [2, 512, 2048, 4096])
-def test_truncation_bound_holds(max_model_len: int) -> None:
-    reqs = paper_mix(rate=50, duration_s=20, seed=4, max_model_len=max_model_len, data_dir=SAMPLE)
-    _check_wellformed(reqs, max_model_len)
+def test_fitting_bound_holds(max_model_len: int) -> None:
+    for short in SHORT_DATA:
+        reqs = paper_mix(rate=50, duration_s=20, seed=4, max_model_len=max_model_len, data_dir=SAMPLE,
+                         short_data=short)  # fmt: skip
+        _check_wellformed(reqs, max_model_len)
+        assert max(r.output_len for r in reqs) <= max_model_len // 2
     trace = azure_trace(CODE, max_model_len=max_model_len)
     _check_wellformed(trace, max_model_len)
-    assert max(r.prompt_len for r in trace) == max_model_len - 1  # code prompts are long: some are cut
+    raw = _row_list(CODE, "ContextTokens", "GeneratedTokens")
+    assert [(r.prompt_len, r.output_len) for r in trace] == [_fit(p, o, max_model_len) for p, o in raw]
+    # Code prompts are long: some are clipped, and then they fill the context exactly.
+    assert any(p + min(o, max_model_len // 2) > max_model_len for p, o in raw)
+    assert max(r.prompt_len + r.output_len for r in trace) == max_model_len
 
 
 @pytest.mark.unit
-def test_truncation_examples() -> None:
-    p, o = W._truncate(np.array([5000, 1000, 10, 2047, 0]), np.array([10, 2000, 10, 5, 0]), 2048)
-    assert p.tolist() == [2047, 1000, 10, 2047, 1]
-    assert o.tolist() == [1, 1048, 10, 1, 1]
+def test_max_output_tokens_is_half_the_context() -> None:
+    assert MAX_OUTPUT_TOKENS == 1024 == max_output_tokens(2048)
+    assert [max_output_tokens(n) for n in (2, 3, 512, 4097)] == [1, 1, 256, 2048]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("prompt", "output", "max_model_len", "expected"),
+    [
+        (3000, 1500, 2048, (1024, 1024)),  # output capped at 1024 first, then the prompt keeps its head
+        (100, 50, 2048, (100, 50)),  # fits: unchanged
+        (2047, 1, 2048, (2047, 1)),  # fits exactly, the 1-token output is the data's
+        (2047, 5, 2048, (2043, 5)),  # old rule: (2047, 1); now the output is kept and the prompt clipped
+        (5000, 10, 2048, (2038, 10)),  # old rule: (2047, 1)
+        (1000, 2000, 2048, (1000, 1024)),  # output cap alone makes it fit: the prompt is untouched
+        (1500, 1000, 2048, (1048, 1000)),  # output under the cap; the prompt gives way
+        (1024, 1024, 2048, (1024, 1024)),  # exactly full, at the cap
+        (0, 0, 2048, (1, 1)),  # zeros in the data become 1
+        (600, 400, 512, (256, 256)),  # cap scales with the context: 512 // 2
+        (10, 10, 2, (1, 1)),  # smallest context
+        (10, 10, 3, (2, 1)),
+    ],
+)
+def test_fit_context_examples(prompt: int, output: int, max_model_len: int, expected: tuple[int, int]) -> None:
+    p, o = W._fit_context(np.array([prompt]), np.array([output]), max_model_len)
+    assert (int(p[0]), int(o[0])) == expected
+    assert _fit(prompt, output, max_model_len) == expected  # the test's own statement of the rule agrees
+
+
+@pytest.mark.unit
+def test_fit_context_vectorised_and_bad_context() -> None:
+    p, o = W._fit_context(np.array([3000, 100, 2047, 5000]), np.array([1500, 50, 1, 10]), 2048)
+    assert p.tolist() == [1024, 100, 2047, 2038]
+    assert o.tolist() == [1024, 50, 1, 10]
+    for bad in (1, 0, -5, 2048.0, True):
+        with pytest.raises(ValueError, match="max_model_len"):
+            W._fit_context(np.array([1]), np.array([1]), bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_model_len"):
-        W._truncate(np.array([1]), np.array([1]), 1)
+        paper_mix(rate=1, duration_s=10, max_model_len=1, data_dir=SAMPLE)
 
 
 @pytest.mark.unit
@@ -140,13 +198,39 @@ def test_truncation_examples() -> None:
     st.lists(st.tuples(st.integers(0, 20_000), st.integers(0, 20_000)), min_size=1, max_size=50),
     st.integers(2, 8192),
 )
-def test_truncation_property(pairs: list[tuple[int, int]], max_model_len: int) -> None:
+def test_fit_context_property(pairs: list[tuple[int, int]], max_model_len: int) -> None:
     prompt, output = (np.array(x) for x in zip(*pairs))
-    p, o = W._truncate(prompt, output, max_model_len)
+    p, o = W._fit_context(prompt, output, max_model_len)
+    cap = max_model_len // 2
     assert (p >= 1).all() and (o >= 1).all() and (p + o <= max_model_len).all()
-    # Nothing that already fits is changed.
-    fits = (prompt >= 1) & (output >= 1) & (prompt + output <= max_model_len)
+    # The output loses only what exceeds the client's cap; the prompt only what does not fit next to it.
+    assert (o == np.clip(output, 1, cap)).all()
+    assert (p == np.clip(prompt, 1, max_model_len - o)).all()
+    # A 1-token output comes from the data (or from a context so small that the cap is 1).
+    assert ((o > 1) | (output <= 1) | (cap == 1)).all()
+    # Nothing that already fits within the cap is changed.
+    fits = (prompt >= 1) & (output >= 1) & (output <= cap) & (prompt + output <= max_model_len)
     assert (p[fits] == prompt[fits]).all() and (o[fits] == output[fits]).all()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("short", ["alpaca", "sharegpt"])
+def test_no_one_token_output_the_data_did_not_have(short: str) -> None:
+    reqs = paper_mix(rate=100, duration_s=60, seed=11, data_dir=SAMPLE, short_data=short)
+    fitted = {src: {_fit(p, o) for p, o in _rows(SAMPLE / name, *LENGTH_COLS)} for src, name in LENGTH_FILES.items()}
+    one = {src: {_fit(p, o) for p, o in _rows(SAMPLE / name, *LENGTH_COLS) if o <= 1}
+           for src, name in LENGTH_FILES.items()}  # fmt: skip
+    for r in reqs:
+        assert (r.prompt_len, r.output_len) in fitted[r.source]
+        if r.output_len == 1:
+            assert (r.prompt_len, 1) in one[r.source]
+    # The old rule made every long request that did not fit a (2047, 1) request; none is left.
+    assert sum(r.is_long for r in reqs) > 1000
+    assert not any(r.output_len == 1 for r in reqs if r.is_long)
+    for tr in (CONV, CODE):
+        raw = _row_list(tr, "ContextTokens", "GeneratedTokens")
+        for r, (_, o) in zip(azure_trace(tr), raw, strict=True):
+            assert r.output_len > 1 or o <= 1
 
 
 @pytest.mark.unit
@@ -182,8 +266,11 @@ def test_azure_trace_is_long_and_source() -> None:
     assert {r.source for r in reqs} == {"azure-code"}
     assert all(r.is_long == (r.prompt_len > 1024) for r in reqs)
     assert 0 < sum(r.is_long for r in reqs) < len(reqs)
-    raw = _rows(CODE, "ContextTokens", "GeneratedTokens")
-    assert all((r.prompt_len, r.output_len) in raw for r in reqs if r.prompt_len < 1024)
+    raw = _row_list(CODE, "ContextTokens", "GeneratedTokens")
+    assert [(r.prompt_len, r.output_len) for r in reqs] == [_fit(p, o) for p, o in raw]
+    # Requests that fit are the rows themselves.
+    assert all((r.prompt_len, r.output_len) == row for r, row in zip(reqs, raw) if row[0] + row[1] <= 2048
+               and row[1] <= 1024)  # fmt: skip
 
 
 @pytest.mark.unit
@@ -197,8 +284,8 @@ def test_trace_csv_unsorted_and_across_midnight(tmp_path: Path) -> None:
     )
     reqs = load_workload("trace", trace=path, duration_s=10.0)
     assert [r.arrival_s for r in reqs] == pytest.approx([0.0, 0.5, 2.0])
-    assert [r.prompt_len for r in reqs] == [2047, 100, 300]
-    assert [r.output_len for r in reqs] == [1, 10, 30]
+    assert [r.prompt_len for r in reqs] == [2028, 100, 300]  # 5000 + 20 does not fit: the prompt gives way
+    assert [r.output_len for r in reqs] == [20, 10, 30]
     assert [r.is_long for r in reqs] == [True, False, False]
     assert {r.source for r in reqs} == {"trace"}
     vidur = tmp_path / "v.csv"
@@ -221,6 +308,132 @@ def test_slo_mix_weights_respected() -> None:
     assert max(default.values()) / min(default.values()) < 1.15
     trace = Counter(r.app_class for r in azure_trace(CONV, slo_mix={"a": 1, "b": 1}))
     assert set(trace) == {"a", "b"} and abs(trace["a"] - 750) < 100
+
+
+@pytest.mark.unit
+def test_short_data_switch_reads_the_named_file(tmp_path: Path) -> None:
+    # A data dir holding only the long files and one short file: reading any other file would fail.
+    for short, name in SHORT_DATA.items():
+        d = tmp_path / short
+        d.mkdir()
+        for f in (name, W.BWB_FILE, W.ARXIV_FILE):
+            (d / f).write_bytes((SAMPLE / f).read_bytes())
+        reqs = paper_mix(rate=100, duration_s=100, seed=2, data_dir=d, short_data=short)
+        assert {r.source for r in reqs if not r.is_long} == {short}
+        assert reqs == paper_mix(rate=100, duration_s=100, seed=2, data_dir=SAMPLE, short_data=short)
+        # The paper's split: 35% long, 65% short (n ~ 10,000: sd of the share ~0.005).
+        assert abs(np.mean([r.is_long for r in reqs]) - 0.35) < 0.02
+    assert SHORT_DATA == {"alpaca": "alpaca_token_lengths.csv", "sharegpt": "sharegpt_first_turn_token_lengths.csv"}
+    # Same seed, different short data: the arrivals and long requests are identical, the short ones differ.
+    a = paper_mix(rate=50, duration_s=20, seed=9, data_dir=SAMPLE)
+    s = paper_mix(rate=50, duration_s=20, seed=9, data_dir=SAMPLE, short_data="sharegpt")
+    assert [r.arrival_s for r in a] == [r.arrival_s for r in s]
+    assert [r for r in a if r.is_long] == [r for r in s if r.is_long]
+    # The two short sets differ: ShareGPT first turns answer at length (full-file output medians 271 vs 43).
+    assert np.median([r.output_len for r in s if not r.is_long]) > 2 * np.median([r.output_len for r in a
+                                                                                   if not r.is_long])  # fmt: skip
+    with pytest.raises(ValueError, match="short_data='vidur'.*alpaca, sharegpt"):
+        paper_mix(rate=1, duration_s=10, data_dir=SAMPLE, short_data="vidur")
+
+
+@pytest.mark.unit
+def test_paper_mix_reproducible_with_new_options() -> None:
+    kw = {"rate": 30, "duration_s": 30, "data_dir": SAMPLE, "short_data": "sharegpt", "classes": "by-app"}
+    assert paper_mix(seed=4, **kw) == paper_mix(seed=4, **kw)
+    assert paper_mix(seed=4, **kw) != paper_mix(seed=5, **kw)
+
+
+@pytest.mark.unit
+def test_classes_by_app_paper_mix() -> None:
+    uniform = paper_mix(rate=100, duration_s=100, seed=6, data_dir=SAMPLE)
+    by_app = paper_mix(rate=100, duration_s=100, seed=6, data_dir=SAMPLE, classes="by-app")
+    # Only the classes change: arrivals, lengths and sources are the same requests.
+    strip = [(r.arrival_s, r.prompt_len, r.output_len, r.source, r.is_long) for r in by_app]
+    assert strip == [(r.arrival_s, r.prompt_len, r.output_len, r.source, r.is_long) for r in uniform]
+    for r in by_app:
+        if r.is_long:
+            assert r.app_class == "summarization"
+        else:
+            assert r.app_class in ("chat", "code")
+    short = [r for r in by_app if not r.is_long]
+    assert abs(sum(r.app_class == "chat" for r in short) / len(short) - 0.5) < 0.03  # default: equal
+    # The chat:code ratio comes from slo_mix; the summarization weight does not matter.
+    mixed = paper_mix(rate=100, duration_s=100, seed=6, data_dir=SAMPLE, classes="by-app",
+                      slo_mix={"chat": 3, "code": 1, "summarization": 0})  # fmt: skip
+    short = [r for r in mixed if not r.is_long]
+    assert abs(sum(r.app_class == "chat" for r in short) / len(short) - 0.75) < 0.03
+    assert all(r.app_class == "summarization" for r in mixed if r.is_long)
+    only_chat = paper_mix(rate=20, duration_s=20, data_dir=SAMPLE, classes="by-app", slo_mix={"chat": 1})
+    assert {r.app_class for r in only_chat} == {"chat", "summarization"}
+
+
+@pytest.mark.unit
+def test_classes_by_app_azure_trace() -> None:
+    reqs = azure_trace(CODE, classes="by-app", long_threshold=1024)
+    assert 0 < sum(r.is_long for r in reqs) < len(reqs)
+    for r in reqs:
+        assert r.is_long == (r.prompt_len > 1024)
+        assert (r.app_class == "summarization") == (r.prompt_len > 1024)
+        assert r.app_class in ("chat", "code", "summarization")
+    assert {r.app_class for r in reqs if not r.is_long} == {"chat", "code"}
+    low = azure_trace(CODE, classes="by-app", long_threshold=100)
+    assert all((r.app_class == "summarization") == (r.prompt_len > 100) for r in low)
+    # Cutting the trace keeps each row's class, as in uniform mode.
+    cut = azure_trace(CONV, classes="by-app", duration_s=60.0)
+    assert cut == azure_trace(CONV, classes="by-app")[: len(cut)]
+
+
+@pytest.mark.unit
+def test_classes_errors() -> None:
+    with pytest.raises(ValueError, match="classes='bogus'.*uniform, by-app"):
+        paper_mix(rate=1, duration_s=10, data_dir=SAMPLE, classes="bogus")
+    with pytest.raises(ValueError, match="classes='length'.*uniform, by-app"):
+        azure_trace(CONV, classes="length")
+    with pytest.raises(ValueError, match="chat or code a weight > 0"):
+        paper_mix(rate=1, duration_s=10, data_dir=SAMPLE, classes="by-app", slo_mix={"summarization": 1})
+    with pytest.raises(ValueError, match=r"\['batch'\] would never be drawn"):
+        azure_trace(CONV, classes="by-app", slo_mix={"chat": 1, "batch": 2})
+    # The usual slo_mix checks still apply.
+    with pytest.raises(ValueError, match=">= 0"):
+        paper_mix(rate=1, duration_s=10, data_dir=SAMPLE, classes="by-app", slo_mix={"chat": -1})
+    assert CLASS_MODES == ("uniform", "by-app")
+
+
+@pytest.mark.unit
+def test_length_summary_hand_computed() -> None:
+    def req(i: int, p: int, o: int, src: str) -> WorkloadRequest:
+        return WorkloadRequest(f"r{i}", float(i), p, o, "chat", src, src == "bwb")
+
+    reqs = [req(0, 10, 1, "alpaca"), req(1, 20, 2, "bwb"), req(2, 30, 3, "alpaca"), req(3, 40, 4, "alpaca"),
+            req(4, 100, 10, "alpaca")]  # fmt: skip
+    out = length_summary(reqs)
+    assert list(out) == ["alpaca", "bwb"]  # sorted by source
+    # alpaca prompts [10, 30, 40, 100]: mean 45; linear-interpolated percentiles at positions 0.5*3, 0.9*3, 0.99*3:
+    # p50 = 30 + 0.5 * 10 = 35, p90 = 40 + 0.7 * 60 = 82, p99 = 40 + 0.97 * 60 = 98.2.
+    a = out["alpaca"]
+    assert a["count"] == 4
+    assert a["prompt"] == pytest.approx({"mean": 45.0, "p50": 35.0, "p90": 82.0, "p99": 98.2, "max": 100})
+    # alpaca outputs [1, 3, 4, 10]: mean 4.5, p50 3.5, p90 4 + 0.7 * 6 = 8.2, p99 4 + 0.97 * 6 = 9.82.
+    assert a["output"] == pytest.approx({"mean": 4.5, "p50": 3.5, "p90": 8.2, "p99": 9.82, "max": 10})
+    assert out["bwb"] == {"count": 1, "prompt": {"mean": 20.0, "p50": 20.0, "p90": 20.0, "p99": 20.0, "max": 20},
+                          "output": {"mean": 2.0, "p50": 2.0, "p90": 2.0, "p99": 2.0, "max": 2}}  # fmt: skip
+    assert type(a["count"]) is int and type(a["prompt"]["max"]) is int and type(a["prompt"]["p50"]) is float
+    assert length_summary([]) == {}
+
+
+@pytest.mark.unit
+def test_length_summary_of_a_built_workload_uses_fitted_lengths() -> None:
+    reqs = paper_mix(rate=50, duration_s=40, seed=12, data_dir=SAMPLE, short_data="sharegpt")
+    out = length_summary(reqs)
+    assert set(out) == {"sharegpt", "bwb", "arxiv"}
+    assert sum(v["count"] for v in out.values()) == len(reqs)
+    for src, v in out.items():
+        rs = [r for r in reqs if r.source == src]
+        assert v["count"] == len(rs)
+        assert v["prompt"]["max"] == max(r.prompt_len for r in rs)
+        assert v["output"]["mean"] == pytest.approx(np.mean([r.output_len for r in rs]))
+        assert v["output"]["max"] <= MAX_OUTPUT_TOKENS  # as used, after fitting
+        assert v["prompt"]["p50"] <= v["prompt"]["p90"] <= v["prompt"]["p99"] <= v["prompt"]["max"]
 
 
 @pytest.mark.unit
@@ -277,6 +490,13 @@ def test_load_workload_dispatch() -> None:
     code = load_workload("azure-code", duration_s=1e6)
     assert len(code) == 1500 and {r.source for r in code} == {"azure-code"}
     assert load_workload("trace", trace=CODE, duration_s=1e6) == azure_trace(CODE, source="trace")
+    # short_data (paper-mix only) and classes (every workload) are passed through.
+    assert load_workload("paper-mix", rate=10, duration_s=20, short_data="sharegpt", classes="by-app") == paper_mix(
+        rate=10, duration_s=20, short_data="sharegpt", classes="by-app")  # fmt: skip
+    assert load_workload("paper-mix", rate=10, duration_s=20) == paper_mix(rate=10, duration_s=20, short_data="alpaca")
+    assert load_workload("azure-code", duration_s=1e6, classes="by-app") == azure_trace(
+        CODE, source="azure-code", classes="by-app")  # fmt: skip
+    assert load_workload("trace", trace=CODE, duration_s=1e6, classes="by-app") == azure_trace(CODE, classes="by-app")
 
 
 @pytest.mark.unit
@@ -293,6 +513,17 @@ def test_load_workload_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         load_workload("paper-mix", rate=1.0, trace=CONV)
     with pytest.raises(FileNotFoundError, match="trace="):
         load_workload("trace", trace=tmp_path / "missing.csv")
+    with pytest.raises(ValueError, match="short_data applies only to 'paper-mix'"):
+        load_workload("azure-conv", short_data="alpaca")
+    with pytest.raises(ValueError, match="short_data applies only to 'paper-mix'"):
+        load_workload("trace", trace=CODE, short_data="sharegpt")
+    with pytest.raises(ValueError, match="short_data='bogus'.*alpaca, sharegpt"):
+        load_workload("paper-mix", rate=1.0, short_data="bogus")
+    with pytest.raises(ValueError, match="classes='bogus'.*uniform, by-app"):
+        load_workload("azure-code", classes="bogus")
+    # A bad classes value fails before the file lookup.
+    with pytest.raises(ValueError, match="classes="):
+        load_workload("trace", trace=tmp_path / "missing.csv", classes="bogus")
     monkeypatch.setenv("ACCELGEN_TRACES_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="ACCELGEN_TRACES_DIR"):
         load_workload("azure-code")
@@ -319,3 +550,28 @@ def test_csv_columns_cached_and_read_only() -> None:
     t, _, _ = W._read_trace(W._key(CONV))
     with pytest.raises(ValueError):
         t[0] = 1.0
+
+
+@pytest.mark.unit
+def test_workload_spec_and_cli_flags() -> None:
+    import argparse
+
+    from accelgen.cli import add_workload_args
+    from bench.compare import WorkloadSpec
+
+    ap = argparse.ArgumentParser()
+    add_workload_args(ap)
+    args = ap.parse_args([])
+    assert (args.short_data, args.classes) == ("alpaca", "uniform")
+    args = ap.parse_args(["--short-data", "sharegpt", "--classes", "by-app"])
+    assert (args.short_data, args.classes) == ("sharegpt", "by-app")
+    for bad in (["--short-data", "vidur"], ["--classes", "random"]):
+        with pytest.raises(SystemExit):
+            ap.parse_args(bad)
+
+    spec = WorkloadSpec(rate=10, duration_s=20, short_data="sharegpt", classes="by-app")
+    assert spec.build(2048) == paper_mix(rate=10, duration_s=20, short_data="sharegpt", classes="by-app")
+    assert WorkloadSpec(rate=10, duration_s=20).build(2048) == paper_mix(rate=10, duration_s=20)
+    # short_data (default "alpaca") is not passed to a trace workload, so the default spec still builds one.
+    conv = WorkloadSpec(name="azure-conv", duration_s=30, classes="by-app").build(2048)
+    assert conv == azure_trace(CONV, duration_s=30, source="azure-conv", classes="by-app")
