@@ -8,18 +8,23 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench.compare import (RunSpec, WorkloadSpec, format_table, headline, plot_policies, plot_sweep,
-                           run_many)
-from bench.workloads import WORKLOAD_NAMES, parse_slo_mix
-from scheduler_service.core.policies.registry import POLICY_NAMES
+from bench.compare import (DEFAULT_TIME_NOISE, RunSpec, WorkloadSpec, format_table, headline, plot_policies,
+                           plot_sweep, run_many)
+from bench.workloads import CLASS_MODES, SHORT_DATA, WORKLOAD_NAMES, parse_slo_mix
+from scheduler_service.core.policies.registry import POLICY_NAMES, PolicySpec
 from scheduler_service.profiles import DEFAULT_PROFILE
 
 
 def _policies(text: str) -> list[str]:
+    """Comma-separated policy specs, ``NAME[@BUDGET][+admission]``, each checked here."""
     names = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in names if p not in POLICY_NAMES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown policy {unknown}; choose from {','.join(POLICY_NAMES)}")
+    if not names:
+        raise argparse.ArgumentTypeError(f"no policy given; choose from {','.join(POLICY_NAMES)}")
+    for name in names:
+        try:
+            PolicySpec.parse(name)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
     return names
 
 
@@ -42,7 +47,7 @@ def _slo_mix(text: str) -> dict[str, float]:
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", choices=WORKLOAD_NAMES, default="paper-mix",
-                   help="paper-mix: 35%% long (BWB/arXiv) + 65%% ShareGPT prompts, Poisson arrivals; "
+                   help="paper-mix: 35%% long (BWB/arXiv) + 65%% short (--short-data) prompts, Poisson arrivals; "
                         "azure-conv/azure-code: the Azure 2023 traces; trace: any Azure-format CSV (--trace)")
     p.add_argument("--rate", type=float, default=4.0, help="paper-mix arrival rate (requests/s)")
     p.add_argument("--duration", type=float, default=300.0, help="seconds of arrivals to generate/replay")
@@ -52,22 +57,24 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-mix", type=_slo_mix, default=None,
                    help="class weights, e.g. chat=1,code=1,summarization=1 (default: equal)")
     p.add_argument("--long-fraction", type=float, default=0.35, help="paper-mix share of long prompts")
+    p.add_argument("--short-data", choices=tuple(SHORT_DATA), default="alpaca",
+                   help="paper-mix short prompts: alpaca (Stanford Alpaca) or sharegpt (ShareGPT first turns)")
+    p.add_argument("--classes", choices=CLASS_MODES, default="uniform",
+                   help="SLO class per request: uniform (drawn from --slo-mix, independent of length) or by-app "
+                        "(long -> summarization, short -> chat/code with the --slo-mix chat:code ratio)")
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    base = WorkloadSpec(name=args.workload, rate=args.rate, duration_s=args.duration, seed=args.seed,
-                        time_scale=args.time_scale, trace=args.trace, slo_mix=args.slo_mix,
-                        long_fraction=args.long_fraction)
+    base = workload_spec(args)
     rates = args.sweep_rate or [args.rate]
     if args.sweep_rate and args.workload != "paper-mix":
         print("--sweep-rate needs --workload paper-mix (traces have their own arrival times)", file=sys.stderr)
         return 2
     specs = [RunSpec(workload=WorkloadSpec(**{**base.__dict__, "rate": r}), policy=p, profile=args.profile,
-                     time_noise=args.time_noise) for r in rates for p in args.policies]
+                     time_noise=args.time_noise, workers=args.workers, routing=args.routing)
+             for r in rates for p in args.policies]
     results = _run_with_progress(specs, args.jobs)
-    config: dict[str, Any] = {"workload": args.workload, "duration_s": args.duration, "seed": args.seed,
-                              "profile": args.profile, "policies": args.policies, "time_noise": args.time_noise,
-                              "slo_mix": args.slo_mix, "time_scale": args.time_scale, "trace": args.trace}
+    config = sim_config(args)
     by_rate = {r: {p: results[i * len(args.policies) + j] for j, p in enumerate(args.policies)}
                for i, r in enumerate(rates)}
     if args.sweep_rate:
@@ -92,6 +99,42 @@ def cmd_sim(args: argparse.Namespace) -> int:
         print(f"\nwrote {args.json}")
     if args.plot:
         print(f"wrote {args.plot}")
+    return 0
+
+
+def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
+    return WorkloadSpec(name=args.workload, rate=args.rate, duration_s=args.duration, seed=args.seed,
+                        time_scale=args.time_scale, trace=args.trace, slo_mix=args.slo_mix,
+                        long_fraction=args.long_fraction, short_data=args.short_data, classes=args.classes)
+
+
+def sim_config(args: argparse.Namespace) -> dict[str, Any]:
+    """What a simulation JSON records of the command that made it."""
+    return {"workload": args.workload, "duration_s": args.duration, "seed": args.seed, "profile": args.profile,
+            "policies": args.policies, "time_noise": args.time_noise, "slo_mix": args.slo_mix,
+            "time_scale": args.time_scale, "trace": args.trace, "short_data": args.short_data,
+            "classes": args.classes, "workers": args.workers, "routing": args.routing}
+
+
+def cmd_capacity(args: argparse.Namespace) -> int:
+    """Highest load at which each policy keeps SLO attainment >= --target (bisection)."""
+    from bench.capacity import capacities
+
+    base = workload_spec(args)
+    specs = [RunSpec(workload=base, policy=p, profile=args.profile, time_noise=args.time_noise,
+                     workers=args.workers, routing=args.routing) for p in args.policies]
+    results = capacities(specs, target=args.target, rel_tol=args.tolerance, jobs=args.jobs)
+    knob = "rate (req/s)" if args.workload == "paper-mix" else "time scale"
+    print(f"{'policy':<24} {'capacity (req/s)':>17} {knob:>14} {'probes':>7}")
+    for p, r in zip(args.policies, results):
+        print(f"{p:<24} {r.capacity_rps:>17.3f} {r.load:>14.3f} {len(r.probes):>7d}")
+    out = {"config": {**sim_config(args), "target": args.target, "tolerance": args.tolerance},
+           "capacity_rps": {p: r.capacity_rps for p, r in zip(args.policies, results)},
+           "search": {p: r.to_json() for p, r in zip(args.policies, results)}}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
     return 0
 
 
@@ -233,10 +276,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     from scheduler_service.profiles import load_profile
 
     profile = load_profile(args.profile)
-    spec = WorkloadSpec(name=args.workload, rate=args.rate, duration_s=args.duration, seed=args.seed,
-                        time_scale=args.time_scale, trace=args.trace, slo_mix=args.slo_mix,
-                        long_fraction=args.long_fraction)
-    workload = spec.build(profile.max_model_len)
+    workload = workload_spec(args).build(profile.max_model_len)
     print(f"replaying {len(workload)} requests ({args.workload}) against {args.gateway} ...", flush=True)
     result = run_load(args.gateway, workload, SLOCatalog(), profile.s_pf)
     rows = _service_rows(result)
@@ -296,22 +336,36 @@ def _run_service(module: str, argv: list[str]) -> int:
     return int(importlib.import_module(module).main(argv) or 0)
 
 
+def add_sim_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``sim`` and ``capacity``."""
+    add_workload_args(p)
+    p.add_argument("--policies", type=_policies, default=list(POLICY_NAMES),
+                   help=f"comma-separated NAME[@BUDGET][+admission], NAME from {','.join(POLICY_NAMES)} "
+                        "(e.g. vllm@512, sarathi@384, vllm+admission)")
+    p.add_argument("--profile", default=DEFAULT_PROFILE, help="shipped profile name or a profile JSON path")
+    p.add_argument("--time-noise", type=float, default=DEFAULT_TIME_NOISE,
+                   help="log-normal sigma of actual/predicted iteration time (0 = exact cost model)")
+    p.add_argument("--workers", type=int, default=1, help="workers (lanes) under one scheduler")
+    p.add_argument("--routing", default="least-work", help="how requests are spread over workers: least-work or slo-aware")
+    p.add_argument("--jobs", type=int, default=None, help="parallel simulations (default: CPU count)")
+    p.add_argument("--json", default=None, help="write results JSON here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="accelgen", description="Heterogeneous-SLO LLM serving (AccelGen)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("sim", help="simulate policies on a workload with a device profile")
-    add_workload_args(sim)
-    sim.add_argument("--policies", type=_policies, default=list(POLICY_NAMES),
-                     help=f"comma-separated, from {','.join(POLICY_NAMES)}")
-    sim.add_argument("--profile", default=DEFAULT_PROFILE, help="shipped profile name or a profile JSON path")
-    sim.add_argument("--time-noise", type=float, default=0.0,
-                     help="log-normal sigma of actual/predicted iteration time (0 = exact cost model)")
+    add_sim_args(sim)
     sim.add_argument("--sweep-rate", type=_rates, default=None, help="comma-separated rates, e.g. 1,2,4,8")
-    sim.add_argument("--jobs", type=int, default=None, help="parallel simulations (default: CPU count)")
-    sim.add_argument("--json", default=None, help="write results JSON here")
     sim.add_argument("--plot", default=None, help="write a PNG figure here")
     sim.set_defaults(func=cmd_sim)
+
+    cap = sub.add_parser("capacity", help="highest load each policy serves at a target SLO attainment (bisection)")
+    add_sim_args(cap)
+    cap.add_argument("--target", type=float, default=0.9, help="SLO attainment to hold (fraction of requests)")
+    cap.add_argument("--tolerance", type=float, default=0.04, help="stop when the bracket is this narrow (relative)")
+    cap.set_defaults(func=cmd_capacity, rate=1.0)
 
     up = sub.add_parser("up", help="start Redis, the scheduler, N workers and the gateway; Ctrl-C stops all")
     up.add_argument("--workers", type=int, default=1)

@@ -50,22 +50,35 @@ class WorkloadSpec:
     trace: str | None = None
     slo_mix: Mapping[str, float] | None = None
     long_fraction: float = 0.35
+    short_data: str = "alpaca"  # paper-mix only: "alpaca" or "sharegpt" (first turns)
+    classes: str = "uniform"  # "uniform" or "by-app" (bench.workloads docstring)
 
     def build(self, max_model_len: int) -> list:
-        rate = self.rate if self.name == "paper-mix" else None
-        return load_workload(self.name, rate=rate, duration_s=self.duration_s, seed=self.seed,
-                             time_scale=self.time_scale, trace=Path(self.trace) if self.trace else None,
-                             slo_mix=self.slo_mix, max_model_len=max_model_len, long_fraction=self.long_fraction)
+        paper = self.name == "paper-mix"
+        return load_workload(self.name, rate=self.rate if paper else None, duration_s=self.duration_s,
+                             seed=self.seed, time_scale=self.time_scale,
+                             trace=Path(self.trace) if self.trace else None, slo_mix=self.slo_mix,
+                             max_model_len=max_model_len, long_fraction=self.long_fraction,
+                             short_data=self.short_data if paper else None, classes=self.classes)
+
+
+DEFAULT_TIME_NOISE = 0.05
+"""Comparisons run with timing noise: each iteration's real time is the cost model's times a
+log-normal factor of this sigma (about +-5%), so no policy predicts time perfectly."""
 
 
 @dataclass(frozen=True)
 class RunSpec:
     workload: WorkloadSpec
     policy: str
+    """A policy spec, ``NAME[@BUDGET][+admission]`` (``registry.PolicySpec``)."""
     profile: str = "opt-13b_a100-80g"
     policy_overrides: Mapping[str, Any] = field(default_factory=dict)
-    time_noise: float = 0.0
+    """AccelGenConfig fields to change (accelgen and oracle only)."""
+    time_noise: float = DEFAULT_TIME_NOISE
     label: str = ""
+    workers: int = 1
+    routing: str = "least-work"
 
 
 def run_one(spec: RunSpec) -> dict[str, Any]:
@@ -75,8 +88,10 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     config = None
     if spec.policy_overrides:
         config = dataclasses.replace(AccelGenConfig(), **spec.policy_overrides)
-    result = simulate(workload, profile, SimConfig(policy=spec.policy, policy_config=config,
-                                                   time_noise=spec.time_noise, seed=spec.workload.seed))
+    sim = SimConfig(policy=spec.policy, policy_config=config, time_noise=spec.time_noise, seed=spec.workload.seed)
+    if spec.workers != 1 or spec.routing != "least-work":
+        sim = dataclasses.replace(sim, workers=spec.workers, routing=spec.routing)
+    result = simulate(workload, profile, sim)
     summary = result.summary
     summary["wall_s"] = result.wall_s
     return summary
@@ -103,11 +118,15 @@ def run_many(specs: Sequence[RunSpec], jobs: int | None = None,
         return results
 
 
+EXTRA = ("slo_attainment_by_class", "request_goodput_tok_s", "request_goodput_rps", "p50_ttft_ms",
+         "p99_ttft_ms", "preemptions", "kv_unallocated", "num_requests", "num_refused", "p99_tbt_ms_by_class",
+         "p50_ttft_ms_by_class", "p99_ttft_ms_by_class", "num_requests_by_class", "request_goodput_rps_by_class",
+         "refused_by_class")
+
+
 def headline(summary: Mapping[str, Any]) -> dict[str, Any]:
-    row = {k: summary[k] for k in HEADLINE}
-    row.update({k: summary[k] for k in ("slo_attainment_by_class", "request_goodput_tok_s", "p50_ttft_ms",
-                                        "p99_ttft_ms", "preemptions", "kv_unallocated", "num_requests")})
-    return row
+    """The summary's keys every table and JSON row carries."""
+    return {k: summary[k] for k in HEADLINE + EXTRA if k in summary}
 
 
 def format_table(rows: Mapping[str, Mapping[str, Any]], title: str = "policy") -> str:

@@ -19,6 +19,10 @@ class BudgetConfig:
     """Fraction of SLO_min kept free when the profile table decides the budget."""
     max_forward_tokens: int = 8192
     """Hard cap on one iteration's forward size (also the budget of JCT-only batches)."""
+    knee_fraction: float | None = None
+    """Knee criterion for ``S_pf``: the smallest forward size reaching this fraction of the peak
+    tokens/s (None: the profile's own, 0.95). A lower value moves the pivot down, so the paper's
+    linear formula (used above ``T_pf``) gives smaller budgets."""
     guard_with_profile: bool = True
     """Also cap the paper's linear formula by the profiled T(S_f) <= SLO_min * (1 - margin).
 
@@ -31,6 +35,8 @@ class BudgetConfig:
             raise ValueError("safety_margin must be in [0, 1)")
         if self.max_forward_tokens < 1:
             raise ValueError("max_forward_tokens must be >= 1")
+        if self.knee_fraction is not None and not 0 < self.knee_fraction <= 1:
+            raise ValueError("knee_fraction must be in (0, 1]")
 
 
 class TokenBudget:
@@ -40,11 +46,11 @@ class TokenBudget:
         self.profile = profile
         self.config = config or BudgetConfig()
         self._cache: dict[float | None, int] = {}
+        self.s_pf, self.t_pf_s = profile.pivot(self.config.knee_fraction)
 
     def paper_formula(self, slo_min_s: float) -> int:
         """The paper's ``S_pf * SLO_min / T_pf``, floored."""
-        p = self.profile
-        return int(math.floor(p.s_pf * slo_min_s / p.t_pf_s))
+        return int(math.floor(self.s_pf * slo_min_s / self.t_pf_s))
 
     def for_slo(self, slo_min_s: float | None) -> int:
         """Token budget of an iteration whose tightest iteration SLO is ``slo_min_s``.
@@ -61,7 +67,7 @@ class TokenBudget:
             tokens = cfg.max_forward_tokens
         else:
             within = self.profile.max_tokens_within(slo_min_s * (1.0 - cfg.safety_margin))
-            if slo_min_s >= self.profile.t_pf_s:
+            if slo_min_s >= self.t_pf_s:
                 tokens = self.paper_formula(slo_min_s)
                 if cfg.guard_with_profile:
                     tokens = min(tokens, within)

@@ -115,19 +115,30 @@ class DeviceProfile:
                 hi = mid
         return lo
 
-    def _find_knee(self) -> int:
+    def _find_knee(self, knee_fraction: float | None = None) -> int:
         """``S_pf``: the smallest forward size reaching ``knee_fraction`` of the peak tokens/s.
 
         Scanned on a 16-token grid up to ``knee_search_max_tokens``: beyond the knee extra
         tokens cost proportionally more time, below it they are nearly free.
         """
+        fraction = self.knee_fraction if knee_fraction is None else knee_fraction
         grid = [1] + list(range(16, self.knee_search_max_tokens + 1, 16))
         rates = [s / self.forward_time_s(s) for s in grid]
         peak = max(rates)
         for s, r in zip(grid, rates):
-            if r >= self.knee_fraction * peak:
+            if r >= fraction * peak:
                 return s
         return grid[-1]  # unreachable: the peak itself qualifies
+
+    def pivot(self, knee_fraction: float | None = None) -> tuple[int, float]:
+        """``(S_pf, T_pf)`` under another knee criterion than the profile's own (for policies
+        that make the criterion a setting, and for its ablation)."""
+        if knee_fraction is None or knee_fraction == self.knee_fraction:
+            return self.s_pf, self.t_pf_s
+        if not 0 < knee_fraction <= 1:
+            raise ValueError("knee_fraction must be in (0, 1]")
+        s_pf = self._find_knee(knee_fraction)
+        return s_pf, self.forward_time_s(s_pf)
 
     # -- derived capacities ------------------------------------------------------------------
     @property

@@ -126,5 +126,12 @@ class Request:
             return self.arrival_s + slo.ttft_s
         return self.last_token_s + slo.tbt_s
 
+    def next_deadline_after_arrival_s(self) -> float:
+        """The first deadline the request had: arrival + TTFT (or + JCT for a JCT-only one)."""
+        slo = self.slo
+        budget = slo.ttft_s if slo.ttft_s is not None else slo.jct_s
+        assert budget is not None  # guaranteed by SLO.__post_init__
+        return self.arrival_s + budget
+
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids

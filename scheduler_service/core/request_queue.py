@@ -46,6 +46,10 @@ class RequestQueue:
         if self.remove(request.request_id) is not None:
             self.add(request, preempted)
 
+    def key_of(self, request_id: str) -> Any:
+        """The key a queued request is ordered by."""
+        return self._by_id[request_id][0]
+
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._by_id
 

@@ -87,6 +87,14 @@ class SchedulerCore:
         self.requests[request.request_id] = request
         self.waiting.add(request)
 
+    def submit(self, request: Request, now: float) -> None:
+        """``add_request`` behind the policy's admission control: raises ``AdmissionRefused``
+        (and queues nothing) when the policy refuses the request at this moment."""
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        self.policy.check_admission(request, now)
+        self.add_request(request)
+
     def adopt(self, request: Request) -> None:
         """Take over a request that was running elsewhere (a dead worker, a restarted scheduler).
 
@@ -200,6 +208,7 @@ class SchedulerCore:
         request.status = status
         request.finish_reason = reason
         request.finish_s = now
+        self.policy.on_finish(request)
 
     # -- views ---------------------------------------------------------------------------
     @property

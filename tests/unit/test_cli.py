@@ -67,7 +67,7 @@ def test_bad_arguments_exit_with_a_message(args: list[str], message: str, capsys
 @pytest.mark.unit
 def test_overhead_benchmark_times_every_policy() -> None:
     results = overhead.run([10], repeats=5, with_vllm=False)
-    assert set(results["policies"]) == {"accelgen", "vllm", "sarathi", "edf", "oracle"}
+    assert set(results["policies"]) == {"accelgen", "vllm", "vllm-priority", "sarathi", "edf", "oracle"}
     for per_size in results["policies"].values():
         assert per_size["10"]["p50_ms"] > 0
         assert per_size["10"]["p99_ms"] >= per_size["10"]["p50_ms"]

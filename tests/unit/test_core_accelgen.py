@@ -115,13 +115,29 @@ def test_remaining_time_of_a_waiting_request() -> None:
     # T_e = ceil(1000 / 377) = 3 iterations x 47.7 ms = 0.1431 s; T_r = 2.0 - 0.5 - 0.1431.
     assert policy.execution_estimate_s(r) == pytest.approx(0.1431)
     assert policy.remaining_time_s(r, now=0.5) == pytest.approx(1.3569)
+    # A pace looser than its own SLO changes nothing: the request itself sets the budget.
+    assert policy.remaining_time_s(r, now=0.5, pace_slo_s=LOOSE) == pytest.approx(1.3569)
+    # A loose request: ceil(2000 / 1735) = 2 iterations x 183.5 ms = 0.367 s.
+    loose = areq("b", prompt=2000, tbt=LOOSE, ttft=10.0, arrival=1.0)
+    assert policy.remaining_time_s(loose, now=2.0) == pytest.approx(11.0 - 2.0 - 0.367)
+    # Beside tight requests it is cut into tight chunks at the tight pace:
+    # ceil(2000 / 377) = 6 iterations x 47.7 ms = 0.2862 s.
+    assert policy.remaining_time_s(loose, now=2.0, pace_slo_s=TIGHT) == pytest.approx(11.0 - 2.0 - 0.2862)
+
+
+@pytest.mark.unit
+def test_remaining_time_before_the_batch_pace_fix() -> None:
+    """te_batch_pace=False: chunks of the request's own budget, each at most T_max long."""
+    _, policy = make(te_batch_pace=False)
+    r = areq("a", prompt=1000, tbt=TIGHT, ttft=2.0)
     # In a batch whose iterations last at most 10 ms: 3 x 0.01 s.
     assert policy.remaining_time_s(r, now=0.5, t_max_s=0.01) == pytest.approx(2.0 - 0.5 - 0.03)
     # A cap above the request's own iteration time changes nothing.
     assert policy.remaining_time_s(r, now=0.5, t_max_s=1.0) == pytest.approx(1.3569)
-    # A loose request: ceil(2000 / 1735) = 2 iterations x 183.5 ms = 0.367 s.
     loose = areq("b", prompt=2000, tbt=LOOSE, ttft=10.0, arrival=1.0)
-    assert policy.remaining_time_s(loose, now=2.0) == pytest.approx(11.0 - 2.0 - 0.367)
+    # Own budget (2 chunks of 1735) at the tight cap: 2 x 47.7 ms, an underestimate of 3x.
+    assert policy.remaining_time_s(loose, now=2.0, pace_slo_s=TIGHT, t_max_s=T_TIGHT) == pytest.approx(
+        11.0 - 2.0 - 2 * T_TIGHT)
 
 
 @pytest.mark.unit
@@ -136,7 +152,8 @@ def test_remaining_time_of_a_partial_prefill_and_a_decode() -> None:
     d.first_token_s = d.last_token_s = 1.0
     # Deadline = last token + TBT = 1.0503; T_r = 1.0503 - 1.0 - 0.0477 = 0.0026.
     assert policy.remaining_time_s(d, now=1.0) == pytest.approx(0.0026)
-    assert policy.remaining_time_s(d, now=1.0, t_max_s=0.03) == pytest.approx(0.0203)
+    # A decode needs one iteration at its own pace; a looser running pace does not slow it.
+    assert policy.remaining_time_s(d, now=1.0, pace_slo_s=LOOSE) == pytest.approx(0.0026)
 
 
 @pytest.mark.unit

@@ -39,61 +39,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from scheduler_service.core.admission import AdmissionControl
 from scheduler_service.core.batch_builder import BatchBuilder
-from scheduler_service.core.budget import BudgetConfig, TokenBudget
+from scheduler_service.core.budget import TokenBudget
 from scheduler_service.core.kv_blocks import blocks_for_tokens
+from scheduler_service.core.kv_reserve import admission_reserve_blocks, growth_blocks, headroom_final_tokens
+from scheduler_service.core.length_estimate import OutputLengthEstimator
+from scheduler_service.core.policies.accelgen_config import VICTIM_RULES, AccelGenConfig
+from scheduler_service.core.plan import BatchPlan, IterationResult
 from scheduler_service.core.policies.base import Policy
 from scheduler_service.core.profile import DeviceProfile
 from scheduler_service.core.request import Request, RequestStatus
 from scheduler_service.core.slo import SLOCatalog, slo_group
-
-VICTIM_RULES = ("vllm", "slo")
-
-
-@dataclass(frozen=True, slots=True)
-class AccelGenConfig:
-    prioritise: bool = True
-    """Mechanism 2: order by T_r and always batch urgent requests (off: FCFS, running first)."""
-    slo_grouping: bool = True
-    """Mechanism 2: keep tighter-SLO requests out of a batch formed for a looser SLO."""
-    dynamic_chunking: bool = True
-    """Mechanism 1: budget from SLO_min each iteration (off: static budget of the tightest class)."""
-    time_guard: bool = True
-    """Price the exact batch (attention and KV reads included) with the cost model and keep it
-    within SLO_min less the margin. The paper's S_b counts tokens only, which on a real profile
-    lets a batch of long-context decodes overrun SLO_min; the guard is what makes the chunking
-    SLO-*guaranteed*."""
-    era: bool = True
-    """Mechanism 1: exclusive request allocation, at most ``era_cap`` long prefills at once."""
-    era_cap: int = 1
-    multi_resource: bool = True
-    """Mechanism 3: Euclidean (compute, KV) pick after the urgent requests (off: T_r order)."""
-    victim: str = "vllm"
-    """Preemption victim: "vllm" (newest running, the paper's default) or "slo" (most slack)."""
-    candidate_window: int = 64
-    """How many waiting requests (in queue order) are considered each iteration."""
-    kv_headroom_tokens: int = 128
-    """Expected output tokens reserved in KV per request at admission: a new request is admitted
-    only if its prompt plus this headroom, and the headroom of every running request, fit."""
-    triage: bool = True
-    """Extension (the paper's open question on overload): a waiting request whose first-token
-    deadline has already passed is served after those that can still make theirs, in arrival
-    order, instead of first — least-T_r-first under overload otherwise serves only the late."""
-    eager_decodes: bool = False
-    """Run non-urgent decodes before new prefills (they free KV sooner); off: prefills first,
-    non-urgent decodes take what is left and otherwise wait until they become urgent."""
-    jct_expected_output_tokens: int = 128
-    """Estimated output length of a JCT request, for T_e (the length is unknown in advance)."""
-    budget: BudgetConfig = field(default_factory=BudgetConfig)
-
-    def __post_init__(self) -> None:
-        if self.victim not in VICTIM_RULES:
-            raise ValueError(f"victim must be one of {VICTIM_RULES}, got {self.victim!r}")
-        if self.era_cap < 1:
-            raise ValueError("era_cap must be >= 1")
-        if self.candidate_window < 1:
-            raise ValueError("candidate_window must be >= 1")
-
+from scheduler_service.core.timing_margin import AdaptiveMargin
 
 class AccelGenPolicy(Policy):
     name = "accelgen"
@@ -108,6 +66,12 @@ class AccelGenPolicy(Policy):
         self._t_r: dict[str, float] = {}
         self._late: set[str] = set()
         self._reserved_growth = 0
+        self.margin = AdaptiveMargin(self.config.budget.safety_margin)
+        self.lengths = OutputLengthEstimator(self.config.length_config) if self.config.length_estimates else None
+        if self.config.admission:
+            # Until it has measured one, assume the device's peak prefill rate (optimistic: it
+            # refuses nothing it should accept while it learns).
+            self.admission = AdmissionControl(self.budget.s_pf / self.budget.t_pf_s, self.config.admission_config)
 
     # -- estimates ---------------------------------------------------------------------------
     def iteration_time_s(self, slo_s: float | None) -> float:
@@ -115,7 +79,7 @@ class AccelGenPolicy(Policy):
         t = self._t_iter.get(slo_s)
         if t is None:
             if slo_s is None:
-                t = self.profile.t_pf_s
+                t = self.budget.t_pf_s
             else:
                 t = min(slo_s, self.budget.iteration_time_s(slo_s))
             self._t_iter[slo_s] = t
@@ -123,35 +87,79 @@ class AccelGenPolicy(Policy):
 
     def remaining_output_tokens(self, request: Request) -> int:
         """Output tokens still to come; unknown, so estimated (the oracle overrides this)."""
+        if self.lengths is not None:
+            expected = self.lengths.expected_output(request.app_class, request.num_prompt_tokens,
+                                                    request.num_output_tokens)
+            return max(1, expected - request.num_output_tokens)
         return max(1, self.config.jct_expected_output_tokens - request.num_output_tokens)
 
-    def execution_estimate_s(self, request: Request, t_max_s: float | None = None) -> float:
+    def on_finish(self, request: Request) -> None:
+        self._late.discard(request.request_id)
+        if self.lengths is not None and request.status is RequestStatus.FINISHED:
+            self.lengths.observe(request.app_class, request.num_prompt_tokens, request.num_output_tokens)
+
+    def after_iteration(self, plan: BatchPlan, result: IterationResult, now: float) -> None:
+        super().after_iteration(plan, result, now)
+        if self.config.adaptive_margin:
+            self.margin.observe(plan.predicted_time_s * self.time_correction, result.elapsed_s)
+        if not self.config.demote_late:
+            return
+        requests = self.bound.requests
+        for c in plan.chunks:
+            if not c.samples:
+                continue
+            r = requests.get(c.request_id)
+            # Its first token just came: if late, the request can no longer attain its SLO.
+            if (r is not None and r.num_output_tokens == 1 and r.status is RequestStatus.RUNNING
+                    and r.first_token_s is not None and r.first_token_s > r.next_deadline_after_arrival_s()):
+                self._late.add(r.request_id)
+
+    def _best_effort(self, request: Request) -> bool:
+        return self.config.demote_late and request.request_id in self._late
+
+    def _effective_tbt(self, request: Request) -> float | None:
+        """The iteration SLO the batch must honour for this request (None: best-effort)."""
+        if self.config.demote_late and request.request_id in self._late:
+            return None
+        return request.slo.tbt_s
+
+    def execution_estimate_s(self, request: Request, pace_slo_s: float | None = None,
+                             t_max_s: float | None = None) -> float:
         """``T_e``: time the request still needs to run before its next deadline.
 
-        Iterations it needs (prompt chunks at its own SLO's budget, or one decode) times the
-        time of one iteration: at its own SLO's budget, but never longer than ``t_max_s``, the
-        longest iteration the current batch can take — a loose request riding in a tight batch
-        runs at the tight batch's pace.
+        Iterations it needs (prompt chunks, or one decode) times the time of one iteration, at
+        the pace of the batch it will run in: the tightest of its own SLO and ``pace_slo_s``
+        (the tightest running SLO, which sets every iteration's budget). With
+        ``te_batch_pace`` off: chunks of its own SLO's budget, each at most ``t_max_s`` long.
         """
-        slo_s = request.slo.tbt_s
+        own = request.slo.tbt_s
+        slo_s = own
+        t_cap = None
+        if self.config.te_batch_pace:
+            if pace_slo_s is not None and (own is None or pace_slo_s < own):
+                slo_s = pace_slo_s
+        else:
+            t_cap = t_max_s
         iterations = 1
         uncomputed = request.num_uncomputed_tokens
         if uncomputed > 1 or not request.output_token_ids:  # still prefilling
             iterations = -(-uncomputed // self.budget.for_slo(slo_s))
-        if slo_s is None:  # JCT: the deadline is the end of the whole job
+        if own is None:  # JCT: the deadline is the end of the whole job
             iterations += self.remaining_output_tokens(request) - 1
         t_iter = self._t_iter.get(slo_s)
         if t_iter is None:
             t_iter = self.iteration_time_s(slo_s)
-        if t_max_s is not None and t_max_s < t_iter:
-            t_iter = t_max_s
+        if t_cap is not None and t_cap < t_iter:
+            t_iter = t_cap
         return iterations * t_iter
 
-    def remaining_time_s(self, request: Request, now: float, t_max_s: float | None = None) -> float:
+    def remaining_time_s(self, request: Request, now: float, pace_slo_s: float | None = None,
+                         t_max_s: float | None = None) -> float:
         """``T_r = SLO - T_w - T_e``."""
-        return request.next_token_deadline_s() - now - self.execution_estimate_s(request, t_max_s)
+        return request.next_token_deadline_s() - now - self.execution_estimate_s(request, pace_slo_s, t_max_s)
 
-    def _rank(self, candidates: list[Request], now: float, t_max: float) -> tuple[list[Request], list[Request]]:
+    def _rank(self, candidates: list[Request], now: float, pace_slo: float | None,
+              t_max: float) -> tuple[list[Request], list[Request]]:
         """Compute every candidate's T_r (kept in ``self._t_r``) and return the candidates in
         ``candidate_order`` and the urgent ones (T_r <= T_max) in the same order.
 
@@ -174,16 +182,19 @@ class AccelGenPolicy(Policy):
                     t = self.iteration_time_s(tbt)
                 remaining = r.last_token_s + tbt - now - (t if t < t_max else t_max)
             else:
-                remaining = self.remaining_time_s(r, now, t_max)
+                remaining = self.remaining_time_s(r, now, pace_slo, t_max)
             t_r[rid] = remaining
             keyed.append((rid in late, remaining, r.arrival_s, i))
         self._t_r = t_r
         if type(self).candidate_order is not AccelGenPolicy.candidate_order:  # a subclass's order
             ordered = sorted(candidates, key=self.candidate_order)
-            return ordered, [r for r in ordered if t_r[r.request_id] <= t_max]
+            return ordered, [r for r in ordered if t_r[r.request_id] <= t_max and not self._best_effort(r)]
         keyed.sort()  # == sorted(candidates, key=self.candidate_order), without a call per request
         ordered = [candidates[k[3]] for k in keyed]
-        urgent = [candidates[k[3]] for k in keyed if k[1] <= t_max]
+        if self.config.demote_late:  # best-effort requests are never urgent
+            urgent = [candidates[k[3]] for k in keyed if k[1] <= t_max and not k[0]]
+        else:
+            urgent = [candidates[k[3]] for k in keyed if k[1] <= t_max]
         return ordered, urgent
 
     def queue_key(self, request: Request, preempted: bool) -> tuple[int, float]:
@@ -212,13 +223,21 @@ class AccelGenPolicy(Policy):
         """Sort key of this iteration's candidates: savable before late, then least T_r."""
         return (request.request_id in self._late, self._t_r[request.request_id], request.arrival_s)
 
-    def t_max_s(self) -> float:
+    def pace_slo_s(self) -> float | None:
+        """The tightest iteration SLO among running requests: it sets the pace of every batch."""
         tightest = None
+        late = self._late if self.config.demote_late else ()
         for r in self.bound.running:
             tbt = r.slo.tbt_s
-            if tbt is not None and (tightest is None or tbt < tightest):
+            if tbt is not None and (tightest is None or tbt < tightest) and r.request_id not in late:
                 tightest = tbt
-        return self.iteration_time_s(tightest) if tightest is not None else self.budget.iteration_time_s(None)
+        return tightest
+
+    def t_max_s(self, pace_slo: float | None = None) -> float:
+        """``T_max``: the longest iteration the batch can take (at the running requests' pace)."""
+        if pace_slo is None:
+            pace_slo = self.pace_slo_s()
+        return self.iteration_time_s(pace_slo) if pace_slo is not None else self.budget.iteration_time_s(None)
 
     # -- the batch ---------------------------------------------------------------------------
     def fill(self, batch: BatchBuilder, now: float) -> None:
@@ -230,7 +249,8 @@ class AccelGenPolicy(Policy):
         if not candidates:
             return
         if cfg.prioritise:
-            candidates, urgent = self._rank(candidates, now, self.t_max_s())
+            pace = self.pace_slo_s()
+            candidates, urgent = self._rank(candidates, now, pace, self.t_max_s(pace))
         else:
             self._t_r = {}
             urgent = []
@@ -238,14 +258,15 @@ class AccelGenPolicy(Policy):
         tokens = self.budget.for_slo(self._model_time(slo_min)) if cfg.dynamic_chunking else self.static_budget
         time_limit = None
         if cfg.time_guard and slo_min is not None:
-            time_limit = self._model_time(slo_min) * (1.0 - cfg.budget.safety_margin)
+            time_limit = self._model_time(slo_min) * (1.0 - self.margin.margin)
         batch.set_budget(tokens, slo_min, time_limit)
 
         long_prefills = sum(1 for r in core.running
                             if r.num_computed_tokens > 0 and r.is_prefilling and r.num_tokens > tokens)
         state = _FillState(long_prefills=long_prefills)
         self._reserved_growth = 0
-        if cfg.kv_headroom_tokens > 0 or self.reserves_exact_growth:
+        self._reserving = cfg.kv_headroom_tokens > 0 or self.reserves_exact_growth or self.lengths is not None
+        if self._reserving:
             self._reserved_growth = self._running_growth_blocks()
         # Urgent decodes before urgent prefills: one token each, they cannot starve a prefill,
         # while a late prompt placed first could take the whole budget from them. A decode
@@ -303,7 +324,7 @@ class AccelGenPolicy(Policy):
                 continue  # still prefilling
             if limit is not None and cost.time_if_added_s(1, k) > limit:
                 continue
-            tbt = r.slo.tbt_s
+            tbt = self._effective_tbt(r)
             # Fast path (this loop runs for every running request, every iteration): a decode
             # no tighter than the batch needs no ERA or grouping check, only its block.
             if (slo_min is None or tbt is None or tbt >= slo_min) and batch.schedule(r) > 0:
@@ -336,9 +357,8 @@ class AccelGenPolicy(Policy):
             return slo_s
         return max(0.0005, round((slo_s - self.overhead_s) / self.time_correction * 2000) / 2000)
 
-    @staticmethod
-    def _slo_min(requests: list[Request]) -> float | None:
-        slos = [r.iteration_slo_s for r in requests if r.iteration_slo_s is not None]
+    def _slo_min(self, requests: list[Request]) -> float | None:
+        slos = [t for t in map(self._effective_tbt, requests) if t is not None]
         return min(slos) if slos else None
 
     def _grouped(self, requests: list[Request], slo_min: float | None) -> list[list[Request]]:
@@ -346,8 +366,10 @@ class AccelGenPolicy(Policy):
         if not self.config.slo_grouping or slo_min is None:
             return [requests]
         home = slo_group_of(slo_min)
+        best_effort = [r for r in requests if self._best_effort(r)]
+        requests = [r for r in requests if not self._best_effort(r)] if best_effort else requests
         same = [r for r in requests if r.group == home]
-        looser = [r for r in requests if r.group > home]
+        looser = [r for r in requests if r.group > home] + best_effort
         tighter = sorted((r for r in requests if r.group < home), key=lambda r: -r.group)
         return [same, looser, tighter]
 
@@ -371,7 +393,7 @@ class AccelGenPolicy(Policy):
             n, _ = self.schedule_running_or_preempt(batch, request, self._victim)
         else:
             n = batch.schedule(request, reserve_blocks=self.admission_reserve_blocks(request, batch))
-            if n > 0 and self._reserved_growth:
+            if n > 0 and self._reserving:  # (also when nothing was reserved before it)
                 self._reserved_growth += self._growth_blocks(request, batch.kv.block_size)
         if n > 0 and starts_long:
             state.long_prefills += 1
@@ -380,24 +402,32 @@ class AccelGenPolicy(Policy):
     def _fits_slo(self, batch: BatchBuilder, request: Request) -> bool:
         """Let a request tighter than the batch's SLO_min in only if the batch so far meets its
         SLO; then tighten the budget (and time limit) to it."""
-        slo_s = request.iteration_slo_s
+        slo_s = self._effective_tbt(request)
         current = batch.slo_min_s
         if slo_s is None or (current is not None and slo_s >= current) or not self.config.dynamic_chunking:
             return True
         tokens = self.budget.for_slo(self._model_time(slo_s))
-        limit = self._model_time(slo_s) * (1.0 - self.config.budget.safety_margin)
+        limit = self._model_time(slo_s) * (1.0 - self.margin.margin)
         if batch.tokens_used >= tokens or batch.cost.time_s() > limit:
             return False
         batch.set_budget(tokens, slo_s, limit if self.config.time_guard else None)
         return True
 
     def expected_final_tokens(self, request: Request) -> int:
-        """Tokens the request is expected to hold in KV when it finishes (prompt + headroom)."""
-        expected = max(request.num_tokens + 1, request.num_prompt_tokens + self.config.kv_headroom_tokens)
+        """Tokens the request is expected to hold in KV when it finishes: prompt plus the
+        headroom, or plus its estimated output length when length estimates are on."""
+        if self.lengths is None:
+            return headroom_final_tokens(request, self.config.kv_headroom_tokens, self.profile.max_model_len)
+        expected = request.num_prompt_tokens + self.lengths.expected_output(
+            request.app_class, request.num_prompt_tokens, request.num_output_tokens)
         return min(expected, self.profile.max_model_len)
 
     def _running_growth_blocks(self) -> int:
-        """Blocks the running requests are still expected to grow by (hot path: inlined)."""
+        """Blocks the running requests are still expected to grow by. With the fixed headroom
+        this is ``kv_reserve.growth_blocks`` inlined: it runs for every running request on every
+        iteration, the hot path of the decision."""
+        if self.lengths is not None:
+            return growth_blocks(self.bound.kv, self.bound.running, self.expected_final_tokens)
         kv = self.bound.kv
         bs = kv.block_size
         tables = kv._tables
@@ -418,20 +448,17 @@ class AccelGenPolicy(Policy):
         return total
 
     def _growth_blocks(self, request: Request, block_size: int) -> int:
-        have = self.bound.kv.num_blocks_of(request.request_id)
-        return max(0, blocks_for_tokens(self.expected_final_tokens(request), block_size) - have)
+        return growth_blocks(self.bound.kv, (request,), self.expected_final_tokens)
 
     def admission_reserve_blocks(self, request: Request, batch: BatchBuilder) -> int:
         """Blocks that must stay free beyond the first chunk for a waiting request to be admitted.
 
-        AccelGen admits a prompt only if all of it fits, plus the expected growth (headroom) of
-        every running request and of itself: a half-prefilled prompt holds KV without producing
+        AccelGen admits a prompt only if all of it fits, plus the expected growth of every
+        running request and of itself: a half-prefilled prompt holds KV without producing
         tokens, and an admission that later forces a preemption wastes the victim's prefill.
         """
-        kv = batch.kv
-        whole = blocks_for_tokens(self.expected_final_tokens(request), kv.block_size)
-        first = blocks_for_tokens(min(request.num_tokens, max(1, batch.tokens_left)), kv.block_size)
-        return max(0, whole - first) + self._reserved_growth
+        return admission_reserve_blocks(request, batch.kv, batch.tokens_left, self.expected_final_tokens,
+                                        self._reserved_growth)
 
     def _euclidean_fill(self, batch: BatchBuilder, requests: list[Request], state: "_FillState") -> None:
         """Repeatedly place the request whose (compute, KV) demand is closest to what is free.
@@ -463,7 +490,23 @@ class AccelGenPolicy(Policy):
                 d = (a_c - d_c) ** 2 + (a_m - d_m) ** 2
                 if d < best_d:
                     best_i, best_d = i, d
-            self._place(batch, pool.pop(best_i)[0], state)
+            request, _, need = pool.pop(best_i)
+            batch.last_failure = ""
+            if self._place(batch, request, state) == 0 and request.status is not running:
+                pool = self._prune_after_refusal(pool, batch.last_failure, need)
+
+    @staticmethod
+    def _prune_after_refusal(pool: list, failure: str, need: float) -> list:
+        """Drop the waiting requests that must fail as the one just refused did: under load the
+        window is full of prompts the KV reserve cannot take, and pricing each of them in turn
+        was most of the decision's time. Free blocks and the reserve only tighten while a batch
+        is built, so a waiting prompt needing at least as many blocks cannot fit either; none
+        can be admitted once the sequence limit is hit."""
+        if failure == "seqs":
+            return [e for e in pool if e[0].status is RequestStatus.RUNNING]
+        if failure == "kv":
+            return [e for e in pool if e[0].status is RequestStatus.RUNNING or e[2] < need]
+        return pool
 
     # -- preemption --------------------------------------------------------------------------
     def _victim(self, batch: BatchBuilder, needy: Request) -> Request | None:
@@ -474,6 +517,9 @@ class AccelGenPolicy(Policy):
         if self.config.victim == "slo" and unscheduled:
             # Most slack first; among equals the one with least work to recompute.
             return max(unscheduled, key=lambda r: (self._t_r.get(r.request_id, math.inf), -r.num_computed_tokens))
+        if self.lengths is not None and unscheduled:
+            # The request expected to run longest: never one that is about to finish.
+            return max(unscheduled, key=self.remaining_output_tokens)
         return unscheduled[-1] if unscheduled else running[-1]
 
 

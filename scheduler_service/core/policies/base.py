@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+from scheduler_service.core.admission import AdmissionControl
 from scheduler_service.core.batch_builder import BatchBuilder
 from scheduler_service.core.plan import BatchPlan, IterationResult
 from scheduler_service.core.profile import DeviceProfile
@@ -37,6 +38,9 @@ class Policy(ABC):
         # Measured / predicted model time of recent iterations: the profile refined online (the
         # paper names a stale profile as a failure mode). 1 in the simulator.
         self.time_correction = 1.0
+        # SLO-aware admission (None: accept everything the core accepts). Policies that offer
+        # it create one from their config; it is per lane, like the policy.
+        self.admission: AdmissionControl | None = None
 
     def bind(self, core: "SchedulerCore") -> None:
         self.core = core
@@ -56,7 +60,18 @@ class Policy(ABC):
         """Choose this iteration's batch through ``batch.schedule`` / ``batch.preempt``."""
 
     def after_iteration(self, plan: BatchPlan, result: IterationResult, now: float) -> None:
-        """Hook for policies that learn from measured iterations (default: nothing)."""
+        """Hook for policies that learn from measured iterations (default: the admission
+        control's prefill rate, when admission is on)."""
+        if self.admission is not None:
+            self.admission.observe(plan, result.elapsed_s, len(self.bound.waiting) > 0)
+
+    def check_admission(self, request: Request, now: float) -> None:
+        """Raise ``AdmissionRefused`` if the request should not be accepted (default: accept)."""
+        if self.admission is not None:
+            self.admission.check(self.bound, request, now)
+
+    def on_finish(self, request: Request) -> None:
+        """Hook called once for every request that ends (finished or cancelled)."""
 
     # -- shared helpers --------------------------------------------------------------------
     def newest_running_victim(self, batch: BatchBuilder, needy: Request) -> Request | None:

@@ -5,6 +5,10 @@ previous token + TBT afterwards, arrival + JCT for JCT-only requests). Running a
 requests are served in deadline order within one static budget — the same budget as
 Sarathi-Serve, so the comparison isolates ordering. On a KV shortage the running request with
 the latest deadline is preempted.
+
+Admission keeps the same KV growth reserve as AccelGen (``kv_reserve``): without it EDF admits
+prompts into the last free blocks and then thrashes, preempting thousands of times an hour,
+which made it a strawman rather than a baseline.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 from scheduler_service.core.batch_builder import BatchBuilder
 from scheduler_service.core.budget import BudgetConfig
+from scheduler_service.core.kv_reserve import admission_reserve_blocks, growth_blocks, headroom_final_tokens
 from scheduler_service.core.policies.base import Policy
 from scheduler_service.core.policies.sarathi import static_budget_for_tightest
 from scheduler_service.core.profile import DeviceProfile
@@ -26,6 +31,8 @@ from scheduler_service.core.slo import SLOCatalog
 class EDFConfig:
     token_budget: int | None = None
     budget: BudgetConfig = BudgetConfig()
+    kv_headroom_tokens: int = 128
+    """Expected output tokens reserved per request at admission (0: no reserve), as AccelGen's."""
 
 
 class EDFPolicy(Policy):
@@ -51,6 +58,7 @@ class EDFPolicy(Policy):
             ((r.next_token_deadline_s(), 1, i, r) for i, r in enumerate(waiting)),
         )
         admitting = True
+        reserve = self._growth_reserve()
         for _, _, _, request in ordered:
             if batch.tokens_left <= 0:
                 break
@@ -59,8 +67,22 @@ class EDFPolicy(Policy):
             elif admitting and request.request_id in core.waiting:
                 # A waiting request that does not fit stops admission (no overtaking on KV),
                 # but running requests later in deadline order still run.
-                if batch.schedule(request) == 0 and batch.last_failure in ("kv", "seqs"):
-                    admitting = False
+                extra = 0
+                if reserve is not None:
+                    extra = admission_reserve_blocks(request, batch.kv, batch.tokens_left, self._expected_final, reserve)
+                if batch.schedule(request, reserve_blocks=extra) == 0:
+                    if batch.last_failure in ("kv", "seqs"):
+                        admitting = False
+                elif reserve is not None:
+                    reserve += growth_blocks(batch.kv, (request,), self._expected_final)
+
+    def _expected_final(self, request: Request) -> int:
+        return headroom_final_tokens(request, self.config.kv_headroom_tokens, self.profile.max_model_len)
+
+    def _growth_reserve(self) -> int | None:
+        if self.config.kv_headroom_tokens <= 0:
+            return None
+        return growth_blocks(self.bound.kv, self.bound.running, self._expected_final)
 
     def _latest_deadline_victim(self, batch: BatchBuilder, needy: Request) -> Request | None:
         running = self.bound.running
