@@ -32,6 +32,22 @@ def invalid(message: str, param: str | None = None) -> GatewayError:
     return GatewayError(grpc.StatusCode.INVALID_ARGUMENT, message, param)
 
 
+RETRY_AFTER_KEY = "retry-after-ms"  # the scheduler's trailing metadata on a retryable refusal
+
+
+def retry_after_ms(exc: BaseException) -> int | None:
+    """When the scheduler says a refused request may be retried (None if it did not say)."""
+    if not isinstance(exc, grpc.aio.AioRpcError):
+        return None
+    for key, value in exc.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0, int(value))
+            except ValueError:
+                return None
+    return None
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The one mapping from a failure to the status a client sees."""
     if isinstance(exc, GatewayError):

@@ -14,7 +14,7 @@ import grpc
 import structlog
 
 from accelgen.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from gateway.errors import status_of
+from gateway.errors import RETRY_AFTER_KEY, retry_after_ms, status_of
 from gateway.generation import ActiveRequest, Delta, GenerationService
 
 log = structlog.get_logger("gateway.grpc")
@@ -42,6 +42,9 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
     code, message = status_of(exc)
     if code == grpc.StatusCode.INTERNAL:
         log.exception("rpc_failed")
+    retry_ms = retry_after_ms(exc)
+    if retry_ms is not None:  # the scheduler's retry hint reaches the client unchanged
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(retry_ms)),))
     await context.abort(code, message)
     raise AssertionError("unreachable: ServicerContext.abort raises")
 

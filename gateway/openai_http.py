@@ -20,7 +20,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from gateway.errors import GatewayError, http_status_of, invalid, status_of
+from gateway.errors import GatewayError, http_status_of, invalid, retry_after_ms, status_of
 from gateway.generation import ActiveRequest, GenerationService, Outcome
 from gateway.openai_protocol import (Kind, OpenAIRequest, check_model, error_body, full_response, models_body,
                                      parse_request, response_id, stream_chunk, usage_chunk)
@@ -33,7 +33,11 @@ def _error_response(exc: BaseException, param: str | None = None) -> JSONRespons
     status, err_type = http_status_of(code)
     if isinstance(exc, GatewayError):
         param = exc.param
-    return JSONResponse(error_body(message, err_type, status, param), status_code=status)
+    headers = None
+    retry_ms = retry_after_ms(exc)
+    if retry_ms is not None:  # HTTP's Retry-After is whole seconds
+        headers = {"Retry-After": str(max(1, -(-retry_ms // 1000)))}
+    return JSONResponse(error_body(message, err_type, status, param), status_code=status, headers=headers)
 
 
 def _sse(payload: dict[str, Any]) -> str:

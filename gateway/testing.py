@@ -73,6 +73,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     max_model_len: int = 64
     classes: dict[str, dict[str, float]] | None = None  # name -> SLOSpec fields; None: report no classes
     submit_error: tuple[grpc.StatusCode, str] | None = None
+    submit_retry_after_ms: int | None = None  # sent with submit_error, as the scheduler's admission does
     submit_delay_s: float = 0.0          # Submit is accepted at once but answers this late
     vocab_size: int = 0                  # reported in ServerInfo (0 = unknown)
     break_after: int | None = None       # first Watch of a request aborts UNAVAILABLE at this index
@@ -102,6 +103,8 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
                      context: grpc.aio.ServicerContext) -> scheduler_pb2.SubmitResponse:
         self.submits.append(request)
         if self.submit_error is not None:
+            if self.submit_retry_after_ms is not None:
+                context.set_trailing_metadata((("retry-after-ms", str(self.submit_retry_after_ms)),))
             await context.abort(*self.submit_error)
         tokens = self.tokens_for(request) if self.tokens_for else list(self.output_ids)
         self._requests[request.request_id] = _Record(submit=request, tokens=tokens)

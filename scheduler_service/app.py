@@ -30,6 +30,7 @@ from accelgen.v1 import scheduler_pb2
 from scheduler_service import convert
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.core.profile import DeviceProfile
+from scheduler_service.core.admission import AdmissionRefused
 from scheduler_service.errors import ServiceError
 from scheduler_service.core.request import Request
 from scheduler_service.lane import WorkerLane
@@ -166,7 +167,7 @@ class SchedulerApp:
         lane = WorkerLane(self, worker_id, desc["address"], self._lane_profile(desc), int(desc["num_blocks"]),
                           int(desc["block_size"]), self.config.policy, self.catalog, max_seqs,
                           max_batched_tokens=int(desc.get("max_num_batched_tokens") or 0), description=desc,
-                          epoch=f"{self.epoch}.{self._lane_generation}")
+                          epoch=f"{self.epoch}.{self._lane_generation}", admission=self.config.admission)
         self.lanes[worker_id] = lane
         lane.start()
         return lane
@@ -284,6 +285,7 @@ class SchedulerApp:
         if not self.lanes:
             raise ServiceError("UNAVAILABLE", "no worker is registered; start a worker and retry")
         self._check_feasible(request)
+        self._check_admission(request)
         if self.num_unfinished() >= self.config.max_queue:
             raise ServiceError("RESOURCE_EXHAUSTED", f"the queue is full ({self.config.max_queue} unfinished "
                                                      "requests); retry later")
@@ -341,6 +343,18 @@ class SchedulerApp:
                                f"the SLO's tbt_ms = {tbt * 1000:g} cannot be met: one decode iteration takes at "
                                f"least {fastest * 1000:.2f} ms on the registered workers; ask for at least "
                                f"{math.ceil(fastest * 1000)} ms or use a looser application class")
+
+    def _check_admission(self, request: Request) -> None:
+        """The policy's SLO-aware admission, on the lane the request would go to: a request whose
+        first token cannot be on time is refused now (RESOURCE_EXHAUSTED, HTTP 429, with when a
+        retry may succeed) instead of missing later and delaying the requests behind it."""
+        lane = self._pick_lane()
+        if lane is None:
+            return
+        try:
+            lane.core.policy.check_admission(request, time.time())
+        except AdmissionRefused as exc:
+            raise ServiceError("RESOURCE_EXHAUSTED", str(exc), retry_after_s=exc.retry_after_s) from None
 
     async def commit(self, lane: WorkerLane, changes, outcome) -> None:
         """Make one iteration durable (one Redis round trip), then publish its tokens."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from scheduler_service.core.policies.registry import POLICY_NAMES
+from scheduler_service.core.policies.registry import POLICY_NAMES, PolicySpec
 from scheduler_service.core.slo import DEFAULT_CLASSES, SLO, SLOCatalog, SLOClass
 
 ENV_PREFIX = "ACCELGEN_SCHEDULER_"
@@ -31,6 +31,7 @@ class SchedulerConfig:
     redis_prefix: str = field(default="accelgen:", metadata={"help": "key prefix in Redis (one per deployment)"})
     policy: str = field(default="accelgen", metadata={"help": f"scheduling policy: {', '.join(p for p in POLICY_NAMES if p != 'oracle')}"})
     profile: str = field(default="opt-13b_a100-80g", metadata={"help": "device profile used until a worker reports its own"})
+    admission: bool = field(default=True, metadata={"help": "SLO-aware admission: refuse (RESOURCE_EXHAUSTED, with a retry hint) a request whose first token cannot be on time, where the policy offers it (accelgen; vllm+admission)"})
     max_queue: int = field(default=10000, metadata={"help": "most unfinished requests; more -> RESOURCE_EXHAUSTED"})
     max_num_seqs: int = field(default=256, metadata={"help": "most running requests per worker"})
     heartbeat_interval_s: float = field(default=1.0, metadata={"help": "how often workers heartbeat"})
@@ -47,7 +48,11 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if not self.instance_id:
             self.instance_id = uuid.uuid4().hex[:12]
-        if self.policy not in POLICY_NAMES or self.policy == "oracle":
+        try:
+            spec = PolicySpec.parse(self.policy)
+        except ValueError as exc:
+            raise ValueError(f"policy: {exc}") from None
+        if spec.name == "oracle":
             raise ValueError(f"policy must be one of {', '.join(p for p in POLICY_NAMES if p != 'oracle')} "
                              f"(the oracle needs output lengths and runs only in the simulator), got {self.policy!r}")
         if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
@@ -71,7 +76,18 @@ def _ms(value: Any) -> float | None:
     return None if value in (None, 0) else float(value) / 1000.0
 
 
+def _bool(raw: str) -> bool:
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")
+
+
 def _coerce(f: dataclasses.Field, raw: str) -> Any:
+    if f.type in ("bool", bool):
+        return _bool(raw)
     if f.type in ("int", int):
         return int(raw)
     if f.type in ("float", float):
@@ -107,7 +123,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     for f in fields(SchedulerConfig):
         if f.name == "classes":
             continue
-        kind = {"int": int, "float": float}.get(str(f.type), str)
+        kind = {"int": int, "float": float, "bool": _bool}.get(str(f.type), str)
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
                             help=f"{f.metadata.get('help', '')} (env {ENV_PREFIX}{f.name.upper()})")
 

@@ -46,7 +46,8 @@ class LaneStats:
 class WorkerLane:
     def __init__(self, app: "SchedulerApp", worker_id: str, address: str, profile: DeviceProfile,
                  num_blocks: int, block_size: int, policy: str, catalog: SLOCatalog, max_num_seqs: int,
-                 max_batched_tokens: int = 0, description: dict | None = None, epoch: str = "") -> None:
+                 max_batched_tokens: int = 0, description: dict | None = None, epoch: str = "",
+                 admission: bool = True) -> None:
         self.app = app
         self.worker_id = worker_id
         self.address = address
@@ -54,6 +55,8 @@ class WorkerLane:
         self.description = dict(description or {})  # the registration this lane was made from
         self.epoch = epoch  # sent with every plan; new for every lane, so the worker resets on it
         policy_obj = make_policy(policy, profile, catalog)
+        if not admission:
+            policy_obj.admission = None
         self.core = SchedulerCore(policy_obj, profile, kv=KVBlockManager(num_blocks, block_size),
                                   config=CoreConfig(max_num_seqs=max_num_seqs,
                                                     max_num_batched_tokens=max_batched_tokens or None))

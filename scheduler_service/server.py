@@ -14,10 +14,15 @@ from scheduler_service.errors import ServiceError
 
 log = structlog.get_logger("scheduler.rpc")
 
+RETRY_AFTER_KEY = "retry-after-ms"
+"""Trailing metadata of a refusal that a retry may overcome: when to retry, in milliseconds."""
+
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     """The one place where errors become gRPC status codes."""
     if isinstance(exc, ServiceError):
+        if exc.retry_after_s is not None:
+            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(max(0, round(exc.retry_after_s * 1000)))),))
         await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
     if isinstance(exc, (ConnectionError, OSError)) or type(exc).__module__.startswith("redis"):
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"the state store (Redis) is unavailable: {exc}")

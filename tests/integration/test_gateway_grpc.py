@@ -117,6 +117,15 @@ def test_scheduler_errors_pass_through(stack: GatewayStack, stub, code) -> None:
             "details": "queue is full: retry in 2 s", "log_level": "warning"} in logs
 
 
+def test_admission_retry_hint_reaches_the_grpc_client(stack: GatewayStack, stub) -> None:
+    stack.fake.submit_error = (grpc.StatusCode.RESOURCE_EXHAUSTED, "the SLO of class 'chat' cannot be met now")
+    stack.fake.submit_retry_after_ms = 1200
+    with pytest.raises(grpc.RpcError) as err:
+        _generate(stub, stream=True, request_id="refused-admission")
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert ("retry-after-ms", "1200") in tuple(err.value.trailing_metadata())
+
+
 def test_explicit_slo_and_class_reach_submit(stack: GatewayStack, stub) -> None:
     _generate(stub, app_class="code", slo=common_pb2.SLOSpec(ttft_ms=800, tbt_ms=120))
     _generate(stub, app_class="summarization")

@@ -178,6 +178,14 @@ def test_scheduler_errors_map_to_http(fresh: GatewayStack, code, status) -> None
     assert r.status_code == status and r.json()["error"]["message"] == "no profile meets a 1 ms TBT"
 
 
+def test_admission_refusal_is_a_429_with_retry_after(fresh: GatewayStack) -> None:
+    fresh.fake.submit_error = (grpc.StatusCode.RESOURCE_EXHAUSTED, "the SLO of class 'chat' cannot be met now")
+    fresh.fake.submit_retry_after_ms = 2500
+    r = httpx.post(fresh.http_base + "/v1/completions", json={"model": "fake-model", "prompt": "hi"})
+    assert r.status_code == 429 and r.headers["retry-after"] == "3"  # whole seconds, rounded up
+    assert "cannot be met" in r.json()["error"]["message"]
+
+
 def test_slo_from_headers_and_extra_body(fresh: GatewayStack, client: openai.OpenAI) -> None:
     client.completions.create(model="fake-model", prompt="a", extra_headers={
         "x-accelgen-app-class": "code", "x-accelgen-slo-ttft-ms": "900", "x-accelgen-slo-tbt-ms": "150"})

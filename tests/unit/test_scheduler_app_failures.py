@@ -323,3 +323,34 @@ def test_a_reply_the_core_cannot_apply_drops_the_worker_and_requeues() -> None:
         assert [r.request_id for r in app.orphans] == ["r1"]  # kept, waiting for a worker
 
     _run(scenario)
+
+
+def test_admission_refuses_a_hopeless_submit_with_a_retry_hint_and_keeps_the_rest() -> None:
+    async def scenario(app: SchedulerApp, store: ScriptedStore) -> None:
+        await app.submit(_submit("accepted", 20))  # batch class: a JCT of minutes, always admitted
+        admission = app.lanes["w0"].core.policy.admission
+        assert admission is not None  # on by default
+        admission._tokens, admission._seconds = 1.0, 1.0  # as if the lane had prefilled 1 token/s
+        chat = scheduler_pb2.SubmitRequest(request_id="hopeless", prompt_token_ids=[7] * 40, app_class="chat",
+                                           sampling_params=common_pb2.SamplingParams(max_new_tokens=4))
+        with pytest.raises(ServiceError) as err:
+            await app.submit(chat)
+        assert err.value.code == "RESOURCE_EXHAUSTED" and "cannot be met" in str(err.value)
+        assert err.value.retry_after_s is not None and err.value.retry_after_s > 0
+        assert "hopeless" not in app.owner and "hopeless" not in store.status
+        await _until(lambda: store.status.get("accepted") == "finished", "the accepted request to finish")
+
+    _run(scenario)
+
+
+def test_admission_can_be_switched_off() -> None:
+    async def main() -> None:
+        app = SchedulerApp(SchedulerConfig(admission=False), ScriptedStore())  # type: ignore[arg-type]
+        await app.start()
+        try:
+            await _add_worker(app, "w0")
+            assert app.lanes["w0"].core.policy.admission is None
+        finally:
+            await app.stop()
+
+    asyncio.run(main())

@@ -55,7 +55,6 @@ from scheduler_service.core.timing_margin import AdaptiveMargin
 
 class AccelGenPolicy(Policy):
     name = "accelgen"
-    reserves_exact_growth = False  # the oracle knows every request's final length
 
     def __init__(self, profile: DeviceProfile, catalog: SLOCatalog, config: AccelGenConfig | None = None) -> None:
         super().__init__(profile, catalog)
@@ -88,10 +87,14 @@ class AccelGenPolicy(Policy):
     def remaining_output_tokens(self, request: Request) -> int:
         """Output tokens still to come; unknown, so estimated (the oracle overrides this)."""
         if self.lengths is not None:
-            expected = self.lengths.expected_output(request.app_class, request.num_prompt_tokens,
-                                                    request.num_output_tokens)
-            return max(1, expected - request.num_output_tokens)
+            return max(1, self.expected_output(request) - request.num_output_tokens)
         return max(1, self.config.jct_expected_output_tokens - request.num_output_tokens)
+
+    def expected_output(self, request: Request) -> int:
+        """Expected final output length (length estimates on): learned online here; the oracle
+        knows it."""
+        assert self.lengths is not None
+        return self.lengths.expected_output(request.app_class, request.num_prompt_tokens, request.num_output_tokens)
 
     def on_finish(self, request: Request) -> None:
         self._late.discard(request.request_id)
@@ -161,7 +164,7 @@ class AccelGenPolicy(Policy):
     def _rank(self, candidates: list[Request], now: float, pace_slo: float | None,
               t_max: float) -> tuple[list[Request], list[Request]]:
         """Compute every candidate's T_r (kept in ``self._t_r``) and return the candidates in
-        ``candidate_order`` and the urgent ones (T_r <= T_max) in the same order.
+        order (savable before late, then least T_r) and the urgent ones (T_r <= T_max) in the same order.
 
         ``remaining_time_s`` with the decode case (most running requests, every iteration)
         inlined — one iteration at min(own pace, T_max) — and the sort keys built in the same
@@ -186,10 +189,7 @@ class AccelGenPolicy(Policy):
             t_r[rid] = remaining
             keyed.append((rid in late, remaining, r.arrival_s, i))
         self._t_r = t_r
-        if type(self).candidate_order is not AccelGenPolicy.candidate_order:  # a subclass's order
-            ordered = sorted(candidates, key=self.candidate_order)
-            return ordered, [r for r in ordered if t_r[r.request_id] <= t_max and not self._best_effort(r)]
-        keyed.sort()  # == sorted(candidates, key=self.candidate_order), without a call per request
+        keyed.sort()  # savable before late, then least T_r, then arrival
         ordered = [candidates[k[3]] for k in keyed]
         if self.config.demote_late:  # best-effort requests are never urgent
             urgent = [candidates[k[3]] for k in keyed if k[1] <= t_max and not k[0]]
@@ -218,10 +218,6 @@ class AccelGenPolicy(Policy):
 
     def is_late(self, request: Request) -> bool:
         return request.request_id in self._late
-
-    def candidate_order(self, request: Request) -> tuple:
-        """Sort key of this iteration's candidates: savable before late, then least T_r."""
-        return (request.request_id in self._late, self._t_r[request.request_id], request.arrival_s)
 
     def pace_slo_s(self) -> float | None:
         """The tightest iteration SLO among running requests: it sets the pace of every batch."""
@@ -265,7 +261,7 @@ class AccelGenPolicy(Policy):
                             if r.num_computed_tokens > 0 and r.is_prefilling and r.num_tokens > tokens)
         state = _FillState(long_prefills=long_prefills)
         self._reserved_growth = 0
-        self._reserving = cfg.kv_headroom_tokens > 0 or self.reserves_exact_growth or self.lengths is not None
+        self._reserving = cfg.kv_headroom_tokens > 0 or self.lengths is not None
         if self._reserving:
             self._reserved_growth = self._running_growth_blocks()
         # Urgent decodes before urgent prefills: one token each, they cannot starve a prefill,
@@ -418,8 +414,7 @@ class AccelGenPolicy(Policy):
         headroom, or plus its estimated output length when length estimates are on."""
         if self.lengths is None:
             return headroom_final_tokens(request, self.config.kv_headroom_tokens, self.profile.max_model_len)
-        expected = request.num_prompt_tokens + self.lengths.expected_output(
-            request.app_class, request.num_prompt_tokens, request.num_output_tokens)
+        expected = request.num_prompt_tokens + self.expected_output(request)
         return min(expected, self.profile.max_model_len)
 
     def _running_growth_blocks(self) -> int:

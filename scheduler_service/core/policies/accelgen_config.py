@@ -62,7 +62,7 @@ class AccelGenConfig:
     its own SLO's: a summarisation prompt beside chat decodes is cut into chat-sized chunks,
     so it needs many more iterations than its own budget suggests (off: its own budget's chunks,
     at most ``T_max`` each; the estimate before this fix)."""
-    admission: bool = False
+    admission: bool = True
     """Beyond the paper: refuse at submit a request whose first token cannot be on time given
     the prefill work ahead of it in this policy's order (``core.admission``)."""
     admission_config: AdmissionConfig = field(default_factory=AdmissionConfig)
