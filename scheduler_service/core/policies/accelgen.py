@@ -257,8 +257,13 @@ class AccelGenPolicy(Policy):
             time_limit = self._model_time(slo_min) * (1.0 - self.margin.margin)
         batch.set_budget(tokens, slo_min, time_limit)
 
-        long_prefills = sum(1 for r in core.running
-                            if r.num_computed_tokens > 0 and r.is_prefilling and r.num_tokens > tokens)
+        long_prefills = 0  # started long prompts still prefilling (ERA); is_prefilling inlined
+        for r in core.running:
+            k = r.num_computed_tokens
+            if k > 0:
+                n = r.num_prompt_tokens + len(r.output_token_ids)
+                if n > tokens and (not r.output_token_ids or n - k > 1):
+                    long_prefills += 1
         state = _FillState(long_prefills=long_prefills)
         self._reserved_growth = 0
         self._reserving = cfg.kv_headroom_tokens > 0 or self.lengths is not None
@@ -283,7 +288,10 @@ class AccelGenPolicy(Policy):
             self._place(batch, request, state)
         if cfg.eager_decodes:
             self._fill_decodes(batch, candidates, state)
-        rest = [r for r in candidates if r.is_prefilling and not batch.is_scheduled(r.request_id) and r not in state.tried]
+        scheduled, tried = batch.is_scheduled, state.tried
+        rest = [r for r in candidates
+                if (not r.output_token_ids or r.num_prompt_tokens + len(r.output_token_ids) - r.num_computed_tokens > 1)
+                and not scheduled(r.request_id) and r not in tried]  # prefills not yet placed
         for group in self._grouped(rest, slo_min):
             if batch.tokens_left <= 0:
                 break
@@ -310,21 +318,25 @@ class AccelGenPolicy(Policy):
         slo_min = batch.slo_min_s
         running = RequestStatus.RUNNING
         cost = batch.cost
+        scheduled = batch.is_scheduled
+        late = self._late if self.config.demote_late else ()
+        tried = state.tried
         for r in candidates:
             if batch.tokens_used >= batch.token_budget:
                 return
-            if r.status is not running or batch.is_scheduled(r.request_id):
+            if r.status is not running or scheduled(r.request_id):
                 continue
             k = r.num_computed_tokens
-            if not r.output_token_ids or r.num_prompt_tokens + len(r.output_token_ids) - k > 1:
+            out = r.output_token_ids
+            if not out or r.num_prompt_tokens + len(out) - k > 1:
                 continue  # still prefilling
             if limit is not None and cost.time_if_added_s(1, k) > limit:
                 continue
-            tbt = self._effective_tbt(r)
+            tbt = r.slo.tbt_s  # == self._effective_tbt(r), inlined: the loop's hot path
             # Fast path (this loop runs for every running request, every iteration): a decode
             # no tighter than the batch needs no ERA or grouping check, only its block.
-            if (slo_min is None or tbt is None or tbt >= slo_min) and batch.schedule(r) > 0:
-                state.tried.add(r)
+            if (slo_min is None or tbt is None or tbt >= slo_min or r.request_id in late) and batch.schedule(r) > 0:
+                tried.add(r)
                 continue
             self._place(batch, r, state)
 
@@ -382,9 +394,12 @@ class AccelGenPolicy(Policy):
         is_long = self._is_long(request, batch.token_budget)
         starts_long = is_long and request.num_computed_tokens == 0
         if cfg.era and starts_long and state.long_prefills >= cfg.era_cap:
+            state.refusal = "era"
             return 0
         if not self._fits_slo(batch, request):
+            state.refusal = "slo"
             return 0
+        state.refusal = ""
         if request.status is RequestStatus.RUNNING:
             n, _ = self.schedule_running_or_preempt(batch, request, self._victim)
         else:
@@ -487,20 +502,29 @@ class AccelGenPolicy(Policy):
                     best_i, best_d = i, d
             request, _, need = pool.pop(best_i)
             batch.last_failure = ""
-            if self._place(batch, request, state) == 0 and request.status is not running:
-                pool = self._prune_after_refusal(pool, batch.last_failure, need)
+            if self._place(batch, request, state) == 0:
+                pool = self._prune_after_refusal(batch, pool, request, state.refusal or batch.last_failure, need)
 
-    @staticmethod
-    def _prune_after_refusal(pool: list, failure: str, need: float) -> list:
-        """Drop the waiting requests that must fail as the one just refused did: under load the
-        window is full of prompts the KV reserve cannot take, and pricing each of them in turn
-        was most of the decision's time. Free blocks and the reserve only tighten while a batch
-        is built, so a waiting prompt needing at least as many blocks cannot fit either; none
-        can be admitted once the sequence limit is hit."""
+    def _prune_after_refusal(self, batch: BatchBuilder, pool: list, refused: Request, failure: str,
+                             need: float) -> list:
+        """Drop the candidates that must fail as the one just refused did: under load the window
+        is full of prompts that cannot go in, and pricing each of them in turn (the pick is
+        quadratic) was most of the decision's time. A batch only grows while it is built, so:
+        free blocks and the KV reserve only tighten (a waiting prompt needing at least as many
+        blocks cannot fit either; none once the sequence limit is hit), ERA stays closed to
+        every long prompt that has not started, and a batch too big for one SLO is too big for
+        any tighter one."""
+        running = RequestStatus.RUNNING
         if failure == "seqs":
-            return [e for e in pool if e[0].status is RequestStatus.RUNNING]
-        if failure == "kv":
-            return [e for e in pool if e[0].status is RequestStatus.RUNNING or e[2] < need]
+            return [e for e in pool if e[0].status is running]
+        if failure == "kv" and refused.status is not running:
+            return [e for e in pool if e[0].status is running or e[2] < need]
+        if failure == "era":
+            budget = batch.token_budget
+            return [e for e in pool if e[0].num_computed_tokens > 0 or not self._is_long(e[0], budget)]
+        if failure == "slo":
+            bound = self._effective_tbt(refused)
+            return [e for e in pool if (t := self._effective_tbt(e[0])) is None or t > bound]  # type: ignore[operator]
         return pool
 
     # -- preemption --------------------------------------------------------------------------
@@ -522,6 +546,7 @@ class AccelGenPolicy(Policy):
 class _FillState:
     long_prefills: int
     tried: set = field(default_factory=set)
+    refusal: str = ""  # why the last _place refused before scheduling: "era", "slo" or ""
 
 
 def slo_group_of(iteration_slo_s: float) -> int:

