@@ -60,17 +60,15 @@ schedulers are only fair if they replay the very same requests.
 
 from __future__ import annotations
 
-import csv
-import datetime as _dt
-import functools
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+
+from bench.trace_files import _key, _read_lengths, _read_trace  # noqa: F401 (re-exported for tests)
 
 __all__ = [
     "CLASS_MODES", "DEFAULT_SLO_MIX", "MAX_OUTPUT_TOKENS", "SHORT_DATA", "WORKLOAD_NAMES", "WorkloadRequest",
@@ -168,94 +166,6 @@ def traces_dir() -> Path:
     if shared.is_dir():
         return shared
     return _SAMPLE_DIR
-
-
-# ---------------------------------------------------------------------------
-# CSV loading (cached: the files are read once per process, not per workload)
-# ---------------------------------------------------------------------------
-
-
-def _key(path: Path) -> str:
-    """Cache key: one entry per file however the caller spelled its path."""
-    return str(Path(path).expanduser().resolve())
-
-
-def _frozen(values: list[float] | list[int] | np.ndarray, dtype: type) -> np.ndarray:
-    """Array that cannot be mutated, because cached arrays are shared by all callers."""
-    arr = np.asarray(values, dtype=dtype)
-    arr.setflags(write=False)
-    return arr
-
-
-def _columns(reader: csv.DictReader, path: str, needed: tuple[str, ...]) -> None:
-    missing = [c for c in needed if c not in (reader.fieldnames or [])]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; header is {reader.fieldnames}")
-
-
-@functools.lru_cache(maxsize=32)
-def _read_lengths(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(prompt, output) token counts of a Vidur/Etalon ``*_stats_*.csv`` file."""
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        _columns(reader, path, ("num_prefill_tokens", "num_decode_tokens"))
-        prompts: list[int] = []
-        outputs: list[int] = []
-        for row in reader:
-            prompts.append(int(float(row["num_prefill_tokens"])))
-            outputs.append(int(float(row["num_decode_tokens"])))
-    if not prompts:
-        raise ValueError(f"{path}: no data rows")
-    return _frozen(prompts, np.int64), _frozen(outputs, np.int64)
-
-
-def _parse_timestamp(text: str) -> tuple[int, float]:
-    """``YYYY-MM-DD HH:MM:SS.fffffff`` -> (day ordinal, seconds of day).
-
-    Parsed by hand: the Azure files have 7 fractional digits, and keeping the
-    day apart from the seconds avoids losing sub-millisecond precision to a
-    huge epoch offset in a float.
-    """
-    date_s, _, time_s = text.strip().replace("T", " ").partition(" ")
-    hh, mm, ss = time_s.split(":")
-    return _dt.date.fromisoformat(date_s).toordinal(), int(hh) * 3600 + int(mm) * 60 + float(ss)
-
-
-@functools.lru_cache(maxsize=32)
-def _read_trace(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(arrival seconds from the first row, prompt, output), sorted by arrival.
-
-    Reads the Azure format (TIMESTAMP, ContextTokens, GeneratedTokens) and also
-    Vidur's reformatted copy of it (arrived_at, num_prefill_tokens,
-    num_decode_tokens), which holds the same rows with relative seconds.
-    """
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        vidur = "arrived_at" in (reader.fieldnames or [])
-        cols = ("arrived_at", "num_prefill_tokens", "num_decode_tokens") if vidur else (
-            "TIMESTAMP", "ContextTokens", "GeneratedTokens")  # fmt: skip
-        _columns(reader, path, cols)
-        days: list[int] = []
-        secs: list[float] = []
-        prompts: list[int] = []
-        outputs: list[int] = []
-        for row in reader:
-            day, sec = (0, float(row[cols[0]])) if vidur else _parse_timestamp(row[cols[0]])
-            days.append(day)
-            secs.append(sec)
-            prompts.append(int(float(row[cols[1]])))
-            outputs.append(int(float(row[cols[2]])))
-    if not days:
-        raise ValueError(f"{path}: no data rows")
-    t = (np.asarray(days, np.int64) - days[0]) * 86400.0 + (np.asarray(secs) - secs[0])
-    # The published files are sorted; sort anyway (stable) so a hand-made trace
-    # cannot produce decreasing arrivals, which the simulator's clock forbids.
-    order = np.argsort(t, kind="stable")
-    # Round to the files' 100 ns resolution so that float noise from the
-    # subtraction (e.g. 0.0519999999) does not show up in logs and outputs.
-    t = np.round(t[order] - t[order[0]], 7)
-    p, o = np.asarray(prompts, np.int64)[order], np.asarray(outputs, np.int64)[order]
-    return _frozen(t, np.float64), _frozen(p, np.int64), _frozen(o, np.int64)
 
 
 # ---------------------------------------------------------------------------
@@ -575,34 +485,4 @@ def load_workload(
                        max_model_len=max_model_len, source=source, classes=classes)  # fmt: skip
 
 
-# ---------------------------------------------------------------------------
-# Reporting
-# ---------------------------------------------------------------------------
-
-
-def _stats(values: list[int]) -> dict[str, float | int]:
-    arr = np.asarray(values, dtype=np.float64)
-    p50, p90, p99 = np.percentile(arr, [50, 90, 99]).tolist()
-    return {"mean": float(arr.mean()), "p50": p50, "p90": p90, "p99": p99, "max": int(max(values))}
-
-
-def length_summary(requests: Sequence[WorkloadRequest]) -> dict[str, dict[str, Any]]:
-    """Token-length statistics of a built workload, per ``source``, for reports.
-
-    Returns ``{source: {"count": n, "prompt": S, "output": S}}`` where ``S`` is
-    ``{"mean", "p50", "p90", "p99", "max"}`` of ``prompt_len`` / ``output_len``:
-    the lengths *as used*, i.e. after fitting into the context, not the raw
-    rows. Percentiles interpolate linearly between order statistics (numpy's
-    default), so p50 of ``[1, 2, 3, 4]`` is 2.5. Sources appear in sorted
-    order; all numbers are plain Python ``int``/``float`` (JSON-ready). An
-    empty workload gives ``{}``.
-    """
-    by_source: dict[str, tuple[list[int], list[int]]] = {}
-    for r in requests:
-        prompts, outputs = by_source.setdefault(r.source, ([], []))
-        prompts.append(r.prompt_len)
-        outputs.append(r.output_len)
-    return {
-        source: {"count": len(prompts), "prompt": _stats(prompts), "output": _stats(outputs)}
-        for source, (prompts, outputs) in sorted(by_source.items())
-    }
+from bench.workload_stats import length_summary  # noqa: E402,F401 (part of this module's API)

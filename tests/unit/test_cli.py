@@ -52,8 +52,40 @@ def test_sweep_reports_one_row_per_rate(tmp_path: Path) -> None:
 
 
 @pytest.mark.unit
+def test_sim_json_has_request_goodput_and_per_class_keys(tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    rc = main(["sim", "--rate", "2", "--duration", "15", "--policies", "vllm@512,vllm-priority",
+               "--classes", "by-app", "--json", str(out), "--jobs", "1"])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["config"]["classes"] == "by-app" and data["config"]["time_noise"] == 0.05
+    for row in data["policies"].values():
+        assert row["request_goodput_rps"] >= 0
+        assert set(row["slo_attainment_by_class"]) <= {"chat", "code", "summarization"}
+        assert set(row["p99_tbt_ms_by_class"]) == set(row["slo_attainment_by_class"])
+
+
+@pytest.mark.unit
+def test_capacity_writes_a_rate_per_policy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cap.json"
+    rc = main(["capacity", "--workload", "paper-mix", "--duration", "20", "--policies", "accelgen,vllm",
+               "--target", "0.9", "--tolerance", "0.25", "--json", str(out), "--jobs", "1"])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["config"]["target"] == 0.9 and set(data["capacity_rps"]) == {"accelgen", "vllm"}
+    for name, rate in data["capacity_rps"].items():
+        probes = data["search"][name]["probes"]
+        assert rate > 0 and any(p["load"] == rate and p["attainment"] >= 0.9 for p in probes)
+        # and the search saw a failing load above it (bracketed)
+        assert any(p["load"] > rate and p["attainment"] < 0.9 for p in probes)
+    assert "capacity (req/s)" in capsys.readouterr().out
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("args, message", [
     (["sim", "--policies", "fifo"], "unknown policy"),
+    (["sim", "--policies", "accelgen@512"], "static budget"),
+    (["capacity", "--policies", "vllm+eager"], "+admission"),
     (["sim", "--sweep-rate", "1,x"], "comma-separated numbers"),
     (["sim", "--slo-mix", "chat=-1"], "chat"),
 ])

@@ -30,22 +30,30 @@ Algorithm, once per iteration:
 7. **ERA.** At most ``era_cap`` long prompts (longer than the budget) are prefilled at once, so
    each finishes, and frees its KV, sooner.
 
+Beyond the paper (each a named ``AccelGenConfig`` field, ablated in docs/results.md):
+``time_guard`` prices the exact batch with the cost model; ``adaptive_margin`` widens its
+safety margin to the measured scatter of iteration times; ``kv_headroom_tokens`` reserves KV
+for the growth of running requests at admission; ``triage`` and ``demote_late`` stop requests
+that already missed their SLO from crowding out, or setting the pace for, those that can still
+make it; ``admission`` refuses at submit what cannot be on time (``core.admission``);
+``length_estimates`` learns output lengths online (``core.length_estimate``).
+
 Every mechanism can be switched off on its own for ablations; preemption is vLLM's recompute
-of the newest request, or optionally the request with the most slack.
+of the newest request, optionally the request with the most slack, or (with length estimates)
+the one expected to run longest.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 from scheduler_service.core.admission import AdmissionControl
 from scheduler_service.core.batch_builder import BatchBuilder
 from scheduler_service.core.budget import TokenBudget
-from scheduler_service.core.kv_blocks import blocks_for_tokens
 from scheduler_service.core.kv_reserve import admission_reserve_blocks, growth_blocks, headroom_final_tokens
 from scheduler_service.core.length_estimate import OutputLengthEstimator
-from scheduler_service.core.policies.accelgen_config import VICTIM_RULES, AccelGenConfig
+from scheduler_service.core.policies.accelgen_config import AccelGenConfig
+from scheduler_service.core.policies.accelgen_pick import FillState, euclidean_fill
 from scheduler_service.core.plan import BatchPlan, IterationResult
 from scheduler_service.core.policies.base import Policy
 from scheduler_service.core.profile import DeviceProfile
@@ -120,7 +128,7 @@ class AccelGenPolicy(Policy):
     def _best_effort(self, request: Request) -> bool:
         return self.config.demote_late and request.request_id in self._late
 
-    def _effective_tbt(self, request: Request) -> float | None:
+    def effective_tbt(self, request: Request) -> float | None:
         """The iteration SLO the batch must honour for this request (None: best-effort)."""
         if self.config.demote_late and request.request_id in self._late:
             return None
@@ -264,7 +272,7 @@ class AccelGenPolicy(Policy):
                 n = r.num_prompt_tokens + len(r.output_token_ids)
                 if n > tokens and (not r.output_token_ids or n - k > 1):
                     long_prefills += 1
-        state = _FillState(long_prefills=long_prefills)
+        state = FillState(long_prefills=long_prefills)
         self._reserved_growth = 0
         self._reserving = cfg.kv_headroom_tokens > 0 or self.lengths is not None
         if self._reserving:
@@ -285,7 +293,7 @@ class AccelGenPolicy(Policy):
             if self._out_of_time(batch, request):
                 state.tried.add(request)
                 continue
-            self._place(batch, request, state)
+            self.place(batch, request, state)
         if cfg.eager_decodes:
             self._fill_decodes(batch, candidates, state)
         scheduled, tried = batch.is_scheduled, state.tried
@@ -296,16 +304,16 @@ class AccelGenPolicy(Policy):
             if batch.tokens_left <= 0:
                 break
             if cfg.multi_resource:
-                self._euclidean_fill(batch, group, state)
+                euclidean_fill(self, batch, group, state)
             else:
                 for request in group:
                     if batch.tokens_left <= 0:
                         break
-                    self._place(batch, request, state)
+                    self.place(batch, request, state)
         if not cfg.eager_decodes:
             self._fill_decodes(batch, candidates, state)
 
-    def _fill_decodes(self, batch: BatchBuilder, candidates: list[Request], state: "_FillState") -> None:
+    def _fill_decodes(self, batch: BatchBuilder, candidates: list[Request], state: FillState) -> None:
         """Running decodes that are not urgent, in T_r order, while the batch stays within its
         time limit.
 
@@ -332,25 +340,18 @@ class AccelGenPolicy(Policy):
                 continue  # still prefilling
             if limit is not None and cost.time_if_added_s(1, k) > limit:
                 continue
-            tbt = r.slo.tbt_s  # == self._effective_tbt(r), inlined: the loop's hot path
+            tbt = r.slo.tbt_s  # == self.effective_tbt(r), inlined: the loop's hot path
             # Fast path (this loop runs for every running request, every iteration): a decode
             # no tighter than the batch needs no ERA or grouping check, only its block.
             if (slo_min is None or tbt is None or tbt >= slo_min or r.request_id in late) and batch.schedule(r) > 0:
                 tried.add(r)
                 continue
-            self._place(batch, r, state)
-
-    @staticmethod
-    def _room_for_prefill(batch: BatchBuilder) -> bool:
-        """Budget left, and time for at least a two-token chunk of a fresh prompt."""
-        if batch.tokens_used >= batch.token_budget:
-            return False
-        return batch.time_limit_s is None or batch.cost.time_if_added_s(2, 0) <= batch.time_limit_s
+            self.place(batch, r, state)
 
     @staticmethod
     def _out_of_time(batch: BatchBuilder, request: Request) -> bool:
         """Whether ``batch.schedule`` would refuse this prefill for time (not one more token of
-        it fits the time limit), decided before the ERA, SLO and admission work of ``_place``:
+        it fits the time limit), decided before the ERA, SLO and admission work of ``place``:
         under load most urgent prefills are refused this way, and each refusal cost as much as
         a placement."""
         limit = batch.time_limit_s
@@ -366,7 +367,7 @@ class AccelGenPolicy(Policy):
         return max(0.0005, round((slo_s - self.overhead_s) / self.time_correction * 2000) / 2000)
 
     def _slo_min(self, requests: list[Request]) -> float | None:
-        slos = [t for t in map(self._effective_tbt, requests) if t is not None]
+        slos = [t for t in map(self.effective_tbt, requests) if t is not None]
         return min(slos) if slos else None
 
     def _grouped(self, requests: list[Request], slo_min: float | None) -> list[list[Request]]:
@@ -382,16 +383,16 @@ class AccelGenPolicy(Policy):
         return [same, looser, tighter]
 
     @staticmethod
-    def _is_long(request: Request, budget_tokens: int) -> bool:
+    def is_long(request: Request, budget_tokens: int) -> bool:
         """A long prompt (ERA): one whose whole prefill exceeds the budget, counted until the
         prefill ends, not only while the remainder does (paper: long = prompt longer than S_b)."""
         return request.is_prefilling and request.num_tokens > budget_tokens
 
-    def _place(self, batch: BatchBuilder, request: Request, state: "_FillState") -> int:
+    def place(self, batch: BatchBuilder, request: Request, state: FillState) -> int:
         """Schedule one request under ERA, admission reserve and preemption rules."""
         state.tried.add(request)
         cfg = self.config
-        is_long = self._is_long(request, batch.token_budget)
+        is_long = self.is_long(request, batch.token_budget)
         starts_long = is_long and request.num_computed_tokens == 0
         if cfg.era and starts_long and state.long_prefills >= cfg.era_cap:
             state.refusal = "era"
@@ -413,7 +414,7 @@ class AccelGenPolicy(Policy):
     def _fits_slo(self, batch: BatchBuilder, request: Request) -> bool:
         """Let a request tighter than the batch's SLO_min in only if the batch so far meets its
         SLO; then tighten the budget (and time limit) to it."""
-        slo_s = self._effective_tbt(request)
+        slo_s = self.effective_tbt(request)
         current = batch.slo_min_s
         if slo_s is None or (current is not None and slo_s >= current) or not self.config.dynamic_chunking:
             return True
@@ -470,63 +471,6 @@ class AccelGenPolicy(Policy):
         return admission_reserve_blocks(request, batch.kv, batch.tokens_left, self.expected_final_tokens,
                                         self._reserved_growth)
 
-    def _euclidean_fill(self, batch: BatchBuilder, requests: list[Request], state: "_FillState") -> None:
-        """Repeatedly place the request whose (compute, KV) demand is closest to what is free.
-
-        Both axes are normalised by capacity (token budget, usable blocks). A request's KV
-        demand is what it still needs to finish its prefill (a waiting one: its whole prompt
-        plus headroom); it does not change while the batch is built, so it is computed once.
-        """
-        if not self._room_for_prefill(batch):
-            return  # before pricing the pool: under load this is the common case
-        kv = batch.kv
-        total_blocks = kv.total_usable_blocks
-        budget = max(1, batch.token_budget)
-        running = RequestStatus.RUNNING
-        pool = []
-        for r in requests:
-            if r.status is running:
-                need_blocks = kv.blocks_to_grow(r.request_id, r.num_tokens)
-            else:
-                need_blocks = blocks_for_tokens(self.expected_final_tokens(r), kv.block_size)
-            pool.append((r, r.num_uncomputed_tokens, need_blocks / total_blocks))
-        while pool and self._room_for_prefill(batch):
-            left = batch.tokens_left
-            a_c = left / budget
-            a_m = kv.num_free_blocks / total_blocks
-            best_i, best_d = 0, math.inf
-            for i, (_, uncomputed, d_m) in enumerate(pool):
-                d_c = (uncomputed if uncomputed < left else left) / budget
-                d = (a_c - d_c) ** 2 + (a_m - d_m) ** 2
-                if d < best_d:
-                    best_i, best_d = i, d
-            request, _, need = pool.pop(best_i)
-            batch.last_failure = ""
-            if self._place(batch, request, state) == 0:
-                pool = self._prune_after_refusal(batch, pool, request, state.refusal or batch.last_failure, need)
-
-    def _prune_after_refusal(self, batch: BatchBuilder, pool: list, refused: Request, failure: str,
-                             need: float) -> list:
-        """Drop the candidates that must fail as the one just refused did: under load the window
-        is full of prompts that cannot go in, and pricing each of them in turn (the pick is
-        quadratic) was most of the decision's time. A batch only grows while it is built, so:
-        free blocks and the KV reserve only tighten (a waiting prompt needing at least as many
-        blocks cannot fit either; none once the sequence limit is hit), ERA stays closed to
-        every long prompt that has not started, and a batch too big for one SLO is too big for
-        any tighter one."""
-        running = RequestStatus.RUNNING
-        if failure == "seqs":
-            return [e for e in pool if e[0].status is running]
-        if failure == "kv" and refused.status is not running:
-            return [e for e in pool if e[0].status is running or e[2] < need]
-        if failure == "era":
-            budget = batch.token_budget
-            return [e for e in pool if e[0].num_computed_tokens > 0 or not self._is_long(e[0], budget)]
-        if failure == "slo":
-            bound = self._effective_tbt(refused)
-            return [e for e in pool if (t := self._effective_tbt(e[0])) is None or t > bound]  # type: ignore[operator]
-        return pool
-
     # -- preemption --------------------------------------------------------------------------
     def _victim(self, batch: BatchBuilder, needy: Request) -> Request | None:
         running = self.bound.running
@@ -540,13 +484,6 @@ class AccelGenPolicy(Policy):
             # The request expected to run longest: never one that is about to finish.
             return max(unscheduled, key=self.remaining_output_tokens)
         return unscheduled[-1] if unscheduled else running[-1]
-
-
-@dataclass(slots=True)
-class _FillState:
-    long_prefills: int
-    tried: set = field(default_factory=set)
-    refusal: str = ""  # why the last _place refused before scheduling: "era", "slo" or ""
 
 
 def slo_group_of(iteration_slo_s: float) -> int:
