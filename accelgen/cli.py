@@ -190,7 +190,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stack.stop()
     rows = _service_rows(result)
     if args.executor == "sim":
-        rows["simulator (predicted)"] = run_many([RunSpec(spec, "accelgen")])[0]
+        rows["simulator (predicted)"] = run_many([RunSpec(spec, "accelgen", time_noise=0.0)])[0]  # as the sim worker
     print()
     print(format_table(rows, title="accelgen"))
     if result.errors:

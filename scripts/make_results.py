@@ -57,6 +57,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "- best-effort demotion of late requests": {"demote_late": False},
     "knee at 90% of peak (not 95%)": {"budget": {"knee_fraction": 0.90}},
     "knee at 99% of peak (not 95%)": {"budget": {"knee_fraction": 0.99}},
+    "candidate window 64 (not 32)": {"candidate_window": 64},
+    "ERA cap 2 (not 1)": {"era_cap": 2},
     "+ eager non-urgent decodes": {"eager_decodes": True},
     "+ SLO-aware preemption victim": {"victim": "slo"},
     "- SLO-aware admission": {"admission": False},
@@ -124,7 +126,7 @@ def contenders(tuned: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
         "vllm-priority": ("vllm-priority", {}),
         "vllm + admission": ("vllm+admission", {}),
         f"sarathi tuned (@{sar})": (f"sarathi@{sar}", {}),
-        f"edf (@{sar})": (f"edf@{sar}", {}),
+        f"edf (@{sar}) + admission": (f"edf@{sar}+admission", {}),
     }
     if best != 2048:  # the tuned budget differs from the default: both are contenders
         out[f"vllm tuned (@{best})"] = (f"vllm@{best}", {})

@@ -280,7 +280,7 @@ seeded, timing noise included, so the simulated numbers repeat exactly; only dec
   (what SLO-tiered gateways feed vLLM today), at the default and the tuned budget; `vllm + admission`
   = vLLM behind the same admission AccelGen can use; `sarathi tuned` = Sarathi-Serve with the largest
   budget whose p99 TBT of the tightest class holds 50 ms on the workload's real batches; `edf` =
-  earliest deadline first with tuned Sarathi's budget and the same KV growth reserve as AccelGen.
+  earliest deadline first with tuned Sarathi's budget and the same KV growth reserve and admission as AccelGen.
 
 ## Tuning the baselines
 

@@ -273,10 +273,13 @@ class AccelGenPolicy(Policy):
                 if n > tokens and (not r.output_token_ids or n - k > 1):
                     long_prefills += 1
         state = FillState(long_prefills=long_prefills)
-        self._reserved_growth = 0
+        # The KV growth reserve of the running requests, computed when the first waiting request
+        # asks for admission (None until then): most iterations under load admit nothing, and
+        # the sum runs over every running request.
+        self._reserved_growth: int | None = 0
         self._reserving = cfg.kv_headroom_tokens > 0 or self.lengths is not None
         if self._reserving:
-            self._reserved_growth = self._running_growth_blocks()
+            self._reserved_growth = None
         # Urgent decodes before urgent prefills: one token each, they cannot starve a prefill,
         # while a late prompt placed first could take the whole budget from them. A decode
         # needs no ERA or SLO check (the budget was set for the tightest urgent request).
@@ -405,7 +408,7 @@ class AccelGenPolicy(Policy):
             n, _ = self.schedule_running_or_preempt(batch, request, self._victim)
         else:
             n = batch.schedule(request, reserve_blocks=self.admission_reserve_blocks(request, batch))
-            if n > 0 and self._reserving:  # (also when nothing was reserved before it)
+            if n > 0 and self._reserving and self._reserved_growth is not None:  # now running: it grows too
                 self._reserved_growth += self._growth_blocks(request, batch.kv.block_size)
         if n > 0 and starts_long:
             state.long_prefills += 1
@@ -468,6 +471,8 @@ class AccelGenPolicy(Policy):
         running request and of itself: a half-prefilled prompt holds KV without producing
         tokens, and an admission that later forces a preemption wastes the victim's prefill.
         """
+        if self._reserved_growth is None:
+            self._reserved_growth = self._running_growth_blocks()
         return admission_reserve_blocks(request, batch.kv, batch.tokens_left, self.expected_final_tokens,
                                         self._reserved_growth)
 

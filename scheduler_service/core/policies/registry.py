@@ -3,7 +3,8 @@
 A policy can be named with settings a comparison varies, in one string the CLI and the
 benchmarks share: ``NAME[@BUDGET][+admission]``. ``vllm@512`` is vLLM with a 512-token budget
 (``max_num_batched_tokens``), ``sarathi@384`` Sarathi-Serve with a 384-token chunk budget,
-``vllm+admission`` vLLM behind the same SLO-aware admission AccelGen can use.
+``vllm+admission`` vLLM behind the same SLO-aware admission AccelGen uses by default (any
+policy can take it).
 """
 
 from __future__ import annotations
@@ -53,8 +54,6 @@ class PolicySpec:
                 raise ValueError(f"policy {raw!r}: the budget after '@' must be a whole number of tokens") from None
             if budget < 1:
                 raise ValueError(f"policy {raw!r}: the budget must be >= 1 token")
-        if plus and name not in ("accelgen", "vllm", "vllm-priority"):
-            raise ValueError(f"policy {raw!r}: '+admission' is offered to accelgen, vllm and vllm-priority")
         return cls(name, budget, bool(plus))
 
 
@@ -80,7 +79,7 @@ def make_policy(
     }
     policy = factories[spec.name]()
     if spec.admission and policy.admission is None:
-        # The vLLM policies get the same admission control AccelGen builds for itself.
+        # The baselines get the same admission control AccelGen builds for itself.
         policy.admission = AdmissionControl(profile.s_pf / profile.t_pf_s, AccelGenConfig().admission_config)
     return policy
 
