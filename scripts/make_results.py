@@ -121,6 +121,7 @@ def contenders(tuned: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
     out = {
         "accelgen": ("accelgen", {}),
         "accelgen + estimates": ("accelgen", {"length_estimates": True}),
+        "accelgen - admission": ("accelgen", {"admission": False}),
         "oracle": ("oracle", {}),
         "vllm (default 2048)": ("vllm", {}),
         "vllm-priority": ("vllm-priority", {}),

@@ -95,7 +95,7 @@ def capacity_table(cap: dict[str, dict[str, Any]]) -> str:
 
 def best_baseline(cap: dict[str, Any]) -> tuple[str, float]:
     """The strongest policy a user could pick instead of AccelGen (oracle and our own excluded)."""
-    others = {k: v["capacity_rps"] for k, v in cap.items() if not k.startswith(("accelgen", "oracle"))}
+    others = {k: v["capacity_rps"] for k, v in cap.items() if not k.startswith(("accelgen", "oracle"))}  # ours
     name = max(others, key=others.get)
     return name, others[name]
 
@@ -272,7 +272,8 @@ seeded, timing noise included, so the simulated numbers repeat exactly; only dec
 
 - **Policies** (all under the same simulator, scheduling core and KV accounting):
   `accelgen` (all mechanisms and the extensions on by default, SLO-aware admission included);
-  `accelgen + estimates` (output lengths learned online); `oracle` (= AccelGen with every true output
+  `accelgen + estimates` (output lengths learned online); `accelgen - admission` (the same without
+  SLO-aware admission); `oracle` (= AccelGen with every true output
   length in place of the estimates: exact KV reserve, exact `T_e`, victim with most output left; only
   the simulator can run it); `vllm` = vLLM V1's default scheduler (FCFS, 2,048-token budget, 256 sequences);
   `vllm tuned` = the same with the budget of 256/512/1024/2048 that gives the highest capacity;
