@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from scheduler_service.core.request import FinishReason, Request, RequestStatus, SamplingParams
 from scheduler_service.core.slo import SLO
@@ -97,8 +100,13 @@ class RedisStore:
                  max_connections: int = 64) -> None:
         # A blocking pool: a burst of Submits beyond max_connections waits for a connection
         # (up to 5 s) instead of failing with "Too many connections", redis-py's default pool.
-        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=5.0,
-                                                        socket_timeout=5.0, socket_connect_timeout=5.0)
+        # After a Redis restart every pooled connection is dead; a command on one would fail
+        # UNAVAILABLE although Redis is back. A connection idle for a second is pinged before use
+        # (and reconnected), and a connection error is retried on a fresh connection.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=5.0, socket_timeout=5.0, socket_connect_timeout=5.0,
+            health_check_interval=1.0, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+            retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError])
         self.redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
         self.p = prefix
         self.finished_ttl_s = finished_ttl_s
