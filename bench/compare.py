@@ -15,30 +15,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 from bench.simulator import SimConfig, simulate
 from bench.workloads import load_workload
-from scheduler_service.core.budget import BudgetConfig
 from scheduler_service.core.policies.accelgen import AccelGenConfig
 from scheduler_service.profiles import load_profile
 
 # The fields every policy row carries, in the order tables print them.
 HEADLINE = ("throughput_tok_s", "goodput_tok_s", "slo_attainment", "p99_tbt_ms", "mean_jct_s",
             "compute_util", "kv_util", "sched_ms_p99")
-
-# Each AccelGen mechanism switched off on its own (paper.md: "each mechanism switchable").
-ABLATIONS: dict[str, dict[str, Any]] = {
-    "accelgen (defaults)": {},
-    "- SLO prioritisation (T_r, urgency)": {"prioritise": False},
-    "- SLO grouping": {"slo_grouping": False},
-    "- dynamic chunking (static tightest budget)": {"dynamic_chunking": False},
-    "- ERA": {"era": False},
-    "- multi-resource (Euclidean) pick": {"multi_resource": False},
-    "- exact-batch time guard": {"time_guard": False},
-    "- triage of late requests": {"triage": False},
-    "- KV growth reserve (headroom 0)": {"kv_headroom_tokens": 0},
-    "+ eager non-urgent decodes": {"eager_decodes": True},
-    "+ SLO-aware preemption victim": {"victim": "slo"},
-    "safety margin 0% (not 5%)": {"budget": BudgetConfig(safety_margin=0.0)},
-}
-
 
 @dataclass(frozen=True)
 class WorkloadSpec:
@@ -142,20 +124,6 @@ def format_table(rows: Mapping[str, Mapping[str, Any]], title: str = "policy") -
     for name, row in rows.items():  # None: not measured by whoever produced the row
         cells = [("-" if row[key] is None else fmt.format(row[key])).rjust(max(len(h), 9)) for key, h, fmt in cols]
         lines.append(name.ljust(width) + " ".join(cells))
-    return "\n".join(lines)
-
-
-def markdown_table(rows: Mapping[str, Mapping[str, Any]], title: str = "policy") -> str:
-    cols = [("throughput_tok_s", "throughput (tok/s)", "{:.1f}"), ("goodput_tok_s", "goodput (tok/s)", "{:.1f}"),
-            ("request_goodput_tok_s", "request goodput (tok/s)", "{:.1f}"),
-            ("slo_attainment", "SLO attainment", "{:.1%}"), ("p99_tbt_ms", "p99 TBT (ms)", "{:.0f}"),
-            ("p50_ttft_ms", "p50 TTFT (ms)", "{:.0f}"), ("mean_jct_s", "mean JCT (s)", "{:.1f}"),
-            ("compute_util", "compute util", "{:.2f}"), ("kv_util", "KV util", "{:.2f}"),
-            ("preemptions", "preemptions", "{:d}"), ("sched_ms_p99", "sched p99 (ms)", "{:.3f}")]
-    lines = ["| " + title + " | " + " | ".join(h for _, h, _ in cols) + " |",
-             "|" + "---|" * (len(cols) + 1)]
-    for name, row in rows.items():
-        lines.append("| " + name + " | " + " | ".join(fmt.format(row[k]) for k, _, fmt in cols) + " |")
     return "\n".join(lines)
 
 
