@@ -289,7 +289,10 @@ class AccelGenPolicy(Policy):
                 urgent_prefills.append(request)
             else:
                 state.tried.add(request)
-                self.schedule_running_or_preempt(batch, request, self._victim)
+                # A decode that gets its block needs nothing else; only a KV shortage takes the
+                # general path with its preemption loop.
+                if batch.schedule(request) == 0 and batch.last_failure == "kv":
+                    self.schedule_running_or_preempt(batch, request, self._victim)
         for request in urgent_prefills:
             if batch.tokens_left <= 0:
                 break
@@ -370,16 +373,24 @@ class AccelGenPolicy(Policy):
         return max(0.0005, round((slo_s - self.overhead_s) / self.time_correction * 2000) / 2000)
 
     def _slo_min(self, requests: list[Request]) -> float | None:
-        slos = [t for t in map(self.effective_tbt, requests) if t is not None]
-        return min(slos) if slos else None
+        """The tightest iteration SLO among the requests, best-effort ones left out
+        (``effective_tbt`` inlined: every urgent request passes here every iteration)."""
+        late = self._late if self.config.demote_late else ()
+        tightest = None
+        for r in requests:
+            t = r.slo.tbt_s
+            if t is not None and (tightest is None or t < tightest) and r.request_id not in late:
+                tightest = t
+        return tightest
 
     def _grouped(self, requests: list[Request], slo_min: float | None) -> list[list[Request]]:
         """Candidates after the urgent ones: the batch's own SLO group, then looser groups."""
         if not self.config.slo_grouping or slo_min is None:
             return [requests]
         home = slo_group_of(slo_min)
-        best_effort = [r for r in requests if self._best_effort(r)]
-        requests = [r for r in requests if not self._best_effort(r)] if best_effort else requests
+        late = self._late if self.config.demote_late else ()
+        best_effort = [r for r in requests if r.request_id in late]
+        requests = [r for r in requests if r.request_id not in late] if best_effort else requests
         same = [r for r in requests if r.group == home]
         looser = [r for r in requests if r.group > home] + best_effort
         tighter = sorted((r for r in requests if r.group < home), key=lambda r: -r.group)
