@@ -36,6 +36,27 @@ def growth_blocks(kv: KVBlockManager, requests: Iterable[Request], expected_fina
     return total
 
 
+def headroom_growth_blocks(kv: KVBlockManager, running: Iterable[Request], headroom_tokens: int,
+                           max_model_len: int) -> int:
+    """``growth_blocks`` with ``headroom_final_tokens``, inlined: AccelGen runs it over every
+    running request on every iteration that admits, the hot path of its decision."""
+    bs = kv.block_size
+    tables = kv._tables
+    total = 0
+    for r in running:
+        n = r.num_prompt_tokens + len(r.output_token_ids) + 1
+        expected = r.num_prompt_tokens + headroom_tokens
+        if n > expected:
+            expected = n
+        if expected > max_model_len:
+            expected = max_model_len
+        table = tables.get(r.request_id)
+        grow = -(-expected // bs) - (len(table) if table else 0)
+        if grow > 0:
+            total += grow
+    return total
+
+
 def admission_reserve_blocks(request: Request, kv: KVBlockManager, tokens_left: int,
                              expected_final: ExpectedFinal, reserved_growth: int) -> int:
     """Blocks that must stay free beyond a waiting request's first chunk for it to be admitted:

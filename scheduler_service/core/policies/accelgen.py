@@ -50,7 +50,8 @@ import math
 from scheduler_service.core.admission import AdmissionControl
 from scheduler_service.core.batch_builder import BatchBuilder
 from scheduler_service.core.budget import TokenBudget
-from scheduler_service.core.kv_reserve import admission_reserve_blocks, growth_blocks, headroom_final_tokens
+from scheduler_service.core.kv_reserve import (admission_reserve_blocks, growth_blocks, headroom_final_tokens,
+                                               headroom_growth_blocks)
 from scheduler_service.core.length_estimate import OutputLengthEstimator
 from scheduler_service.core.policies.accelgen_config import AccelGenConfig
 from scheduler_service.core.policies.accelgen_pick import FillState, euclidean_fill
@@ -72,6 +73,7 @@ class AccelGenPolicy(Policy):
         self._t_iter: dict[float | None, float] = {}
         self._t_r: dict[str, float] = {}
         self._late: set[str] = set()
+        self._te_cache: dict[str, tuple[tuple, float]] = {}  # request id -> (inputs, T_e) of a prefill
         self._reserved_growth = 0
         self.margin = AdaptiveMargin(self.config.budget.safety_margin)
         self.lengths = OutputLengthEstimator(self.config.length_config) if self.config.length_estimates else None
@@ -106,6 +108,7 @@ class AccelGenPolicy(Policy):
 
     def on_finish(self, request: Request) -> None:
         self._late.discard(request.request_id)
+        self._te_cache.pop(request.request_id, None)
         if self.lengths is not None and request.status is RequestStatus.FINISHED:
             self.lengths.observe(request.app_class, request.num_prompt_tokens, request.num_output_tokens)
 
@@ -124,9 +127,6 @@ class AccelGenPolicy(Policy):
             if (r is not None and r.num_output_tokens == 1 and r.status is RequestStatus.RUNNING
                     and r.first_token_s is not None and r.first_token_s > r.next_deadline_after_arrival_s()):
                 self._late.add(r.request_id)
-
-    def _best_effort(self, request: Request) -> bool:
-        return self.config.demote_late and request.request_id in self._late
 
     def effective_tbt(self, request: Request) -> float | None:
         """The iteration SLO the batch must honour for this request (None: best-effort)."""
@@ -180,6 +180,7 @@ class AccelGenPolicy(Policy):
         """
         t_iter = self._t_iter
         late = self._late
+        te_cache = self._te_cache
         t_r: dict[str, float] = {}
         keyed = []
         for i, r in enumerate(candidates):
@@ -192,7 +193,15 @@ class AccelGenPolicy(Policy):
                 if t is None:
                     t = self.iteration_time_s(tbt)
                 remaining = r.last_token_s + tbt - now - (t if t < t_max else t_max)
-            else:
+            elif tbt is not None:
+                # A prefill's T_e changes only with its progress and the batch's pace: cached,
+                # since most candidates are waiting prompts whose T_e is the same as last time.
+                key = (r.num_computed_tokens, len(out_tokens), pace_slo, t_max)
+                hit = te_cache.get(rid)
+                if hit is None or hit[0] != key:
+                    hit = te_cache[rid] = (key, self.execution_estimate_s(r, pace_slo, t_max))
+                remaining = r.next_token_deadline_s() - now - hit[1]
+            else:  # JCT: its estimate also follows the learned output lengths
                 remaining = self.remaining_time_s(r, now, pace_slo, t_max)
             t_r[rid] = remaining
             keyed.append((rid in late, remaining, r.arrival_s, i))
@@ -448,29 +457,11 @@ class AccelGenPolicy(Policy):
         return min(expected, self.profile.max_model_len)
 
     def _running_growth_blocks(self) -> int:
-        """Blocks the running requests are still expected to grow by. With the fixed headroom
-        this is ``kv_reserve.growth_blocks`` inlined: it runs for every running request on every
-        iteration, the hot path of the decision."""
+        """Blocks the running requests are still expected to grow by."""
         if self.lengths is not None:
             return growth_blocks(self.bound.kv, self.bound.running, self.expected_final_tokens)
-        kv = self.bound.kv
-        bs = kv.block_size
-        tables = kv._tables
-        floor_extra = self.config.kv_headroom_tokens
-        cap = self.profile.max_model_len
-        total = 0
-        for r in self.bound.running:
-            n = r.num_prompt_tokens + len(r.output_token_ids) + 1
-            expected = r.num_prompt_tokens + floor_extra
-            if n > expected:
-                expected = n
-            if expected > cap:
-                expected = cap
-            table = tables.get(r.request_id)
-            grow = -(-expected // bs) - (len(table) if table else 0)
-            if grow > 0:
-                total += grow
-        return total
+        return headroom_growth_blocks(self.bound.kv, self.bound.running, self.config.kv_headroom_tokens,
+                                      self.profile.max_model_len)
 
     def _growth_blocks(self, request: Request, block_size: int) -> int:
         return growth_blocks(self.bound.kv, (request,), self.expected_final_tokens)
