@@ -126,21 +126,6 @@ def test_remaining_time_of_a_waiting_request() -> None:
 
 
 @pytest.mark.unit
-def test_remaining_time_before_the_batch_pace_fix() -> None:
-    """te_batch_pace=False: chunks of the request's own budget, each at most T_max long."""
-    _, policy = make(te_batch_pace=False)
-    r = areq("a", prompt=1000, tbt=TIGHT, ttft=2.0)
-    # In a batch whose iterations last at most 10 ms: 3 x 0.01 s.
-    assert policy.remaining_time_s(r, now=0.5, t_max_s=0.01) == pytest.approx(2.0 - 0.5 - 0.03)
-    # A cap above the request's own iteration time changes nothing.
-    assert policy.remaining_time_s(r, now=0.5, t_max_s=1.0) == pytest.approx(1.3569)
-    loose = areq("b", prompt=2000, tbt=LOOSE, ttft=10.0, arrival=1.0)
-    # Own budget (2 chunks of 1735) at the tight cap: 2 x 47.7 ms, an underestimate of 3x.
-    assert policy.remaining_time_s(loose, now=2.0, pace_slo_s=TIGHT, t_max_s=T_TIGHT) == pytest.approx(
-        11.0 - 2.0 - 2 * T_TIGHT)
-
-
-@pytest.mark.unit
 def test_remaining_time_of_a_partial_prefill_and_a_decode() -> None:
     _, policy = make()
     r = areq("a", prompt=1000, tbt=TIGHT, ttft=2.0)

@@ -17,10 +17,10 @@ from scheduler_service.core.policies.accelgen import AccelGenConfig, AccelGenPol
 from scheduler_service.core.policies.edf import EDFConfig, EDFPolicy
 from scheduler_service.core.policies.registry import PolicySpec, make_policy
 from scheduler_service.core.policies.vllm_fcfs import VLLMPolicy, VLLMPriorityPolicy
-from scheduler_service.core.request import Request, RequestStatus, SamplingParams
+from scheduler_service.core.request import RequestStatus
 from scheduler_service.core.scheduler import CoreConfig, SchedulerCore
 from scheduler_service.core.timing_margin import AdaptiveMargin
-from tests.unit.test_core_accelgen import CATALOG, LOOSE, TIGHT, areq, profile
+from tests.unit.test_core_accelgen import CATALOG, LOOSE, T_TIGHT, TIGHT, areq, make, profile
 
 pytestmark = pytest.mark.unit
 
@@ -203,3 +203,20 @@ def test_a_request_whose_first_token_was_late_no_longer_sets_the_budget() -> Non
         plan = core.step(1.6)
         assert plan.token_budget == budget, demote  # the loose request's budget, or the late tight one's
         assert sorted(plan.request_ids()) == ["late", "loose"]  # still served (as best effort when demoted)
+
+
+# -- T_e at the batch's pace (the estimate before the fix, for its ablation) ---------------------
+
+
+def test_remaining_time_before_the_batch_pace_fix() -> None:
+    """te_batch_pace=False: chunks of the request's own budget, each at most T_max long."""
+    _, policy = make(te_batch_pace=False)
+    r = areq("a", prompt=1000, tbt=TIGHT, ttft=2.0)
+    # In a batch whose iterations last at most 10 ms: 3 x 0.01 s.
+    assert policy.remaining_time_s(r, now=0.5, t_max_s=0.01) == pytest.approx(2.0 - 0.5 - 0.03)
+    # A cap above the request's own iteration time changes nothing.
+    assert policy.remaining_time_s(r, now=0.5, t_max_s=1.0) == pytest.approx(1.3569)
+    loose = areq("b", prompt=2000, tbt=LOOSE, ttft=10.0, arrival=1.0)
+    # Own budget (2 chunks of 1735) at the tight cap: 2 x 47.7 ms, an underestimate of 3x.
+    assert policy.remaining_time_s(loose, now=2.0, pace_slo_s=TIGHT, t_max_s=T_TIGHT) == pytest.approx(
+        11.0 - 2.0 - 2 * T_TIGHT)
