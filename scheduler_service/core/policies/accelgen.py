@@ -54,13 +54,14 @@ from scheduler_service.core.kv_reserve import (admission_reserve_blocks, growth_
                                                headroom_growth_blocks)
 from scheduler_service.core.length_estimate import OutputLengthEstimator
 from scheduler_service.core.policies.accelgen_config import AccelGenConfig
-from scheduler_service.core.policies.accelgen_pick import FillState, euclidean_fill
 from scheduler_service.core.plan import BatchPlan, IterationResult
+from scheduler_service.core.policies.accelgen_pick import FillState, euclidean_fill
 from scheduler_service.core.policies.base import Policy
 from scheduler_service.core.profile import DeviceProfile
 from scheduler_service.core.request import Request, RequestStatus
 from scheduler_service.core.slo import SLOCatalog, slo_group
 from scheduler_service.core.timing_margin import AdaptiveMargin
+
 
 class AccelGenPolicy(Policy):
     name = "accelgen"
@@ -74,7 +75,8 @@ class AccelGenPolicy(Policy):
         self._t_r: dict[str, float] = {}
         self._late: set[str] = set()
         self._te_cache: dict[str, tuple[tuple, float]] = {}  # request id -> (inputs, T_e) of a prefill
-        self._reserved_growth = 0
+        self._reserved_growth: int | None = 0  # this iteration's KV growth reserve (None: not yet computed)
+        self._reserving = False  # whether the policy keeps a reserve at all
         self.margin = AdaptiveMargin(self.config.budget.safety_margin)
         self.lengths = OutputLengthEstimator(self.config.length_config) if self.config.length_estimates else None
         if self.config.admission:
@@ -282,10 +284,9 @@ class AccelGenPolicy(Policy):
                 if n > tokens and (not r.output_token_ids or n - k > 1):
                     long_prefills += 1
         state = FillState(long_prefills=long_prefills)
-        # The KV growth reserve of the running requests, computed when the first waiting request
-        # asks for admission (None until then): most iterations under load admit nothing, and
-        # the sum runs over every running request.
-        self._reserved_growth: int | None = 0
+        # The reserve is computed when the first waiting request asks for admission: most
+        # iterations under load admit nothing, and the sum runs over every running request.
+        self._reserved_growth = 0
         self._reserving = cfg.kv_headroom_tokens > 0 or self.lengths is not None
         if self._reserving:
             self._reserved_growth = None
@@ -429,7 +430,7 @@ class AccelGenPolicy(Policy):
         else:
             n = batch.schedule(request, reserve_blocks=self.admission_reserve_blocks(request, batch))
             if n > 0 and self._reserving and self._reserved_growth is not None:  # now running: it grows too
-                self._reserved_growth += self._growth_blocks(request, batch.kv.block_size)
+                self._reserved_growth += self._growth_blocks(request)
         if n > 0 and starts_long:
             state.long_prefills += 1
         return n
@@ -463,7 +464,7 @@ class AccelGenPolicy(Policy):
         return headroom_growth_blocks(self.bound.kv, self.bound.running, self.config.kv_headroom_tokens,
                                       self.profile.max_model_len)
 
-    def _growth_blocks(self, request: Request, block_size: int) -> int:
+    def _growth_blocks(self, request: Request) -> int:
         return growth_blocks(self.bound.kv, (request,), self.expected_final_tokens)
 
     def admission_reserve_blocks(self, request: Request, batch: BatchBuilder) -> int:
