@@ -15,8 +15,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from bench.simulator import SimConfig, simulate
 from bench.workloads import load_workload
-from scheduler_service.core.policies.accelgen import AccelGenConfig
-from scheduler_service.profiles import load_profile
+from accelgen.core.policies.accelgen import AccelGenConfig
+from accelgen.profiles import load_profile
 
 # The fields every policy row carries, in the order tables print them.
 HEADLINE = ("throughput_tok_s", "goodput_tok_s", "slo_attainment", "p99_tbt_ms", "mean_jct_s",

@@ -15,11 +15,11 @@ from typing import Any, Sequence
 
 import grpc
 
-from accelgen.grpc_server import CHANNEL_OPTIONS
+from accelgen.common.grpc_server import CHANNEL_OPTIONS
 from accelgen.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from bench.workloads import WorkloadRequest
-from scheduler_service.core.metrics import MetricsCollector
-from scheduler_service.core.slo import SLOCatalog
+from accelgen.core.metrics import MetricsCollector
+from accelgen.core.slo import SLOCatalog
 
 PROMPT_TOKEN = 7
 

@@ -21,13 +21,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from scheduler_service.core.kv_blocks import KVBlockManager
-from scheduler_service.core.plan import IterationResult
-from scheduler_service.core.policies.registry import POLICY_NAMES, make_policy
-from scheduler_service.core.request import Request, SamplingParams
-from scheduler_service.core.scheduler import CoreConfig, SchedulerCore
-from scheduler_service.core.slo import SLOCatalog
-from scheduler_service.profiles import load_profile
+from accelgen.core.kv_blocks import KVBlockManager
+from accelgen.core.plan import IterationResult
+from accelgen.core.policies.registry import POLICY_NAMES, make_policy
+from accelgen.core.request import Request, SamplingParams
+from accelgen.core.scheduler import CoreConfig, SchedulerCore
+from accelgen.core.slo import SLOCatalog
+from accelgen.profiles import load_profile
 
 PROMPT_LEN = 256
 MAX_TOKENS = 128

@@ -20,14 +20,14 @@ from typing import Any, Sequence
 import grpc
 import numpy as np
 
-from accelgen.grpc_server import free_port
-from accelgen.stack import Stack, start_redis, start_scheduler_proc, start_worker_proc, _wait_workers
+from accelgen.common.grpc_server import free_port
+from launcher.stack import Stack, start_redis, start_scheduler_proc, start_worker_proc, _wait_workers
 from accelgen.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from bench.overhead import MAX_NUM_SEQS, MAX_TOKENS, NUM_BLOCKS, PROMPT_LEN
-from scheduler_service.core.plan import IterationResult
-from scheduler_service.core.request import Request, SamplingParams
-from scheduler_service.core.slo import SLOCatalog
-from scheduler_service.profiles import load_profile
+from accelgen.core.plan import IterationResult
+from accelgen.core.request import Request, SamplingParams
+from accelgen.core.slo import SLOCatalog
+from accelgen.profiles import load_profile
 from scheduler_service.state.store import RedisStore
 
 

@@ -7,7 +7,7 @@ clock by that time, and reports deterministic tokens back — EOS at each reques
 length, which only this executor (and the oracle policy) knows.
 
 With ``workers > 1`` it runs N lanes as the service does: each lane is one worker with its own
-core, policy, KV pool and executor, and a router (``scheduler_service.core.routing``) sends
+core, policy, KV pool and executor, and a router (``accelgen.core.routing``) sends
 each arrival to a lane at its arrival time. The loop is discrete-event: it always advances the
 earliest event — an arrival, or a lane whose iteration ends (arrivals first at equal times).
 One worker gives exactly the single-lane loop this replaced.
@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from bench.workloads import WorkloadRequest
-from scheduler_service.core.admission import AdmissionRefused
-from scheduler_service.core.metrics import IterationSample, MetricsCollector
-from scheduler_service.core.plan import BatchPlan, IterationResult
-from scheduler_service.core.profile import DeviceProfile
-from scheduler_service.core.request import Request, SamplingParams
-from scheduler_service.core.routing import Router, make_router
-from scheduler_service.core.scheduler import CoreConfig, SchedulerCore
-from scheduler_service.core.policies.registry import make_policy
-from scheduler_service.core.slo import SLOCatalog
+from accelgen.core.admission import AdmissionRefused
+from accelgen.core.metrics import IterationSample, MetricsCollector
+from accelgen.core.plan import BatchPlan, IterationResult
+from accelgen.core.profile import DeviceProfile
+from accelgen.core.request import Request, SamplingParams
+from accelgen.core.routing import Router, make_router
+from accelgen.core.scheduler import CoreConfig, SchedulerCore
+from accelgen.core.policies.registry import make_policy
+from accelgen.core.slo import SLOCatalog
 
 EOS_TOKEN_ID = 2
 _PROMPT_TOKEN = 7
@@ -51,7 +51,7 @@ class SimConfig:
     workers: int = 1
     """Simulated workers (lanes), each with its own core, policy, KV pool and executor."""
     routing: str = "least-work"
-    """How an arrival picks its lane: a name of ``scheduler_service.core.routing.make_router``."""
+    """How an arrival picks its lane: a name of ``accelgen.core.routing.make_router``."""
 
     def __post_init__(self) -> None:
         if self.workers < 1:

@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from accelgen.grpc_server import free_port
-from accelgen.stack import Proc, spawn
+from accelgen.common.grpc_server import free_port
+from launcher.stack import Proc, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = ROOT / ".cache" / "test-model"
@@ -180,7 +180,7 @@ def start_accelgen(model_dir: Path, policy: str = "vllm", profile: Path | None =
     """The AccelGen stack as ``accelgen up --executor vllm`` starts it: Redis, scheduler, one vLLM
     worker, gateway (each its own process), services at their default log levels. ``env`` is
     added to every service's environment (``start_stack`` passes this process's on)."""
-    from accelgen.stack import start_stack
+    from launcher.stack import start_stack
 
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -217,12 +217,12 @@ def make_cpu_profile(model_dir: Path, out: Path, attempts: int = 2, repeats: int
     ``attempts`` times and the one with the smallest T_pf is kept."""
     import subprocess
 
-    from scheduler_service.profiles import load_profile
+    from accelgen.profiles import load_profile
 
     best: tuple[float, str] | None = None
     for i in range(attempts):
         path = out.with_name(f"{out.stem}.{i}{out.suffix}")
-        cmd = [sys.executable, "-m", "accelgen.cli", "profile", "--out", str(path), "--repeats", str(repeats),
+        cmd = [sys.executable, "-m", "launcher.cli", "profile", "--out", str(path), "--repeats", str(repeats),
                "--executor", "vllm", *worker_args(model_dir)]
         subprocess.run(cmd, check=True, env={**os.environ, **_vllm_env()}, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=600)

@@ -68,7 +68,7 @@ PY_SPY_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("vLLM scheduler", ("vllm/v1/core/sched",)),
     ("tokenise / detokenise", ("tokeniz", "detokeniz")),
     ("Redis client", ("redis/",)),
-    ("scheduling decision (AccelGen core)", ("scheduler_service/core/",)),
+    ("scheduling decision (AccelGen core)", ("accelgen/core/",)),
     ("HTTP + SSE (uvicorn, starlette, FastAPI, JSON)", ("uvicorn/", "starlette/", "fastapi/", "json/", "pydantic",
                                                         "openai_http.py", "openai_protocol.py")),
     ("vLLM engine <-> worker / API IPC (zmq, shm queue, spin-wait)", ("zmq/", "shm_broadcast", "distributed/utils.py",

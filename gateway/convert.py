@@ -20,7 +20,7 @@ from accelgen.v1 import common_pb2, gateway_pb2, scheduler_pb2
 from gateway.config import GatewayConfig
 from gateway.errors import invalid
 from scheduler_service.convert import slo_to_proto
-from scheduler_service.core.slo import SLO, SLOCatalog, SLOClass
+from accelgen.core.slo import SLO, SLOCatalog, SLOClass
 
 FieldNames = Mapping[str, str]
 

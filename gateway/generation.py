@@ -28,8 +28,8 @@ from gateway.convert import (GRPC_NAMES, FieldNames, catalog_from_info, check_pr
 from gateway.errors import GatewayError
 from gateway.scheduler_client import SchedulerClient
 from gateway.tokenizer import IncrementalDetokenizer, Tokenizer
-from scheduler_service.core.metrics import RequestRecord
-from scheduler_service.core.slo import SLOCatalog
+from accelgen.core.metrics import RequestRecord
+from accelgen.core.slo import SLOCatalog
 
 log = structlog.get_logger("gateway.generation")
 

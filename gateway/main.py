@@ -21,7 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 from grpc_health.v1 import health
 
-from accelgen.grpc_server import install_sigterm, make_server, set_serving
+from accelgen.common.grpc_server import install_sigterm, make_server, set_serving
 from gateway.config import GatewayConfig, add_args, from_args
 from gateway.generation import GenerationService
 from gateway.grpc_server import SERVICE_NAME, add_to_server
@@ -135,7 +135,7 @@ async def run(config: GatewayConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from accelgen.logs import setup_logging
+    from accelgen.common.logs import setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m gateway.main", description=__doc__.splitlines()[0])
     try:

@@ -22,7 +22,7 @@ from typing import AsyncGenerator
 import grpc
 import structlog
 
-from accelgen.grpc_server import CHANNEL_OPTIONS
+from accelgen.common.grpc_server import CHANNEL_OPTIONS
 from accelgen.v1 import gateway_pb2, scheduler_pb2, scheduler_pb2_grpc
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError

@@ -29,12 +29,12 @@ import structlog
 from accelgen.v1 import scheduler_pb2
 from scheduler_service import convert
 from scheduler_service.config import SchedulerConfig
-from scheduler_service.core.profile import DeviceProfile
-from scheduler_service.core.admission import AdmissionRefused
+from accelgen.core.profile import DeviceProfile
+from accelgen.core.admission import AdmissionRefused
 from scheduler_service.errors import ServiceError
-from scheduler_service.core.request import Request
+from accelgen.core.request import Request
 from scheduler_service.lane import WorkerLane
-from scheduler_service.profiles import load_profile
+from accelgen.profiles import load_profile
 from scheduler_service.state.store import IterationChanges, RedisStore, StoredRequest
 from scheduler_service.watch import WatchSession
 

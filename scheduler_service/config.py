@@ -17,8 +17,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from scheduler_service.core.policies.registry import POLICY_NAMES, PolicySpec
-from scheduler_service.core.slo import DEFAULT_CLASSES, SLO, SLOCatalog, SLOClass
+from accelgen.core.policies.base import Policy
+from accelgen.core.policies.registry import POLICY_NAMES, PolicySpec, make_policy
+from accelgen.core.profile import DeviceProfile
+from accelgen.core.slo import DEFAULT_CLASSES, SLO, SLOCatalog, SLOClass
 
 ENV_PREFIX = "ACCELGEN_SCHEDULER_"
 
@@ -58,6 +60,13 @@ class SchedulerConfig:
         if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_ttl_s must exceed heartbeat_interval_s")
         self.catalog()  # validate classes early
+
+    def make_policy(self, profile: DeviceProfile, catalog: SLOCatalog) -> Policy:
+        """A fresh policy for one lane, with every policy setting of this config applied."""
+        policy = make_policy(self.policy, profile, catalog)
+        if not self.admission:
+            policy.admission = None
+        return policy
 
     def catalog(self) -> SLOCatalog:
         if not self.classes:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 
 from accelgen.v1 import common_pb2, scheduler_pb2, worker_pb2
-from scheduler_service.core.plan import BatchPlan, IterationResult
-from scheduler_service.core.request import Request, SamplingParams
-from scheduler_service.core.slo import SLO, SLOCatalog
+from accelgen.core.plan import BatchPlan, IterationResult
+from accelgen.core.request import Request, SamplingParams
+from accelgen.core.slo import SLO, SLOCatalog
 
 
 class InvalidInput(ValueError):

@@ -18,14 +18,13 @@ from typing import TYPE_CHECKING, Any, Coroutine
 import grpc
 import structlog
 
-from accelgen.grpc_server import CHANNEL_OPTIONS
+from accelgen.common.grpc_server import CHANNEL_OPTIONS
 from accelgen.v1 import worker_pb2_grpc
 from scheduler_service import convert
-from scheduler_service.core.kv_blocks import KVBlockManager
-from scheduler_service.core.policies.registry import make_policy
-from scheduler_service.core.profile import DeviceProfile
-from scheduler_service.core.scheduler import CoreConfig, SchedulerCore
-from scheduler_service.core.slo import SLOCatalog
+from accelgen.core.kv_blocks import KVBlockManager
+from accelgen.core.profile import DeviceProfile
+from accelgen.core.scheduler import CoreConfig, SchedulerCore
+from accelgen.core.slo import SLOCatalog
 from scheduler_service.state.store import IterationChanges
 
 if TYPE_CHECKING:
@@ -54,9 +53,7 @@ class WorkerLane:
         self.profile = profile
         self.description = dict(description or {})  # the registration this lane was made from
         self.epoch = epoch  # sent with every plan; new for every lane, so the worker resets on it
-        policy_obj = make_policy(policy, profile, catalog)
-        if not admission:
-            policy_obj.admission = None
+        policy_obj = app.config.make_policy(profile, catalog)
         self.core = SchedulerCore(policy_obj, profile, kv=KVBlockManager(num_blocks, block_size),
                                   config=CoreConfig(max_num_seqs=max_num_seqs,
                                                     max_num_batched_tokens=max_batched_tokens or None))

@@ -7,8 +7,8 @@ import asyncio
 from dataclasses import dataclass
 from typing import Sequence
 
-from accelgen.grpc_server import install_sigterm, make_server, serve_until_stopped, set_serving
-from accelgen.logs import setup_logging
+from accelgen.common.grpc_server import install_sigterm, make_server, serve_until_stopped, set_serving
+from accelgen.common.logs import setup_logging
 from accelgen.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_service.app import SchedulerApp
 from scheduler_service.config import SchedulerConfig, add_args, from_args

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scheduler_service.core.profile import CostCoefficients, DeviceProfile  # noqa: E402
+from accelgen.core.profile import CostCoefficients, DeviceProfile  # noqa: E402
 
 MODEL = "facebook/opt-13b"
 DEFAULT_OUT = ROOT / "scheduler_service" / "profiles" / "opt-13b_a100-80g.json"

@@ -34,7 +34,7 @@ from bench import overhead  # noqa: E402
 from bench.capacity import capacities  # noqa: E402
 from bench.compare import RunSpec, WorkloadSpec, headline, run_many  # noqa: E402
 from bench.workloads import length_summary  # noqa: E402
-from scheduler_service.profiles import DEFAULT_PROFILE, load_profile  # noqa: E402
+from accelgen.profiles import DEFAULT_PROFILE, load_profile  # noqa: E402
 
 DOCS = ROOT / "docs"
 VLLM_BUDGETS = (256, 512, 1024, 2048)
@@ -76,7 +76,7 @@ def workloads(duration: float) -> dict[str, WorkloadSpec]:
 
 def _overrides(o: dict[str, Any]) -> dict[str, Any]:
     """Ablation overrides with nested BudgetConfig fields made into the object."""
-    from scheduler_service.core.budget import BudgetConfig
+    from accelgen.core.budget import BudgetConfig
 
     out = dict(o)
     if isinstance(out.get("budget"), dict):

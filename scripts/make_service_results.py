@@ -21,12 +21,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from accelgen.stack import start_stack  # noqa: E402
+from launcher.stack import start_stack  # noqa: E402
 from bench import service_overhead  # noqa: E402
 from bench.compare import RunSpec, WorkloadSpec, headline, run_many  # noqa: E402
 from bench.loadgen import run_load  # noqa: E402
-from scheduler_service.core.slo import SLOCatalog  # noqa: E402
-from scheduler_service.profiles import DEFAULT_PROFILE, load_profile  # noqa: E402
+from accelgen.core.slo import SLOCatalog  # noqa: E402
+from accelgen.profiles import DEFAULT_PROFILE, load_profile  # noqa: E402
 
 DOCS = ROOT / "docs"
 

@@ -134,7 +134,7 @@ def main() -> int:
     cpu_profile = None
     profile_info: dict[str, Any] = {}
     if not args.no_cpu_profile:
-        from scheduler_service.profiles import load_profile
+        from accelgen.profiles import load_profile
 
         cpu_profile = vs_vllm.make_cpu_profile(model_dir, log_root / "cpu-profile.json")
         prof = load_profile(str(cpu_profile))

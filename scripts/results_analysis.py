@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from bench.compare import WorkloadSpec
-from scheduler_service.profiles import load_profile
+from accelgen.profiles import load_profile
 
 
 def device_seconds_per_request(spec: WorkloadSpec, profile_name: str) -> dict[str, float]:

@@ -16,9 +16,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scheduler_service.core.budget import TokenBudget  # noqa: E402
-from scheduler_service.core.slo import SLOCatalog  # noqa: E402
-from scheduler_service.profiles import load_profile  # noqa: E402
+from accelgen.core.budget import TokenBudget  # noqa: E402
+from accelgen.core.slo import SLOCatalog  # noqa: E402
+from accelgen.profiles import load_profile  # noqa: E402
 from scripts.results_analysis import analysis  # noqa: E402
 
 WORKLOAD_TITLES = {
@@ -187,7 +187,7 @@ def measured_test_model_profile():
     """The test model's profile that `make results` measured just before (`accelgen profile`,
     run by make in a process of its own: timings taken inside a process that has loaded torch
     were wrecked by its idle OpenMP threads on this 2-core machine)."""
-    from scheduler_service.core.profile import DeviceProfile
+    from accelgen.core.profile import DeviceProfile
 
     if not PROFILE_OUT.exists():
         raise SystemExit(f"{PROFILE_OUT} is missing: run `make results`, which measures it first")

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from scheduler_service.profiles import DEFAULT_PROFILE
+from accelgen.profiles import DEFAULT_PROFILE
 
 ENV_PREFIX = "ACCELGEN_WORKER_"
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from accelgen.v1 import common_pb2, scheduler_pb2, worker_pb2
-from scheduler_service.core.request import SamplingParams
+from accelgen.core.request import SamplingParams
 from worker_service.plan import ChunkSpec, ExecResult, WorkerInfo, WorkerPlan
 
 # proto3 cannot say "no limit" for max_tokens except by leaving it unset; the core dataclass

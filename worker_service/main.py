@@ -20,8 +20,8 @@ import grpc
 import structlog
 from grpc_health.v1 import health
 
-from accelgen.grpc_server import CHANNEL_OPTIONS, install_sigterm, serve_until_stopped, set_serving
-from accelgen.logs import setup_logging
+from accelgen.common.grpc_server import CHANNEL_OPTIONS, install_sigterm, serve_until_stopped, set_serving
+from accelgen.common.logs import setup_logging
 from accelgen.v1 import scheduler_pb2_grpc
 from worker_service.config import WorkerConfig
 from worker_service.executors.base import Executor

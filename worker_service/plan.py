@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scheduler_service.core.request import SamplingParams
+from accelgen.core.request import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)

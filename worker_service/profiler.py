@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from scheduler_service.core.kv_blocks import blocks_for_tokens
-from scheduler_service.core.profile import CostCoefficients, DeviceProfile
-from scheduler_service.core.request import SamplingParams
+from accelgen.core.kv_blocks import blocks_for_tokens
+from accelgen.core.profile import CostCoefficients, DeviceProfile
+from accelgen.core.request import SamplingParams
 from worker_service.executors.base import Executor
 from worker_service.plan import ChunkSpec, WorkerPlan
 

@@ -20,7 +20,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health
 
-from accelgen.grpc_server import make_server
+from accelgen.common.grpc_server import make_server
 from accelgen.v1 import scheduler_pb2, worker_pb2, worker_pb2_grpc
 from worker_service.convert import description_to_proto, plan_from_proto, result_to_proto
 from worker_service.executors.base import Executor
@@ -87,7 +87,7 @@ def build_server(executor: Executor, host: str, port: int) -> tuple[grpc.aio.Ser
     """A Worker server bound to ``host:port`` (0 = a free port chosen by the OS), not started.
 
     Returns the bound port. Health and reflection are registered; the caller marks the health
-    status (``accelgen.grpc_server.set_serving``) once it is ready.
+    status (``accelgen.common.grpc_server.set_serving``) once it is ready.
     """
     server, health_servicer = make_server([WORKER_SERVICE_NAME])
     servicer = WorkerServicer(executor)

@@ -29,8 +29,8 @@ import redis.exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from scheduler_service.core.request import FinishReason, Request, RequestStatus, SamplingParams
-from scheduler_service.core.slo import SLO
+from accelgen.core.request import FinishReason, Request, RequestStatus, SamplingParams
+from accelgen.core.slo import SLO
 
 
 def pack_u32(values: list[int]) -> bytes:

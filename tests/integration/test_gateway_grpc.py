@@ -9,7 +9,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from accelgen.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from gateway.testing import GatewayStack
+from tests.support.gateway_stack import GatewayStack
 
 pytestmark = pytest.mark.integration
 
@@ -171,7 +171,7 @@ def test_client_leaving_during_submit_cancels_at_the_scheduler(stack: GatewaySta
 
 
 def test_token_ids_outside_the_workers_vocabulary_are_refused_before_submit() -> None:
-    from gateway.testing import FakeScheduler
+    from tests.support.gateway_stack import FakeScheduler
 
     s = GatewayStack(fake=FakeScheduler(vocab_size=1000))  # its own: ServerInfo is cached per gateway
     try:
@@ -186,7 +186,7 @@ def test_token_ids_outside_the_workers_vocabulary_are_refused_before_submit() ->
 
 
 def test_a_submit_past_its_deadline_is_cancelled_at_the_scheduler() -> None:
-    from gateway.testing import FakeScheduler
+    from tests.support.gateway_stack import FakeScheduler
 
     s = GatewayStack(fake=FakeScheduler(submit_delay_s=1.0), submit_timeout_s=0.2)
     try:
@@ -238,7 +238,7 @@ def test_gateway_shutdown_leaves_requests_running() -> None:
 
 def test_classes_come_from_the_scheduler() -> None:
     """A scheduler configured with its own classes needs no matching gateway configuration."""
-    from gateway.testing import FakeScheduler
+    from tests.support.gateway_stack import FakeScheduler
 
     fake = FakeScheduler(classes={"vision": dict(ttft_ms=2000, tbt_ms=120), "chat": dict(ttft_ms=500, tbt_ms=40)})
     s = GatewayStack(fake=fake)
@@ -280,7 +280,7 @@ def test_abandoned_request_is_unwatched(stack: GatewayStack, stub) -> None:
 
 
 def test_scheduler_without_watch_many_gets_one_watch_per_request() -> None:
-    from gateway.testing import FakeScheduler
+    from tests.support.gateway_stack import FakeScheduler
 
     fake = FakeScheduler(watch_many=False, batch_size=4)
     s = GatewayStack(fake=fake)
@@ -297,7 +297,7 @@ def test_scheduler_without_watch_many_gets_one_watch_per_request() -> None:
 
 def test_unreachable_scheduler_is_unavailable_not_an_unknown_class() -> None:
     """Before the gateway has seen the scheduler's classes it cannot call a class unknown."""
-    from gateway.testing import FakeScheduler
+    from tests.support.gateway_stack import FakeScheduler
 
     s = GatewayStack(fake=FakeScheduler(classes={"vision": dict(ttft_ms=2000, tbt_ms=120)}))
     try:

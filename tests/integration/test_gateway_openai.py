@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.testing import GatewayStack
+from tests.support.gateway_stack import GatewayStack
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from accelgen.grpc_server import free_port
+from accelgen.common.grpc_server import free_port
 
 pytestmark = pytest.mark.integration
 

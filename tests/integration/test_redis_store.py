@@ -7,9 +7,9 @@ from typing import Iterator
 
 import pytest
 
-from accelgen.stack import start_redis
-from scheduler_service.core.request import Request, RequestStatus, SamplingParams
-from scheduler_service.core.slo import SLO
+from launcher.stack import start_redis
+from accelgen.core.request import Request, RequestStatus, SamplingParams
+from accelgen.core.slo import SLO
 from scheduler_service.state.store import IterationChanges, RedisStore
 
 pytestmark = pytest.mark.integration

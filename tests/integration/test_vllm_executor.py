@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from scheduler_service.core.request import SamplingParams
+from accelgen.core.request import SamplingParams
 from worker_service.plan import ChunkSpec, WorkerPlan
 
 pytestmark = [pytest.mark.vllm, pytest.mark.integration]
 
-from tests.integration.vllm_support import load_make_test_model, prompt_ids, vllm_reference
+from tests.support.vllm_support import load_make_test_model, prompt_ids, vllm_reference
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_MODEL_LEN = 2048
@@ -394,7 +394,7 @@ def test_measured_profile_is_what_the_scheduler_budgets_with(ex, tmp_path):
     """`accelgen profile` on the test model: the worker reports the file, the scheduler's lane uses it."""
     from scheduler_service.app import SchedulerApp
     from scheduler_service.config import SchedulerConfig
-    from scheduler_service.core.budget import TokenBudget
+    from accelgen.core.budget import TokenBudget
     from worker_service.executors.vllm_executor import _measured_profile_json
     from worker_service.profiler import Profiler
 

@@ -21,9 +21,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from accelgen.grpc_server import free_port
+from accelgen.common.grpc_server import free_port
 from accelgen.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
-from scheduler_service.profiles import load_profile
+from accelgen.profiles import load_profile
 from worker_service.config import WorkerConfig
 from worker_service.convert import description_to_proto
 from worker_service.executors.sim import SimExecutor, sim_token

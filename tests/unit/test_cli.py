@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from accelgen.cli import main
+from launcher.cli import main
 from bench import overhead
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "traces_sample"

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler_service.core.budget import TokenBudget
-from scheduler_service.core.plan import BatchPlan, IterationResult
-from scheduler_service.core.policies.accelgen import AccelGenConfig, AccelGenPolicy
-from scheduler_service.core.profile import CostCoefficients, DeviceProfile
-from scheduler_service.core.request import Request, RequestStatus, SamplingParams
-from scheduler_service.core.scheduler import SchedulerCore
-from scheduler_service.core.slo import SLO, SLOCatalog, SLOClass
+from accelgen.core.budget import TokenBudget
+from accelgen.core.plan import BatchPlan, IterationResult
+from accelgen.core.policies.accelgen import AccelGenConfig, AccelGenPolicy
+from accelgen.core.profile import CostCoefficients, DeviceProfile
+from accelgen.core.request import Request, RequestStatus, SamplingParams
+from accelgen.core.scheduler import SchedulerCore
+from accelgen.core.slo import SLO, SLOCatalog, SLOClass
 
 pytestmark = pytest.mark.unit
 
@@ -473,10 +473,10 @@ def test_config_validation() -> None:
 def test_measured_overhead_and_slow_device_shrink_the_budget() -> None:
     """The service refines the profile online: time outside the model and a device slower than
     predicted both leave the model less time, so fewer tokens fit the same SLO."""
-    from scheduler_service.core.budget import TokenBudget
-    from scheduler_service.core.policies.accelgen import AccelGenConfig, AccelGenPolicy
-    from scheduler_service.core.slo import SLOCatalog
-    from scheduler_service.profiles import load_profile
+    from accelgen.core.budget import TokenBudget
+    from accelgen.core.policies.accelgen import AccelGenConfig, AccelGenPolicy
+    from accelgen.core.slo import SLOCatalog
+    from accelgen.profiles import load_profile
 
     profile = load_profile()
     policy = AccelGenPolicy(profile, SLOCatalog(), AccelGenConfig())

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler_service.core.admission import AdmissionConfig, AdmissionControl, AdmissionRefused
-from scheduler_service.core.length_estimate import LengthEstimateConfig, OutputLengthEstimator
-from scheduler_service.core.plan import BatchPlan, IterationResult, ScheduledChunk
-from scheduler_service.core.policies.accelgen import AccelGenConfig, AccelGenPolicy
-from scheduler_service.core.policies.edf import EDFConfig, EDFPolicy
-from scheduler_service.core.policies.registry import PolicySpec, make_policy
-from scheduler_service.core.policies.vllm_fcfs import VLLMPolicy, VLLMPriorityPolicy
-from scheduler_service.core.request import RequestStatus
-from scheduler_service.core.scheduler import CoreConfig, SchedulerCore
-from scheduler_service.core.timing_margin import AdaptiveMargin
+from accelgen.core.admission import AdmissionConfig, AdmissionControl, AdmissionRefused
+from accelgen.core.length_estimate import LengthEstimateConfig, OutputLengthEstimator
+from accelgen.core.plan import BatchPlan, IterationResult, ScheduledChunk
+from accelgen.core.policies.accelgen import AccelGenConfig, AccelGenPolicy
+from accelgen.core.policies.edf import EDFConfig, EDFPolicy
+from accelgen.core.policies.registry import PolicySpec, make_policy
+from accelgen.core.policies.vllm_fcfs import VLLMPolicy, VLLMPriorityPolicy
+from accelgen.core.request import RequestStatus
+from accelgen.core.scheduler import CoreConfig, SchedulerCore
+from accelgen.core.timing_margin import AdaptiveMargin
 from tests.unit.test_core_accelgen import CATALOG, LOOSE, T_TIGHT, TIGHT, areq, make, profile
 
 pytestmark = pytest.mark.unit

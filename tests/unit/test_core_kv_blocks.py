@@ -1,4 +1,4 @@
-"""Behavioural tests of the KV block allocator (scheduler_service/core/kv_blocks.py).
+"""Behavioural tests of the KV block allocator (accelgen/core/kv_blocks.py).
 
 Every expected value below is worked out by hand from the allocator's contract:
 ``ceil(tokens / block_size)`` blocks per request, block 0 never handed out, "cannot" is ``None``
@@ -14,7 +14,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from scheduler_service.core.kv_blocks import KVBlockManager, KVUsage, blocks_for_tokens
+from accelgen.core.kv_blocks import KVBlockManager, KVUsage, blocks_for_tokens
 
 pytestmark = pytest.mark.unit
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scheduler_service.core.metrics import IterationSample, MetricsCollector, RequestRecord
-from scheduler_service.core.slo import SLO
+from accelgen.core.metrics import IterationSample, MetricsCollector, RequestRecord
+from accelgen.core.slo import SLO
 
 pytestmark = pytest.mark.unit
 

@@ -11,14 +11,14 @@ import pytest
 import bench.simulator as simulator
 from bench.simulator import CostModelExecutor, SimConfig, simulate
 from bench.workloads import WorkloadRequest, paper_mix
-from scheduler_service.core.plan import BatchPlan, ScheduledChunk
-from scheduler_service.core.policies.registry import POLICY_NAMES, make_policy
-from scheduler_service.core.policies.sarathi import SarathiPolicy
-from scheduler_service.core.policies.vllm_fcfs import VLLMPolicy
-from scheduler_service.core.profile import DeviceProfile
-from scheduler_service.core.request import RequestStatus
-from scheduler_service.core.slo import SLOCatalog
-from scheduler_service.profiles import load_profile
+from accelgen.core.plan import BatchPlan, ScheduledChunk
+from accelgen.core.policies.registry import POLICY_NAMES, make_policy
+from accelgen.core.policies.sarathi import SarathiPolicy
+from accelgen.core.policies.vllm_fcfs import VLLMPolicy
+from accelgen.core.profile import DeviceProfile
+from accelgen.core.request import RequestStatus
+from accelgen.core.slo import SLOCatalog
+from accelgen.profiles import load_profile
 
 pytestmark = pytest.mark.unit
 
@@ -135,7 +135,7 @@ def test_sarathi_never_exceeds_its_static_budget(profile, workload, captured_cor
 
 @pytest.mark.unit
 def test_sarathi_explicit_budget(profile, workload) -> None:
-    from scheduler_service.core.policies.sarathi import SarathiConfig
+    from accelgen.core.policies.sarathi import SarathiConfig
 
     result = simulate(workload, profile, SimConfig(policy="sarathi", policy_config=SarathiConfig(token_budget=500)))
     assert max(i.forward_tokens for i in result.metrics.iterations) <= 500

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from scheduler_service.core.budget import BudgetConfig, TokenBudget
-from scheduler_service.core.kv_blocks import KVBlockManager
-from scheduler_service.core.profile import BatchCost, CostCoefficients, DeviceProfile
-from scheduler_service.profiles import DEFAULT_PROFILE, available_profiles, load_profile
+from accelgen.core.budget import BudgetConfig, TokenBudget
+from accelgen.core.kv_blocks import KVBlockManager
+from accelgen.core.profile import BatchCost, CostCoefficients, DeviceProfile
+from accelgen.profiles import DEFAULT_PROFILE, available_profiles, load_profile
 
 pytestmark = pytest.mark.unit
 

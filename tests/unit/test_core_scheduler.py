@@ -7,12 +7,12 @@ import random
 
 import pytest
 
-from scheduler_service.core.plan import BatchPlan, IterationResult
-from scheduler_service.core.policies.vllm_fcfs import VLLMConfig, VLLMPolicy
-from scheduler_service.core.profile import CostCoefficients, DeviceProfile
-from scheduler_service.core.request import FinishReason, Request, RequestStatus, SamplingParams
-from scheduler_service.core.scheduler import CoreConfig, SchedulerCore
-from scheduler_service.core.slo import SLO, SLOCatalog
+from accelgen.core.plan import BatchPlan, IterationResult
+from accelgen.core.policies.vllm_fcfs import VLLMConfig, VLLMPolicy
+from accelgen.core.profile import CostCoefficients, DeviceProfile
+from accelgen.core.request import FinishReason, Request, RequestStatus, SamplingParams
+from accelgen.core.scheduler import CoreConfig, SchedulerCore
+from accelgen.core.slo import SLO, SLOCatalog
 
 pytestmark = pytest.mark.unit
 
@@ -451,7 +451,7 @@ def test_random_load_on_a_tight_cache_keeps_invariants_and_finishes(seed: int) -
 
 
 def _partially_prefilled(limit_s: float):
-    from scheduler_service.core.batch_builder import BatchBuilder
+    from accelgen.core.batch_builder import BatchBuilder
 
     p = DeviceProfile(
         name="attn",

@@ -10,7 +10,7 @@ from gateway.config import GatewayConfig
 from gateway.convert import (GRPC_NAMES, check_prompt, resolve_request_id, resolve_slo, to_submit_request, validate_request,
                              validate_sampling)
 from gateway.errors import GatewayError, http_status_of, status_of
-from scheduler_service.core.slo import SLOCatalog
+from accelgen.core.slo import SLOCatalog
 
 pytestmark = pytest.mark.unit
 

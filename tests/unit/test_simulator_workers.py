@@ -15,16 +15,16 @@ import pytest
 
 from bench.simulator import CostModelExecutor, SimConfig, SimResult, make_request, simulate
 from bench.workloads import WorkloadRequest
-from scheduler_service.core.budget import TokenBudget
-from scheduler_service.core.policies.accelgen import AccelGenConfig
-from scheduler_service.core.metrics import IterationSample, MetricsCollector
-from scheduler_service.core.policies.registry import POLICY_NAMES, make_policy
-from scheduler_service.core.profile import DeviceProfile
-from scheduler_service.core.request import Request, SamplingParams
-from scheduler_service.core.routing import (LeastWorkRouter, SLOAwareRouter, lane_work, make_router)
-from scheduler_service.core.scheduler import SchedulerCore
-from scheduler_service.core.slo import SLOCatalog
-from scheduler_service.profiles import load_profile
+from accelgen.core.budget import TokenBudget
+from accelgen.core.policies.accelgen import AccelGenConfig
+from accelgen.core.metrics import IterationSample, MetricsCollector
+from accelgen.core.policies.registry import POLICY_NAMES, make_policy
+from accelgen.core.profile import DeviceProfile
+from accelgen.core.request import Request, SamplingParams
+from accelgen.core.routing import (LeastWorkRouter, SLOAwareRouter, lane_work, make_router)
+from accelgen.core.scheduler import SchedulerCore
+from accelgen.core.slo import SLOCatalog
+from accelgen.profiles import load_profile
 
 pytestmark = pytest.mark.unit
 

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from accelgen.v1 import common_pb2, worker_pb2
-from scheduler_service.core.request import SamplingParams
-from scheduler_service.profiles import load_profile
+from accelgen.core.request import SamplingParams
+from accelgen.profiles import load_profile
 from worker_service.config import WorkerConfig
 from worker_service.convert import description_from_proto, description_to_proto, plan_from_proto, plan_to_proto
 from worker_service.executors import executor_class, make_executor, register_executor

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler_service.core.budget import TokenBudget
-from scheduler_service.core.profile import CostCoefficients, DeviceProfile
+from accelgen.core.budget import TokenBudget
+from accelgen.core.profile import CostCoefficients, DeviceProfile
 from worker_service.executors.sim import SimExecutor
 from worker_service.profiler import Profiler
 

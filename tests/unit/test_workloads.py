@@ -414,7 +414,7 @@ def test_csv_columns_cached_and_read_only() -> None:
 def test_workload_spec_and_cli_flags() -> None:
     import argparse
 
-    from accelgen.cli import add_workload_args
+    from launcher.research import add_workload_args
     from bench.compare import WorkloadSpec
 
     ap = argparse.ArgumentParser()

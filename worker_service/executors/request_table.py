@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scheduler_service.core.request import SamplingParams
+from accelgen.core.request import SamplingParams
 from worker_service.plan import ChunkSpec, WorkerPlan
 
 

@@ -18,8 +18,8 @@ import time
 import zlib
 from typing import TYPE_CHECKING
 
-from scheduler_service.core.profile import DeviceProfile
-from scheduler_service.profiles import DEFAULT_PROFILE, load_profile
+from accelgen.core.profile import DeviceProfile
+from accelgen.profiles import DEFAULT_PROFILE, load_profile
 from worker_service.executors.base import Executor
 from worker_service.executors.request_table import RequestTable
 from worker_service.plan import ExecResult, WorkerInfo, WorkerPlan

@@ -46,7 +46,7 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from scheduler_service.core.request import SamplingParams
+from accelgen.core.request import SamplingParams
 from worker_service.executors.base import Executor
 from worker_service.executors.request_table import RequestTable
 from worker_service.plan import ChunkSpec, ExecResult, WorkerInfo, WorkerPlan

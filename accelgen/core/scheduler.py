@@ -1,0 +1,225 @@
+"""The scheduling core: request lifecycle around a pluggable policy. No I/O, no clock.
+
+``step(now)`` asks the policy for the next batch and returns it as a ``BatchPlan``;
+``complete(plan, result, now)`` applies what the worker reported: computed tokens, sampled
+tokens, finishes. The service calls these with the real clock and a gRPC worker, the simulator
+with a virtual clock and the cost model — the same objects either way.
+
+Stops are decided here (EOS, stop ids, ``max_tokens``, model context), never by the worker:
+the worker's model runner would happily keep generating.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from accelgen.core.batch_builder import BatchBuilder
+from accelgen.core.kv_blocks import KVBlockManager
+from accelgen.core.plan import BatchPlan, IterationResult
+from accelgen.core.profile import DeviceProfile
+from accelgen.core.request import FinishReason, Request, RequestStatus
+from accelgen.core.request_queue import RequestQueue
+
+if TYPE_CHECKING:
+    from accelgen.core.policies.base import Policy
+
+
+@dataclass(frozen=True, slots=True)
+class CoreConfig:
+    max_num_seqs: int = 256
+    """Most requests running (holding KV) at once; vLLM's default on A100."""
+    max_num_batched_tokens: int | None = None
+    """Most tokens one plan may carry, whatever the policy's budget: the worker's own limit."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    request_id: str
+    token_id: int
+    index: int  # 0 = first output token
+    time_s: float
+
+
+@dataclass(slots=True)
+class StepOutcome:
+    """What ``complete`` changed: tokens delivered and requests that ended."""
+
+    tokens: list[TokenEvent] = field(default_factory=list)
+    finished: list[Request] = field(default_factory=list)
+
+
+class SchedulerCore:
+    def __init__(
+        self,
+        policy: "Policy",
+        profile: DeviceProfile,
+        kv: KVBlockManager | None = None,
+        config: CoreConfig | None = None,
+    ) -> None:
+        self.policy = policy
+        self.profile = profile
+        self.kv = kv or KVBlockManager(profile.num_blocks, profile.block_size)
+        self.config = config or CoreConfig()
+        self.requests: dict[str, Request] = {}
+        self.running: list[Request] = []  # admission order: vLLM's priority among running
+        self.waiting: RequestQueue = RequestQueue(policy.queue_key)
+        self.on_worker: set[str] = set()  # requests whose full state the worker holds
+        self._to_free: list[str] = []  # ids the worker must forget in the next plan
+        self.iteration = 0
+        policy.bind(self)
+
+    # -- intake -------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        if request.num_prompt_tokens >= self.profile.max_model_len:
+            raise ValueError(
+                f"prompt of {request.num_prompt_tokens} tokens does not fit the model context of "
+                f"{self.profile.max_model_len} (at least one token must be generated)"
+            )
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def submit(self, request: Request, now: float) -> None:
+        """``add_request`` behind the policy's admission control: raises ``AdmissionRefused``
+        (and queues nothing) when the policy refuses the request at this moment."""
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        self.policy.check_admission(request, now)
+        self.add_request(request)
+
+    def adopt(self, request: Request) -> None:
+        """Take over a request that was running elsewhere (a dead worker, a restarted scheduler).
+
+        Its outputs so far are kept; its KV is gone, so everything is recomputed, exactly as
+        after a recompute preemption.
+        """
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        request.num_computed_tokens = 0
+        resumed = bool(request.output_token_ids)
+        request.status = RequestStatus.PREEMPTED if resumed else RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.add(request, preempted=resumed)
+
+    def release_unfinished(self) -> list[Request]:
+        """Hand back every unfinished request (this core's worker is gone); the core is then empty."""
+        out = [r for r in self.requests.values() if not r.status.is_done]
+        for r in out:
+            self.kv.free(r.request_id)
+        self.running.clear()
+        for r in list(self.waiting):
+            self.waiting.remove(r.request_id)
+        self.requests = {rid: r for rid, r in self.requests.items() if r.status.is_done}
+        self.on_worker.clear()
+        return out
+
+    def cancel(self, request_id: str, now: float) -> bool:
+        """Cancel a live request; returns False if unknown or already done."""
+        request = self.requests.get(request_id)
+        if request is None or request.status.is_done:
+            return False
+        self._finish(request, FinishReason.CANCELLED, now, RequestStatus.CANCELLED)
+        return True
+
+    # -- transitions used by the batch builder -------------------------------------------
+    def admit(self, request: Request) -> None:
+        self.waiting.remove(request.request_id)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    def preempt(self, request: Request) -> None:
+        """Recompute preemption: drop its KV, forget it on the worker, requeue it."""
+        self.running.remove(request)
+        self.kv.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.PREEMPTED
+        if request.request_id in self.on_worker:
+            self.on_worker.discard(request.request_id)
+        self.waiting.add(request, preempted=True)
+
+    # -- the iteration -------------------------------------------------------------------
+    def step(self, now: float) -> BatchPlan:
+        """Form the next batch. An empty plan may still carry ids to free."""
+        builder = BatchBuilder(self, now)
+        self.policy.fill(builder, now)
+        self.iteration += 1
+        plan = builder.build(self.iteration)
+        # Preempted requests are forgotten by the worker first; the plan's own chunks cannot
+        # name them (the builder took them out), so the order on the worker is unambiguous.
+        plan.freed_request_ids = self._to_free + plan.preempted_request_ids
+        self._to_free = []
+        for chunk in plan.chunks:
+            self.on_worker.add(chunk.request_id)
+        return plan
+
+    def complete(self, plan: BatchPlan, result: IterationResult, now: float) -> StepOutcome:
+        """Apply a worker's result for ``plan``; returns the delivered tokens and finishes."""
+        outcome = StepOutcome()
+        for chunk in plan.chunks:
+            request = self.requests.get(chunk.request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue  # cancelled (or preempted by a later plan) while the iteration ran
+            request.num_computed_tokens = chunk.num_computed_tokens + chunk.num_new_tokens
+            if not chunk.samples:
+                continue
+            token = result.sampled_token_ids.get(chunk.request_id)
+            if token is None:
+                raise ValueError(f"worker returned no token for {chunk.request_id!r}, which the plan samples")
+            outcome.tokens.append(TokenEvent(chunk.request_id, token, request.num_output_tokens, now))
+            request.output_token_ids.append(token)
+            if request.first_token_s is None:
+                request.first_token_s = now
+            request.last_token_s = now
+            reason = self._stop_reason(request, token)
+            if reason is not None:
+                self._finish(request, reason, now, RequestStatus.FINISHED)
+                outcome.finished.append(request)
+        self.policy.after_iteration(plan, result, now)
+        return outcome
+
+    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+        sp = request.sampling
+        if not sp.ignore_eos and request.eos_token_id is not None and token == request.eos_token_id:
+            return FinishReason.STOP
+        if token in sp.stop_token_ids:
+            return FinishReason.STOP
+        if request.num_output_tokens >= sp.max_tokens or request.num_tokens >= self.profile.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, request: Request, reason: FinishReason, now: float, status: RequestStatus) -> None:
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request.request_id)
+        self.kv.free(request.request_id)
+        if request.request_id in self.on_worker:
+            self.on_worker.discard(request.request_id)
+            self._to_free.append(request.request_id)
+        request.status = status
+        request.finish_reason = reason
+        request.finish_s = now
+        self.policy.on_finish(request)
+
+    # -- views ---------------------------------------------------------------------------
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    def has_work(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    def forget(self, request_id: str) -> None:
+        """Drop a finished request's record (the service does this once it is delivered)."""
+        request = self.requests.get(request_id)
+        if request is not None and request.status.is_done:
+            del self.requests[request_id]

@@ -1,0 +1,171 @@
+"""The ``accelgen`` command: one entry point, one subcommand per job.
+
+The service commands (``scheduler``, ``worker``, ``gateway``, ``profile``) and ``up`` and
+``generate`` need only the installed packages; ``sim``, ``capacity``, ``load`` and ``demo``
+(``launcher.research``) need the source checkout, for ``bench/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from launcher.test_model import default_model
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """The whole stack in one process tree, on embedded defaults; Ctrl-C stops it all."""
+    import signal
+    import threading
+
+    from launcher.stack import start_stack
+
+    worker_args = ["--time-scale", str(args.time_scale)]
+    if args.executor == "vllm" and not args.model:
+        args.model = default_model()
+        print(f"no --model given: serving the seeded test model {args.model}", flush=True)
+    if args.model:
+        worker_args += ["--model", args.model]
+    stack = start_stack(workers=args.workers, executor=args.executor, worker_args=worker_args,
+                        gateway_args=(["--model", args.model] if args.model else []),
+                        scheduler_args=["--policy", args.policy], http_port=args.http_port or None,
+                        grpc_port=args.grpc_port or None, log_dir=Path(args.log_dir) if args.log_dir else None)
+    print(f"AccelGen is up: gateway gRPC {stack.gateway_address}, OpenAI HTTP http://127.0.0.1:{stack.http_port}/v1, "
+          f"scheduler {stack.scheduler_address}, Redis {stack.redis_url}, {args.workers} {args.executor} worker(s). "
+          "Ctrl-C stops everything.", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        while not done.wait(0.5):
+            dead = [p.name for p in stack.procs if not p.alive()]
+            if dead:
+                print(f"{', '.join(dead)} exited; stopping", file=sys.stderr)
+                break
+    finally:
+        stack.stop()
+        print("stopped", flush=True)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from accelgen.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+    sp = common_pb2.SamplingParams(temperature=args.temperature, max_new_tokens=args.max_tokens)
+    req = gateway_pb2.GenerateRequest(text=args.prompt, sampling_params=sp, app_class=args.app_class, stream=True)
+    if args.tbt_ms:
+        req.slo.CopyFrom(common_pb2.SLOSpec(ttft_ms=args.ttft_ms, tbt_ms=args.tbt_ms))
+    with grpc.insecure_channel(args.gateway) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        try:
+            for resp in stub.Generate(req, timeout=args.timeout):
+                if resp.HasField("chunk"):
+                    print(resp.chunk.text or "".join(f"{t} " for t in resp.chunk.token_ids), end="", flush=True)
+                else:
+                    c = resp.complete
+                    print(f"\n[{resp.request_id}: {c.completion_tokens} tokens, finish={c.finish_reason}, "
+                          f"TTFT {c.ttft_ms:.1f} ms, mean TBT {c.mean_tbt_ms:.1f} ms, SLO met: {c.slo_met}]")
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_profile(argv: list[str]) -> int:
+    """Measure T(S_f) on a worker's executor and write the device profile the scheduler loads."""
+    from worker_service.config import WorkerConfig
+    from worker_service.executors.registry import executor_from_config
+    from worker_service.profiler import DEFAULT_GRID, Profiler
+
+    ap = argparse.ArgumentParser(prog="accelgen profile", description=cmd_profile.__doc__,
+                                 epilog="Any other flag is a worker flag (accelgen worker --help), e.g. --executor "
+                                        "vllm --model PATH.")
+    ap.add_argument("--out", required=True, help="where to write the profile JSON")
+    ap.add_argument("--name", default=None, help="profile name (default: derived from the model)")
+    ap.add_argument("--grid", default=",".join(map(str, DEFAULT_GRID)), help="forward sizes to measure")
+    ap.add_argument("--repeats", type=int, default=5, help="runs per point; the fastest counts")
+    ap.add_argument("--decode-batch", type=int, default=8)
+    args, worker_argv = ap.parse_known_args(argv)
+    config = WorkerConfig.from_env_and_args(["--scheduler", "unused:0", *worker_argv])
+    executor = executor_from_config(config)
+    try:
+        profiler = Profiler(executor, repeats=args.repeats)
+        name = args.name or f"{Path(str(profiler.info.model)).name}_{profiler.info.executor}"
+        profile = profiler.run(name, grid=[int(g) for g in args.grid.split(",")], decode_batch=args.decode_batch)
+    finally:
+        executor.close()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    profile.save(Path(args.out))
+    c = profile.coefficients
+    print(f"wrote {args.out}: S_pf = {profile.s_pf} tokens, T_pf = {profile.t_pf_s * 1000:.2f} ms, "
+          f"base {c.base_ms:.2f} ms + {c.per_token_ms * 1000:.2f} us/token, decode context "
+          f"{c.decode_ctx_ms * 1e6:.1f} ns/token, {profile.num_blocks - 1} blocks of {profile.block_size}")
+    for s_f, ms in profile.measured_forward_ms:
+        print(f"  T({s_f:>5}) = {ms:8.2f} ms")
+    return 0
+
+
+def _run_service(module: str, argv: list[str]) -> int:
+    import importlib
+
+    return int(importlib.import_module(module).main(argv) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="accelgen", description="Heterogeneous-SLO LLM serving (AccelGen)")
+    sub = ap.add_subparsers(dest="command", required=True)
+    try:
+        from launcher import research  # needs the source checkout (bench/)
+    except SystemExit as exc:  # installed without one: the research commands are not offered
+        ap.epilog = str(exc)
+    else:
+        research.add_commands(sub)
+    up = sub.add_parser("up", help="start Redis, the scheduler, N workers and the gateway; Ctrl-C stops all")
+    up.add_argument("--workers", type=int, default=1)
+    up.add_argument("--executor", default="vllm", help="vllm (vLLM's model runner; CPU or GPU) or sim (cost model)")
+    up.add_argument("--model", default=None, help="model path or name for vllm workers and the gateway tokenizer")
+    up.add_argument("--policy", default="accelgen")
+    up.add_argument("--time-scale", type=float, default=1.0, help="sim executor: scale of the simulated iteration time")
+    up.add_argument("--grpc-port", type=int, default=50050)
+    up.add_argument("--http-port", type=int, default=8000)
+    up.add_argument("--log-dir", default=None, help="write each service's log here")
+    up.set_defaults(func=cmd_up)
+
+    gen = sub.add_parser("generate", help="send one request to a gateway and stream the answer")
+    gen.add_argument("prompt")
+    gen.add_argument("--gateway", default="127.0.0.1:50050")
+    gen.add_argument("--app-class", default="chat")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--ttft-ms", type=float, default=0.0)
+    gen.add_argument("--tbt-ms", type=float, default=0.0)
+    gen.add_argument("--timeout", type=float, default=600.0)
+    gen.set_defaults(func=cmd_generate)
+
+    sub.add_parser("profile", help="measure a worker's iteration time and write a device profile "
+                                   "(accelgen profile --help)", add_help=False)
+    for name in SERVICES:
+        # Dispatched before parsing (see main) so the service's own parser sees every flag.
+        sub.add_parser(name, help=f"run the {name} service (accelgen {name} --help for its flags)", add_help=False)
+    return ap
+
+
+SERVICES = {"scheduler": "scheduler_service.main", "worker": "worker_service.main", "gateway": "gateway.main"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SERVICES:
+        return _run_service(SERVICES[argv[0]], argv[1:])
+    if argv and argv[0] == "profile":
+        return cmd_profile(argv[1:])
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
