@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
+from accelgen.wire.slo import SLOBounds
+
 
 ENV_PREFIX = "ACCELGEN_GATEWAY_"
 
@@ -88,9 +90,11 @@ class GatewayConfig:
         """Where the tokenizer comes from (None = byte tokenizer)."""
         return self.tokenizer or self.model
 
-    def slo_bounds_ms(self, kind: str) -> tuple[float, float]:
-        """(min, max) milliseconds a client may ask for, kind one of ttft, tbt, jct."""
-        return getattr(self, f"slo_{kind}_ms_min"), getattr(self, f"slo_{kind}_ms_max")
+    @property
+    def slo_bounds(self) -> SLOBounds:
+        """What a client may ask for, checked with the rest of the SLO (``accelgen.wire.slo``)."""
+        return SLOBounds(**{f"{kind}_ms": (getattr(self, f"slo_{kind}_ms_min"), getattr(self, f"slo_{kind}_ms_max"))
+                            for kind in ("ttft", "tbt", "jct")})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "GatewayConfig":

@@ -11,16 +11,17 @@ chooses; the rules themselves exist once.
 
 from __future__ import annotations
 
-import math
 import re
 import uuid
 from typing import Mapping, Sequence
 
+from accelgen.core.fields import FieldError
+from accelgen.core.slo import SLO, SLOCatalog, SLOClass
 from accelgen.v1 import common_pb2, gateway_pb2, scheduler_pb2
+from accelgen.wire.sampling import sampling_from_proto
+from accelgen.wire.slo import KINDS, slo_from_proto, slo_to_proto
 from gateway.config import GatewayConfig
 from gateway.errors import invalid
-from scheduler_service.convert import slo_to_proto
-from accelgen.core.slo import SLO, SLOCatalog, SLOClass
 
 FieldNames = Mapping[str, str]
 
@@ -39,7 +40,6 @@ GRPC_NAMES: FieldNames = {
 }
 
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_SLO_KINDS = ("ttft", "tbt", "jct")
 
 
 def resolve_request_id(given: str, names: FieldNames = GRPC_NAMES) -> str:
@@ -54,15 +54,15 @@ def resolve_request_id(given: str, names: FieldNames = GRPC_NAMES) -> str:
 
 
 def validate_sampling(sp: common_pb2.SamplingParams, names: FieldNames = GRPC_NAMES) -> common_pb2.SamplingParams:
-    """Range checks; returns a copy with top_p's "unset" 0 made explicit (1.0)."""
-    if not (math.isfinite(sp.temperature) and sp.temperature >= 0):
-        raise invalid(f"{names['temperature']} must be >= 0 (0 = greedy), got {sp.temperature}", names["temperature"])
-    if not (math.isfinite(sp.top_p) and 0 <= sp.top_p <= 1):
-        raise invalid(f"{names['top_p']} must be in (0, 1] (0 = unset = 1), got {sp.top_p}", names["top_p"])
-    if sp.top_k < 0:
-        raise invalid(f"{names['top_k']} must be >= 0 (0 disables top-k), got {sp.top_k}", names["top_k"])
-    if sp.HasField("max_new_tokens") and sp.max_new_tokens < 1:
-        raise invalid(f"{names['max_new_tokens']} must be >= 1, got {sp.max_new_tokens}", names["max_new_tokens"])
+    """The core's range checks (``accelgen.wire.sampling``) under the client's field names; returns
+    a copy with top_p's "unset" 0 made explicit (1.0). An unset max_new_tokens stays unset: the
+    scheduler fills in the room left in the context."""
+    core_names = {"max_tokens": names["max_new_tokens"], "temperature": names["temperature"],
+                  "top_p": names["top_p"], "top_k": names["top_k"]}
+    try:
+        sampling_from_proto(sp, names=core_names)
+    except FieldError as exc:
+        raise invalid(str(exc), exc.field) from None
     out = common_pb2.SamplingParams()
     out.CopyFrom(sp)
     if out.top_p == 0:
@@ -73,9 +73,8 @@ def validate_sampling(sp: common_pb2.SamplingParams, names: FieldNames = GRPC_NA
 def resolve_slo(app_class: str, spec: common_pb2.SLOSpec, config: GatewayConfig,
                 catalog: SLOCatalog, names: FieldNames = GRPC_NAMES) -> tuple[str, common_pb2.SLOSpec]:
     """(class, SLO) the request is held to: explicit fields win, else the class's default.
-
     An unnamed class is the config's default class. Explicit values must lie within the
-    configured bounds so one client cannot claim a 1 ms TBT and starve everyone else.
+    configured bounds (``accelgen.wire.slo`` checks them with the rest of the SLO).
     """
     if not app_class and config.default_app_class not in catalog:
         raise invalid(f"{names['app_class']} is empty and the gateway's default_app_class "
@@ -85,25 +84,11 @@ def resolve_slo(app_class: str, spec: common_pb2.SLOSpec, config: GatewayConfig,
     if app_class not in catalog:
         raise invalid(f"{names['app_class']} {app_class!r} is unknown; known classes: {', '.join(catalog.names)}",
                       names["app_class"])
-    values = {k: getattr(spec, f"{k}_ms") for k in _SLO_KINDS}
-    for kind, value in values.items():
-        name = names[f"{kind}_ms"]
-        if not (math.isfinite(value) and value >= 0):
-            raise invalid(f"{name} must be a positive number of milliseconds (0 = class default), got {value}", name)
-    if not any(values.values()):
-        return app_class, slo_to_proto(catalog.get(app_class).slo)
-    if bool(values["ttft"]) != bool(values["tbt"]):
-        given, missing = ("ttft", "tbt") if values["ttft"] else ("tbt", "ttft")
-        raise invalid(f"{names[given + '_ms']} needs {names[missing + '_ms']} too: an iteration-level SLO "
-                      f"sets both (or set only {names['jct_ms']})", names[missing + "_ms"])
-    for kind, value in values.items():
-        lo, hi = config.slo_bounds_ms(kind)
-        if value and not lo <= value <= hi:
-            name = names[f"{kind}_ms"]
-            raise invalid(f"{name} = {value:g} is outside the allowed range [{lo:g}, {hi:g}] ms", name)
-    slo = SLO(ttft_s=values["ttft"] / 1000 or None, tbt_s=values["tbt"] / 1000 or None,
-              jct_s=values["jct"] / 1000 or None)
-    return app_class, slo_to_proto(slo)
+    try:
+        slo = slo_from_proto(spec, names={kind: names[f"{kind}_ms"] for kind in KINDS}, bounds=config.slo_bounds)
+    except FieldError as exc:
+        raise invalid(str(exc), exc.field) from None
+    return app_class, slo_to_proto(slo if slo is not None else catalog.get(app_class).slo)
 
 
 def catalog_from_info(info: scheduler_pb2.ServerInfo) -> SLOCatalog:
@@ -119,8 +104,7 @@ def catalog_from_info(info: scheduler_pb2.ServerInfo) -> SLOCatalog:
 def spec_to_slo(spec: common_pb2.SLOSpec) -> SLO | None:
     """The core SLO of a spec, or None when the spec is empty or not a valid SLO."""
     try:
-        return SLO(ttft_s=spec.ttft_ms / 1000 or None, tbt_s=spec.tbt_ms / 1000 or None,
-                   jct_s=spec.jct_ms / 1000 or None)
+        return slo_from_proto(spec)
     except ValueError:
         return None
 

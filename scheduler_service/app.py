@@ -28,6 +28,7 @@ import structlog
 
 from accelgen.v1 import scheduler_pb2
 from scheduler_service import convert
+from accelgen.wire.slo import slo_to_proto
 from scheduler_service.config import SchedulerConfig
 from accelgen.core.profile import DeviceProfile
 from accelgen.core.admission import AdmissionRefused
@@ -459,7 +460,7 @@ class SchedulerApp:
             block_size=lanes[0].core.kv.block_size if lanes else self.profile.block_size,
             live_workers=len(lanes), queued_requests=self.num_unfinished(), policy=self.config.policy,
             app_classes=list(self.catalog.names),
-            classes=[scheduler_pb2.AppClass(name=c.name, slo=convert.slo_to_proto(c.slo)) for c in self.catalog.classes],
+            classes=[scheduler_pb2.AppClass(name=c.name, slo=slo_to_proto(c.slo)) for c in self.catalog.classes],
             vocab_size=self._vocab_size() or 0,
             iterations=sum(ln.stats.iterations for ln in lanes),
             overhead_ms=1000 * sum(ln.stats.overhead_s for ln in lanes) / max(1, len(lanes)),

@@ -8,7 +8,7 @@ import grpc
 import structlog
 
 from accelgen.v1 import gateway_pb2, scheduler_pb2, scheduler_pb2_grpc
-from scheduler_service import convert
+from accelgen.wire.slo import slo_to_proto
 from scheduler_service.app import SchedulerApp
 from scheduler_service.errors import ServiceError
 
@@ -49,7 +49,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         except Exception as exc:
             await _abort(context, exc)
         log.info("submitted", prompt_tokens=r.num_prompt_tokens, app_class=r.app_class, worker=self.app.owner.get(r.request_id))
-        return scheduler_pb2.SubmitResponse(request_id=r.request_id, slo=convert.slo_to_proto(r.slo))
+        return scheduler_pb2.SubmitResponse(request_id=r.request_id, slo=slo_to_proto(r.slo))
 
     async def Watch(self, request, context) -> AsyncIterator[scheduler_pb2.TokenBatch]:
         try:
@@ -83,7 +83,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return gateway_pb2.RequestState(
             request_id=r.request_id, status=r.status.name.lower(), output_ids=r.output_token_ids,
             finish_reason=r.finish_reason.value if r.finish_reason else "", app_class=r.app_class,
-            slo=convert.slo_to_proto(r.slo), prompt_tokens=r.num_prompt_tokens, num_preemptions=r.num_preemptions)
+            slo=slo_to_proto(r.slo), prompt_tokens=r.num_prompt_tokens, num_preemptions=r.num_preemptions)
 
     async def GetServerInfo(self, request, context):
         return self.app.server_info()

@@ -10,37 +10,9 @@ from __future__ import annotations
 
 import math
 
-from accelgen.v1 import common_pb2, scheduler_pb2, worker_pb2
-from accelgen.core.request import SamplingParams
-from worker_service.plan import ChunkSpec, ExecResult, WorkerInfo, WorkerPlan
-
-# proto3 cannot say "no limit" for max_tokens except by leaving it unset; the core dataclass
-# needs a number. The server passes the model context length, which no output can exceed.
-UNBOUNDED_MAX_TOKENS = 1 << 30
-
-
-# -- sampling parameters -------------------------------------------------------------------
-def sampling_from_proto(msg: common_pb2.SamplingParams, default_max_tokens: int = UNBOUNDED_MAX_TOKENS) -> SamplingParams:
-    """Proto -> core sampling parameters. ``top_p == 0`` is proto3's "unset" and reads as 1."""
-    return SamplingParams(
-        max_tokens=msg.max_new_tokens if msg.HasField("max_new_tokens") else default_max_tokens,
-        temperature=msg.temperature,
-        top_p=msg.top_p if msg.top_p != 0 else 1.0,
-        top_k=msg.top_k,
-        seed=msg.seed if msg.HasField("seed") else None,
-        stop_token_ids=tuple(msg.stop_token_ids),
-        ignore_eos=msg.ignore_eos,
-    )
-
-
-def sampling_to_proto(sp: SamplingParams) -> common_pb2.SamplingParams:
-    msg = common_pb2.SamplingParams(
-        temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, max_new_tokens=sp.max_tokens,
-        stop_token_ids=list(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
-    )
-    if sp.seed is not None:
-        msg.seed = sp.seed
-    return msg
+from accelgen.v1 import worker_pb2
+from accelgen.wire.sampling import UNBOUNDED_MAX_TOKENS, sampling_from_proto, sampling_to_proto
+from worker_service.plan import ChunkSpec, ExecResult, WorkerPlan
 
 
 # -- the plan ------------------------------------------------------------------------------
@@ -66,7 +38,7 @@ def _chunk_from_proto(i: int, msg: worker_pb2.ScheduledChunk, default_max_tokens
                 f"num_output_tokens = {msg.prompt_len + msg.num_output_tokens}"
             )
         try:
-            sampling = sampling_from_proto(msg.sampling_params, default_max_tokens)
+            sampling = sampling_from_proto(msg.sampling_params, default_max_tokens, names={"max_tokens": "max_new_tokens"})
         except ValueError as exc:
             raise ValueError(f"{where}.sampling_params: {exc}") from None
     return ChunkSpec(
@@ -134,21 +106,3 @@ def result_to_proto(result: ExecResult) -> worker_pb2.IterationResult:
 
 def result_from_proto(msg: worker_pb2.IterationResult) -> ExecResult:
     return ExecResult(iteration=msg.iteration, sampled_token_ids=dict(msg.sampled_token_ids), elapsed_s=msg.elapsed_s)
-
-
-def description_to_proto(info: WorkerInfo) -> scheduler_pb2.WorkerDescription:
-    return scheduler_pb2.WorkerDescription(
-        model=info.model, executor=info.executor, block_size=info.block_size, num_blocks=info.num_blocks,
-        max_model_len=info.max_model_len, profile_json=info.profile_json, eos_token_id=info.eos_token_id,
-        vocab_size=info.vocab_size, max_num_batched_tokens=info.max_num_batched_tokens,
-        max_num_seqs=info.max_num_seqs,
-    )
-
-
-def description_from_proto(msg: scheduler_pb2.WorkerDescription) -> WorkerInfo:
-    return WorkerInfo(
-        model=msg.model, executor=msg.executor, block_size=msg.block_size, num_blocks=msg.num_blocks,
-        max_model_len=msg.max_model_len, profile_json=msg.profile_json, eos_token_id=msg.eos_token_id,
-        vocab_size=msg.vocab_size, max_num_batched_tokens=msg.max_num_batched_tokens,
-        max_num_seqs=msg.max_num_seqs,
-    )

@@ -69,20 +69,3 @@ class ExecResult:
     iteration: int
     sampled_token_ids: dict[str, int]
     elapsed_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerInfo:
-    """What the worker serves and how much KV it holds; the scheduler sizes its block
-    accounting from ``num_blocks`` (vLLM's reserved null block 0 included)."""
-
-    model: str
-    executor: str
-    block_size: int
-    num_blocks: int
-    max_model_len: int
-    profile_json: str
-    eos_token_id: int
-    vocab_size: int
-    max_num_batched_tokens: int = 0  # 0 = no limit of the executor's own
-    max_num_seqs: int = 0

@@ -22,7 +22,8 @@ from grpc_health.v1 import health
 
 from accelgen.common.grpc_server import make_server
 from accelgen.v1 import scheduler_pb2, worker_pb2, worker_pb2_grpc
-from worker_service.convert import description_to_proto, plan_from_proto, result_to_proto
+from accelgen.wire.worker_info import worker_info_to_proto
+from worker_service.convert import plan_from_proto, result_to_proto
 from worker_service.executors.base import Executor
 from worker_service.plan import ExecResult, WorkerPlan
 
@@ -57,7 +58,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.executor = executor
         self.runner = PlanRunner(executor)
         self.info = executor.describe()
-        self.description = description_to_proto(self.info)
+        self.description = worker_info_to_proto(self.info)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor")
 
     async def ExecuteIteration(self, request: worker_pb2.BatchPlan, context: grpc.aio.ServicerContext) -> worker_pb2.IterationResult:

@@ -60,7 +60,7 @@ def sampling_to_json(sp: SamplingParams) -> str:
     return json.dumps({f.name: _jsonable(getattr(sp, f.name)) for f in dataclasses.fields(sp)})
 
 
-def sampling_from_json(text: str) -> SamplingParams:
+def sampling_from_json(text: str | bytes) -> SamplingParams:
     """The inverse of ``sampling_to_json``; fields a newer writer added are refused, not dropped."""
     data = json.loads(text)
     known = {f.name: f for f in dataclasses.fields(SamplingParams)}

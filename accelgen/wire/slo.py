@@ -69,5 +69,5 @@ def slo_to_json(slo: SLO) -> str:
     return json.dumps({"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s, "jct_s": slo.jct_s})
 
 
-def slo_from_json(text: str) -> SLO:
+def slo_from_json(text: str | bytes) -> SLO:
     return SLO(**json.loads(text))

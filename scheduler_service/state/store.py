@@ -29,8 +29,9 @@ import redis.exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from accelgen.core.request import FinishReason, Request, RequestStatus, SamplingParams
-from accelgen.core.slo import SLO
+from accelgen.core.request import FinishReason, Request, RequestStatus
+from accelgen.wire.sampling import sampling_from_json, sampling_to_json
+from accelgen.wire.slo import slo_from_json, slo_to_json
 
 
 def pack_u32(values: list[int]) -> bytes:
@@ -49,22 +50,6 @@ def unpack_f64(data: bytes | None) -> list[float]:
     if data:
         out.frombytes(data)
     return out.tolist()
-
-
-def sampling_to_json(sp: SamplingParams) -> str:
-    return json.dumps({"max_tokens": sp.max_tokens, "temperature": sp.temperature, "top_p": sp.top_p,
-                       "top_k": sp.top_k, "seed": sp.seed, "stop_token_ids": list(sp.stop_token_ids),
-                       "ignore_eos": sp.ignore_eos})
-
-
-def sampling_from_json(text: str) -> SamplingParams:
-    d = json.loads(text)
-    d["stop_token_ids"] = tuple(d.get("stop_token_ids", ()))
-    return SamplingParams(**d)
-
-
-def slo_to_json(slo: SLO) -> str:
-    return json.dumps({"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s, "jct_s": slo.jct_s})
 
 
 @dataclass
@@ -256,13 +241,12 @@ class RedisStore:
 
 def _decode(rid: str, h: dict[bytes, bytes], out: bytes | None, tim: bytes | None) -> StoredRequest:
     g = {k.decode(): v for k, v in h.items()}
-    slo = json.loads(g["slo"])
     eos = g.get("eos", b"").decode()
     request = Request(
         request_id=rid,
         prompt_token_ids=unpack_u32(g["prompt"]),
-        sampling=sampling_from_json(g["sampling"].decode()),
-        slo=SLO(**slo),
+        sampling=sampling_from_json(g["sampling"]),
+        slo=slo_from_json(g["slo"]),
         app_class=g["app_class"].decode(),
         arrival_s=float(g["arrival"]),
         eos_token_id=int(eos) if eos else None,

@@ -25,7 +25,7 @@ from accelgen.common.grpc_server import free_port
 from accelgen.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from accelgen.profiles import load_profile
 from worker_service.config import WorkerConfig
-from worker_service.convert import description_to_proto
+from accelgen.wire.worker_info import worker_info_to_proto
 from worker_service.executors.sim import SimExecutor, sim_token
 from worker_service.main import WorkerHandle, start_worker
 
@@ -132,7 +132,7 @@ def test_registers_with_its_description_heartbeats_and_deregisters():
         async with cluster() as (fake, handle, _):
             reg = fake.registrations[0]
             assert (reg.worker_id, reg.address) == ("w1", f"127.0.0.1:{handle.port}")
-            expected = description_to_proto(SimExecutor(PROFILE, time_scale=0).describe())
+            expected = worker_info_to_proto(SimExecutor(PROFILE, time_scale=0).describe())
             assert reg.description == expected
             assert reg.description.num_blocks == PROFILE.num_blocks and reg.description.executor == "sim"
             await eventually(lambda: len(fake.heartbeats) >= 3, what="heartbeats")

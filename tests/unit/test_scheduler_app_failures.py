@@ -18,7 +18,7 @@ from scheduler_service.config import SchedulerConfig
 from scheduler_service.errors import ServiceError
 from scheduler_service.server import describe_to_dict
 from scheduler_service.state.store import IterationChanges
-from worker_service.convert import description_to_proto
+from accelgen.wire.worker_info import worker_info_to_proto
 from worker_service.executors.sim import SimExecutor, sim_token
 from worker_service.server import WorkerServicer
 
@@ -120,7 +120,7 @@ def _run(scenario: Callable[[SchedulerApp, ScriptedStore], Awaitable[None]], wor
 async def _add_worker(app: SchedulerApp, worker_id: str) -> None:
     worker = InProcessWorker()
     msg = scheduler_pb2.RegisterWorkerRequest(worker_id=worker_id, address="127.0.0.1:1",
-                                              description=description_to_proto(worker.servicer.info))
+                                              description=worker_info_to_proto(worker.servicer.info))
     await app.register_worker(worker_id, describe_to_dict(worker_id, msg))
     app.lanes[worker_id].stub = worker  # before the lane's first await: it never sees the real stub
 

@@ -11,7 +11,8 @@ from accelgen.v1 import common_pb2, worker_pb2
 from accelgen.core.request import SamplingParams
 from accelgen.profiles import load_profile
 from worker_service.config import WorkerConfig
-from worker_service.convert import description_from_proto, description_to_proto, plan_from_proto, plan_to_proto
+from accelgen.wire.worker_info import worker_info_from_proto, worker_info_to_proto
+from worker_service.convert import plan_from_proto, plan_to_proto
 from worker_service.executors import executor_class, make_executor, register_executor
 from worker_service.executors import registry as registry_module
 from worker_service.executors.sim import SimExecutor, sim_token
@@ -139,7 +140,7 @@ def test_sim_describe_comes_from_the_profile():
     assert (info.executor, info.block_size, info.num_blocks, info.max_model_len) == ("sim", 128, PROFILE.num_blocks, 2048)
     assert (info.vocab_size, info.eos_token_id, info.model) == (1000, 7, PROFILE.name)
     assert json.loads(info.profile_json)["coefficients"] == PROFILE.to_dict()["coefficients"]
-    assert description_from_proto(description_to_proto(info)) == info
+    assert worker_info_from_proto(worker_info_to_proto(info)) == info
 
 
 def test_plan_runner_resets_on_epoch_change_only():

@@ -10,7 +10,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
-from worker_service.plan import ExecResult, WorkerInfo, WorkerPlan
+from worker_service.plan import ExecResult, WorkerPlan
+from accelgen.core.worker_info import WorkerInfo
 
 if TYPE_CHECKING:
     from worker_service.config import WorkerConfig

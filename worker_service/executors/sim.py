@@ -22,7 +22,8 @@ from accelgen.core.profile import DeviceProfile
 from accelgen.profiles import DEFAULT_PROFILE, load_profile
 from worker_service.executors.base import Executor
 from worker_service.executors.request_table import RequestTable
-from worker_service.plan import ExecResult, WorkerInfo, WorkerPlan
+from worker_service.plan import ExecResult, WorkerPlan
+from accelgen.core.worker_info import WorkerInfo
 
 if TYPE_CHECKING:
     from worker_service.config import WorkerConfig

@@ -49,7 +49,8 @@ from typing import TYPE_CHECKING, Any
 from accelgen.core.request import SamplingParams
 from worker_service.executors.base import Executor
 from worker_service.executors.request_table import RequestTable
-from worker_service.plan import ChunkSpec, ExecResult, WorkerInfo, WorkerPlan
+from worker_service.plan import ChunkSpec, ExecResult, WorkerPlan
+from accelgen.core.worker_info import WorkerInfo
 
 if TYPE_CHECKING:
     from worker_service.config import WorkerConfig
