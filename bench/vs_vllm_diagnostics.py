@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench.vs_vllm import (DTYPE, KV_CACHE_GIB, MAX_MODEL_LEN, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, ROOT,
-                           BenchConfig, Server, _vllm_env, ensure_model, run_client)
+from bench.vs_vllm_client import BenchConfig, run_client
+from bench.vs_vllm_server import (DTYPE, KV_CACHE_GIB, MAX_MODEL_LEN, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, ROOT,
+                                  Server, _vllm_env, ensure_model)
 
 
 def probe_keepalive(server: Server, n: int = 8, max_tokens: int = 16) -> dict[str, Any]:

@@ -72,7 +72,7 @@ from bench.trace_files import _key, _read_lengths, _read_trace  # noqa: F401 (re
 
 __all__ = [
     "CLASS_MODES", "DEFAULT_SLO_MIX", "MAX_OUTPUT_TOKENS", "SHORT_DATA", "WORKLOAD_NAMES", "WorkloadRequest",
-    "azure_trace", "length_summary", "load_workload", "max_output_tokens", "paper_mix", "parse_slo_mix",
+    "azure_trace", "load_workload", "max_output_tokens", "paper_mix", "parse_slo_mix",
     "traces_dir",
 ]  # fmt: skip
 
@@ -483,6 +483,3 @@ def load_workload(
         raise FileNotFoundError(f"trace file {path} not found; {hint}")
     return azure_trace(path, time_scale=time_scale, duration_s=duration_s, seed=seed, slo_mix=slo_mix,
                        max_model_len=max_model_len, source=source, classes=classes)  # fmt: skip
-
-
-from bench.workload_stats import length_summary  # noqa: E402,F401 (part of this module's API)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from bench import overhead  # noqa: E402
 from bench.capacity import capacities  # noqa: E402
 from bench.compare import RunSpec, WorkloadSpec, headline, run_many  # noqa: E402
-from bench.workloads import length_summary  # noqa: E402
+from bench.workload_stats import length_summary  # noqa: E402
 from accelgen.profiles import DEFAULT_PROFILE, load_profile  # noqa: E402
 
 DOCS = ROOT / "docs"

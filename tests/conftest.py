@@ -17,6 +17,9 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 KINDS = ("unit", "integration", "e2e")
 
+# Shared checks that live outside the test modules still get pytest's assertion messages.
+pytest.register_assert_rewrite("tests.support.workload_data")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:

@@ -77,6 +77,24 @@ async def eventually(cond: Callable[[], bool], timeout: float = 3.0, what: str =
         await asyncio.sleep(0.01)
 
 
+def failed_registrations(handle: WorkerHandle) -> list[grpc.StatusCode]:
+    """From now on, the status of every RegisterWorker call of the worker's registration loop that
+    fails (the loop's stub is wrapped: the worker itself counts only the calls that succeed)."""
+    stub = handle.registration._stub
+    register = stub.RegisterWorker
+    failures: list[grpc.StatusCode] = []
+
+    async def counted(*args, **kwargs):
+        try:
+            return await register(*args, **kwargs)
+        except grpc.aio.AioRpcError as exc:
+            failures.append(exc.code())
+            raise
+
+    stub.RegisterWorker = counted
+    return failures
+
+
 def worker_config(scheduler_port: int, **overrides) -> WorkerConfig:
     fields = dict(scheduler=f"127.0.0.1:{scheduler_port}", host="127.0.0.1", port=0, worker_id="w1",
                   time_scale=0.0, grace_s=0.2, rpc_timeout_s=1.0, register_backoff_max_s=0.2)
@@ -163,8 +181,12 @@ def test_retries_until_the_scheduler_answers_and_again_after_it_was_down():
     async def scenario():
         port = free_port()
         handle = await start_worker(worker_config(port))
+        failures = failed_registrations(handle)
+        server = None
         try:
-            await asyncio.sleep(0.3)  # nobody listening: registration backs off and retries
+            # nobody listening: registration fails, backs off and retries
+            await eventually(lambda: len(failures) >= 2, timeout=10,
+                             what="two failed registration attempts while no scheduler listens")
             fake = FakeScheduler()
             server, _ = await serve_fake(fake, port)
             await eventually(lambda: fake.registrations, what="registration once the scheduler is up")
@@ -175,7 +197,8 @@ def test_retries_until_the_scheduler_answers_and_again_after_it_was_down():
             await eventually(lambda: fake2.registrations, what="re-registration with the new scheduler")
         finally:
             await handle.stop()
-            await server.stop(None)
+            if server is not None:
+                await server.stop(None)
     run(scenario)
 
 

@@ -1,6 +1,6 @@
 """Tests of fitting requests into the model context (bench.workloads) and of the length
-summary the results page prints, on the in-repo trace sample. Split from test_workloads.py,
-whose helpers and sample set-up they share."""
+summary the results page prints, on the in-repo trace sample. Split from test_workloads.py;
+both take the sample and its helpers from tests/support/workload_data.py."""
 
 from __future__ import annotations
 
@@ -10,11 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench import workloads as W
-from bench.workloads import (MAX_OUTPUT_TOKENS, SHORT_DATA, WorkloadRequest, azure_trace, length_summary,
+from bench.workload_stats import length_summary
+from bench.workloads import (MAX_OUTPUT_TOKENS, SHORT_DATA, WorkloadRequest, azure_trace,
                              max_output_tokens, paper_mix)
-from tests.unit.test_workloads import (CODE, CONV, LENGTH_COLS, LENGTH_FILES, SAMPLE, _check_wellformed,  # noqa: F401
-                                       _fit, _row_list, _rows)
-from tests.unit.test_workloads import _sample_env  # noqa: F401 (autouse: the in-repo sample)
+from tests.support.workload_data import (CODE, CONV, LENGTH_COLS, LENGTH_FILES, SAMPLE, check_wellformed, fit_rule,
+                                         length_pair_list, length_pairs, use_sample_traces)
+
+
+@pytest.fixture(autouse=True)
+def _sample_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    use_sample_traces(monkeypatch)
 
 
 @pytest.mark.unit
@@ -23,12 +28,12 @@ def test_fitting_bound_holds(max_model_len: int) -> None:
     for short in SHORT_DATA:
         reqs = paper_mix(rate=50, duration_s=20, seed=4, max_model_len=max_model_len, data_dir=SAMPLE,
                          short_data=short)  # fmt: skip
-        _check_wellformed(reqs, max_model_len)
+        check_wellformed(reqs, max_model_len)
         assert max(r.output_len for r in reqs) <= max_model_len // 2
     trace = azure_trace(CODE, max_model_len=max_model_len)
-    _check_wellformed(trace, max_model_len)
-    raw = _row_list(CODE, "ContextTokens", "GeneratedTokens")
-    assert [(r.prompt_len, r.output_len) for r in trace] == [_fit(p, o, max_model_len) for p, o in raw]
+    check_wellformed(trace, max_model_len)
+    raw = length_pair_list(CODE, "ContextTokens", "GeneratedTokens")
+    assert [(r.prompt_len, r.output_len) for r in trace] == [fit_rule(p, o, max_model_len) for p, o in raw]
     # Code prompts are long: some are clipped, and then they fill the context exactly.
     assert any(p + min(o, max_model_len // 2) > max_model_len for p, o in raw)
     assert max(r.prompt_len + r.output_len for r in trace) == max_model_len
@@ -61,7 +66,7 @@ def test_max_output_tokens_is_half_the_context() -> None:
 def test_fit_context_examples(prompt: int, output: int, max_model_len: int, expected: tuple[int, int]) -> None:
     p, o = W._fit_context(np.array([prompt]), np.array([output]), max_model_len)
     assert (int(p[0]), int(o[0])) == expected
-    assert _fit(prompt, output, max_model_len) == expected  # the test's own statement of the rule agrees
+    assert fit_rule(prompt, output, max_model_len) == expected  # the test's own statement of the rule agrees
 
 
 @pytest.mark.unit
@@ -101,8 +106,9 @@ def test_fit_context_property(pairs: list[tuple[int, int]], max_model_len: int) 
 @pytest.mark.parametrize("short", ["alpaca", "sharegpt"])
 def test_no_one_token_output_the_data_did_not_have(short: str) -> None:
     reqs = paper_mix(rate=100, duration_s=60, seed=11, data_dir=SAMPLE, short_data=short)
-    fitted = {src: {_fit(p, o) for p, o in _rows(SAMPLE / name, *LENGTH_COLS)} for src, name in LENGTH_FILES.items()}
-    one = {src: {_fit(p, o) for p, o in _rows(SAMPLE / name, *LENGTH_COLS) if o <= 1}
+    fitted = {src: {fit_rule(p, o) for p, o in length_pairs(SAMPLE / name, *LENGTH_COLS)}
+              for src, name in LENGTH_FILES.items()}  # fmt: skip
+    one = {src: {fit_rule(p, o) for p, o in length_pairs(SAMPLE / name, *LENGTH_COLS) if o <= 1}
            for src, name in LENGTH_FILES.items()}  # fmt: skip
     for r in reqs:
         assert (r.prompt_len, r.output_len) in fitted[r.source]
@@ -112,7 +118,7 @@ def test_no_one_token_output_the_data_did_not_have(short: str) -> None:
     assert sum(r.is_long for r in reqs) > 1000
     assert not any(r.output_len == 1 for r in reqs if r.is_long)
     for tr in (CONV, CODE):
-        raw = _row_list(tr, "ContextTokens", "GeneratedTokens")
+        raw = length_pair_list(tr, "ContextTokens", "GeneratedTokens")
         for r, (_, o) in zip(azure_trace(tr), raw, strict=True):
             assert r.output_len > 1 or o <= 1
 

@@ -6,7 +6,6 @@ depend on ../shared being present.
 
 from __future__ import annotations
 
-import csv
 from collections import Counter
 from pathlib import Path
 
@@ -19,51 +18,19 @@ from bench.workloads import (
     DEFAULT_SLO_MIX,
     SHORT_DATA,
     WORKLOAD_NAMES,
-    WorkloadRequest,
     azure_trace,
     load_workload,
     paper_mix,
     parse_slo_mix,
     traces_dir,
 )
-
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "traces_sample"
-CONV = SAMPLE / W.AZURE_FILES["azure-conv"]
-CODE = SAMPLE / W.AZURE_FILES["azure-code"]
-LENGTH_COLS = ("num_prefill_tokens", "num_decode_tokens")
-LENGTH_FILES = {"alpaca": W.ALPACA_FILE, "sharegpt": W.SHAREGPT_FIRST_TURN_FILE, "bwb": W.BWB_FILE,
-                "arxiv": W.ARXIV_FILE}  # fmt: skip
+from tests.support.workload_data import (CODE, CONV, LENGTH_COLS, LENGTH_FILES, SAMPLE, check_wellformed, fit_rule,
+                                         length_pair_list, length_pairs, use_sample_traces)
 
 
 @pytest.fixture(autouse=True)
 def _sample_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ACCELGEN_TRACES_DIR", str(SAMPLE))
-
-
-def _rows(path: Path, a: str, b: str) -> set[tuple[int, int]]:
-    with open(path, newline="") as fh:
-        return {(int(r[a]), int(r[b])) for r in csv.DictReader(fh)}
-
-
-def _row_list(path: Path, a: str, b: str) -> list[tuple[int, int]]:
-    with open(path, newline="") as fh:
-        return [(int(r[a]), int(r[b])) for r in csv.DictReader(fh)]
-
-
-def _fit(prompt: int, output: int, max_model_len: int = 2048) -> tuple[int, int]:
-    """The fitting rule written out for one request, independently of the vectorised code."""
-    out = min(max(output, 1), max_model_len // 2)
-    return min(max(prompt, 1), max_model_len - out), out
-
-
-def _check_wellformed(reqs: list[WorkloadRequest], max_model_len: int) -> None:
-    assert [r.request_id for r in reqs] == [f"r{i:06d}" for i in range(len(reqs))]
-    arrivals = [r.arrival_s for r in reqs]
-    assert arrivals == sorted(arrivals) and arrivals[0] >= 0.0
-    for r in reqs:
-        assert r.prompt_len >= 1 and r.output_len >= 1
-        assert r.prompt_len + r.output_len <= max_model_len
-        assert type(r.prompt_len) is int and type(r.output_len) is int and type(r.arrival_s) is float
+    use_sample_traces(monkeypatch)
 
 
 @pytest.mark.unit
@@ -93,7 +60,7 @@ def test_paper_mix_reproducible_and_seed_dependent() -> None:
 def test_paper_mix_poisson_rate_and_wellformed() -> None:
     rate, duration = 20.0, 100.0  # ~2000 requests
     reqs = paper_mix(rate=rate, duration_s=duration, seed=1, data_dir=SAMPLE)
-    _check_wellformed(reqs, 2048)
+    check_wellformed(reqs, 2048)
     assert abs(len(reqs) / duration - rate) / rate < 0.15
     assert all(r.arrival_s < duration for r in reqs)
     gaps = np.diff([0.0] + [r.arrival_s for r in reqs])
@@ -120,7 +87,7 @@ def test_paper_mix_long_fraction_and_sources() -> None:
 @pytest.mark.unit
 def test_paper_mix_pairs_prompt_and_output_from_same_row() -> None:
     # With a huge context nothing is fitted, so each pair must be a real row of the file its source names.
-    rows = {src: _rows(SAMPLE / name, *LENGTH_COLS) for src, name in LENGTH_FILES.items()}
+    rows = {src: length_pairs(SAMPLE / name, *LENGTH_COLS) for src, name in LENGTH_FILES.items()}
     for short in ("alpaca", "sharegpt"):
         reqs = paper_mix(rate=50, duration_s=20, seed=3, max_model_len=10**6, data_dir=SAMPLE, short_data=short)
         assert {r.source for r in reqs} == {short, "bwb", "arxiv"}
@@ -132,7 +99,7 @@ def test_paper_mix_pairs_prompt_and_output_from_same_row() -> None:
 def test_azure_trace_relative_times_and_time_scale() -> None:
     base = azure_trace(CONV)
     assert len(base) == 1500
-    _check_wellformed(base, 2048)
+    check_wellformed(base, 2048)
     assert base[0].arrival_s == 0.0
     # Rows 1-2 of the file: 18:15:46.6805900 and 18:15:50.9951690.
     assert base[1].arrival_s == pytest.approx(4.314579, abs=1e-9)
@@ -161,8 +128,8 @@ def test_azure_trace_is_long_and_source() -> None:
     assert {r.source for r in reqs} == {"azure-code"}
     assert all(r.is_long == (r.prompt_len > 1024) for r in reqs)
     assert 0 < sum(r.is_long for r in reqs) < len(reqs)
-    raw = _row_list(CODE, "ContextTokens", "GeneratedTokens")
-    assert [(r.prompt_len, r.output_len) for r in reqs] == [_fit(p, o) for p, o in raw]
+    raw = length_pair_list(CODE, "ContextTokens", "GeneratedTokens")
+    assert [(r.prompt_len, r.output_len) for r in reqs] == [fit_rule(p, o) for p, o in raw]
     # Requests that fit are the rows themselves.
     assert all((r.prompt_len, r.output_len) == row for r, row in zip(reqs, raw) if row[0] + row[1] <= 2048
                and row[1] <= 1024)  # fmt: skip
