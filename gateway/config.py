@@ -1,18 +1,18 @@
-"""The gateway's configuration: one typed, validated dataclass; env overrides mapped only here.
+"""The gateway's configuration: one typed, validated dataclass, read by the common loader.
 
-Precedence: field defaults < ``ACCELGEN_GATEWAY_<FIELD>`` environment variables < command-line
+Precedence (``accelgen.common.config``): field defaults < a config file (``--config`` or
+``ACCELGEN_GATEWAY_CONFIG``) < ``ACCELGEN_GATEWAY_<FIELD>`` environment variables < command-line
 flags. Each field's help text is its CLI help, so the flags document themselves.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Mapping
+from typing import Any
 
+from accelgen.common.config import ConfigLoader
 from accelgen.wire.slo import SLOBounds
 
 
@@ -50,9 +50,6 @@ class GatewayConfig:
                                           "client gets UNAVAILABLE (covers a scheduler restart)")
     submit_timeout_s: float = _f(10.0, "deadline of Submit calls to the scheduler (s)")
     rpc_timeout_s: float = _f(5.0, "deadline of Cancel, GetRequest and GetServerInfo calls (s)")
-    watch_timeout_s: float = _f(3600.0, "deadline of one per-request Watch stream (used only when the scheduler "
-                                        "has no WatchMany); a request still running then "
-                                        "is re-watched from where it was")
     server_info_ttl_s: float = _f(30.0, "how long the scheduler's ServerInfo (model, context length) "
                                         "is cached (s)")
     grace_s: float = _f(5.0, "on SIGTERM, how long in-flight requests may finish (s)")
@@ -96,52 +93,8 @@ class GatewayConfig:
         return SLOBounds(**{f"{kind}_ms": (getattr(self, f"slo_{kind}_ms_min"), getattr(self, f"slo_{kind}_ms_max"))
                             for kind in ("ttft", "tbt", "jct")})
 
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "GatewayConfig":
-        """Defaults, then ``ACCELGEN_GATEWAY_<FIELD>`` variables, then ``overrides``."""
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
-            if raw is not None:
-                try:
-                    values[f.name] = _parse(f, raw)
-                except ValueError:
-                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {f.type}") from None
-        values.update(overrides)
-        return cls(**values)
-
     def replace(self, **changes: Any) -> "GatewayConfig":
         return dataclasses.replace(self, **changes)
 
 
-def _parse(f: dataclasses.Field, raw: str) -> Any:
-    kind = str(f.type)
-    if "int" in kind:
-        return int(raw)
-    if "float" in kind:
-        return float(raw)
-    if "None" in kind and raw.strip().lower() in ("", "none"):
-        return None
-    return raw
-
-
-def _parser_of(f: dataclasses.Field) -> Callable[[str], Any]:
-    def parse(raw: str) -> Any:
-        return _parse(f, raw)
-
-    parse.__name__ = str(f.type)  # argparse names the type in its error message
-    return parse
-
-
-def add_args(parser: argparse.ArgumentParser, base: GatewayConfig | None = None) -> None:
-    """One flag per field (``--grpc-port``...), defaults from ``base`` (env-applied by default)."""
-    base = base if base is not None else GatewayConfig.from_env()
-    for f in fields(GatewayConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=getattr(base, f.name),
-                            type=_parser_of(f),
-                            help=f"{f.metadata['help']} (env {ENV_PREFIX}{f.name.upper()}; default %(default)s)")
-
-
-def from_args(ns: argparse.Namespace) -> GatewayConfig:
-    return GatewayConfig(**{f.name: getattr(ns, f.name) for f in fields(GatewayConfig)})
+LOADER: ConfigLoader[GatewayConfig] = ConfigLoader(GatewayConfig, "gateway")

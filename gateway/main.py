@@ -8,7 +8,6 @@ stop both servers with a grace period for in-flight streams, then close the sche
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import socket
@@ -22,7 +21,7 @@ from fastapi import FastAPI
 from grpc_health.v1 import health
 
 from accelgen.common.grpc_server import install_sigterm, make_server, set_serving
-from gateway.config import GatewayConfig, add_args, from_args
+from gateway.config import LOADER, GatewayConfig
 from gateway.generation import GenerationService
 from gateway.grpc_server import SERVICE_NAME, add_to_server
 from gateway.openai_http import create_app
@@ -137,12 +136,7 @@ async def run(config: GatewayConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     from accelgen.common.logs import setup_logging
 
-    parser = argparse.ArgumentParser(prog="python -m gateway.main", description=__doc__.splitlines()[0])
-    try:
-        add_args(parser)  # defaults come from ACCELGEN_GATEWAY_* variables, which may be malformed
-        config = from_args(parser.parse_args(argv))
-    except ValueError as exc:
-        parser.error(str(exc))
+    config = LOADER.main_config(argv, prog="accelgen gateway", description=__doc__.splitlines()[0])
     setup_logging("gateway", config.log_level)
     asyncio.run(run(config))
     return 0

@@ -77,20 +77,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_profile(argv: list[str]) -> int:
     """Measure T(S_f) on a worker's executor and write the device profile the scheduler loads."""
-    from worker_service.config import WorkerConfig
+    from accelgen.common.config import ConfigError, HelpFormatter
+    from worker_service.config import LOADER
     from worker_service.executors.registry import executor_from_config
     from worker_service.profiler import DEFAULT_GRID, Profiler
 
     ap = argparse.ArgumentParser(prog="accelgen profile", description=cmd_profile.__doc__,
-                                 epilog="Any other flag is a worker flag (accelgen worker --help), e.g. --executor "
-                                        "vllm --model PATH.")
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--out", required=True, help="where to write the profile JSON")
     ap.add_argument("--name", default=None, help="profile name (default: derived from the model)")
     ap.add_argument("--grid", default=",".join(map(str, DEFAULT_GRID)), help="forward sizes to measure")
     ap.add_argument("--repeats", type=int, default=5, help="runs per point; the fastest counts")
     ap.add_argument("--decode-batch", type=int, default=8)
-    args, worker_argv = ap.parse_known_args(argv)
-    config = WorkerConfig.from_env_and_args(["--scheduler", "unused:0", *worker_argv])
+    # The worker's settings (config file, ACCELGEN_WORKER_* and flags), e.g. --executor vllm --model PATH;
+    # its scheduler is never dialled.
+    LOADER.add_args(ap.add_argument_group("worker settings (as accelgen worker)"))
+    args = ap.parse_args(argv)
+    try:
+        config = LOADER.from_args(args)
+    except ConfigError as exc:
+        LOADER.exit(exc)
     executor = executor_from_config(config)
     try:
         profiler = Profiler(executor, repeats=args.repeats)

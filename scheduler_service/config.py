@@ -1,28 +1,32 @@
-"""Scheduler service configuration: one typed object, from defaults < config file < env < flags.
+"""Scheduler service configuration: one typed object, read by the common loader
+(``accelgen.common.config``): defaults < config file (``--config`` or ``ACCELGEN_SCHEDULER_CONFIG``)
+< ``ACCELGEN_SCHEDULER_<FIELD>`` < ``--field-name``.
 
-Environment overrides are ``ACCELGEN_SCHEDULER_<FIELD>`` (upper case) and are read here and
-nowhere else. The config file is TOML or JSON with the same field names; SLO classes go in a
-``[classes.NAME]`` table with ``ttft_ms`` / ``tbt_ms`` or ``jct_ms``.
+The config file is TOML or JSON with the same field names. SLO classes go in a
+``[classes.NAME]`` table with ``ttft_ms`` / ``tbt_ms`` or ``jct_ms`` (JSON in the environment).
+The policy's own settings go in ``[policy.accelgen]`` (and its ``budget``, ``admission_config``
+and ``length_config`` sub-tables), each also ``ACCELGEN_SCHEDULER_POLICY_ACCELGEN_<KEY>`` and
+``--policy-accelgen-<key>``; in a file that has them the policy's name is ``[policy] name``
+(``policy = "NAME"`` at the top level, as before, where there is no ``[policy]`` table).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import os
-import tomllib
 import uuid
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
+from accelgen.common.config import ConfigLoader
+from accelgen.core.policies.accelgen_config import AccelGenConfig
 from accelgen.core.policies.base import Policy
 from accelgen.core.policies.registry import POLICY_NAMES, PolicySpec, make_policy
 from accelgen.core.profile import DeviceProfile
 from accelgen.core.slo import DEFAULT_CLASSES, SLO, SLOCatalog, SLOClass
 
 ENV_PREFIX = "ACCELGEN_SCHEDULER_"
+# Policies whose settings the service exposes: [policy.NAME] -> the SchedulerConfig field.
+POLICY_SETTINGS = {"accelgen": "policy_accelgen"}
+_CLASS_KEYS = {"ttft_ms", "tbt_ms", "jct_ms"}
 
 
 @dataclass
@@ -31,7 +35,10 @@ class SchedulerConfig:
     port: int = field(default=50051, metadata={"help": "gRPC port (0 = any free port)"})
     redis_url: str = field(default="redis://127.0.0.1:6379/0", metadata={"help": "Redis holding the durable state"})
     redis_prefix: str = field(default="accelgen:", metadata={"help": "key prefix in Redis (one per deployment)"})
-    policy: str = field(default="accelgen", metadata={"help": f"scheduling policy: {', '.join(p for p in POLICY_NAMES if p != 'oracle')}"})
+    policy: str = field(default="accelgen", metadata={
+        "help": f"scheduling policy: {', '.join(p for p in POLICY_NAMES if p != 'oracle')} (NAME@BUDGET, "
+                "NAME+admission); in a file with a [policy] table: [policy] name",
+        "file": ("policy", "policy.name")})
     profile: str = field(default="opt-13b_a100-80g", metadata={"help": "device profile used until a worker reports its own"})
     admission: bool = field(default=True, metadata={"help": "SLO-aware admission: refuse (RESOURCE_EXHAUSTED, with a retry hint) a request whose first token cannot be on time, where the policy offers it (accelgen; vllm+admission)"})
     max_queue: int = field(default=10000, metadata={"help": "most unfinished requests; more -> RESOURCE_EXHAUSTED"})
@@ -46,10 +53,15 @@ class SchedulerConfig:
     log_level: str = field(default="INFO", metadata={"help": "log level"})
     classes: dict[str, dict[str, float]] = field(default_factory=dict, metadata={
         "help": "application classes: {name: {ttft_ms, tbt_ms} or {jct_ms}}; default chat/code/summarization/batch"})
+    policy_accelgen: AccelGenConfig = field(default_factory=AccelGenConfig, metadata={
+        "table": "policy.accelgen",
+        "help": "settings of the accelgen policy (used when policy is accelgen or accelgen+admission)"})
 
     def __post_init__(self) -> None:
         if not self.instance_id:
             self.instance_id = uuid.uuid4().hex[:12]
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
         try:
             spec = PolicySpec.parse(self.policy)
         except ValueError as exc:
@@ -63,7 +75,9 @@ class SchedulerConfig:
 
     def make_policy(self, profile: DeviceProfile, catalog: SLOCatalog) -> Policy:
         """A fresh policy for one lane, with every policy setting of this config applied."""
-        policy = make_policy(self.policy, profile, catalog)
+        spec = PolicySpec.parse(self.policy)
+        settings = getattr(self, POLICY_SETTINGS[spec.name]) if spec.name in POLICY_SETTINGS else None
+        policy = make_policy(self.policy, profile, catalog, config=settings)
         if not self.admission:
             policy.admission = None
         return policy
@@ -73,6 +87,10 @@ class SchedulerConfig:
             return SLOCatalog(DEFAULT_CLASSES)
         out = []
         for name, spec in self.classes.items():
+            unknown = sorted(set(spec) - _CLASS_KEYS) if isinstance(spec, dict) else None
+            if unknown is None or unknown:
+                raise ValueError(f"class {name!r}: expected a table of {', '.join(sorted(_CLASS_KEYS))}"
+                                 + (f", got unknown key(s) {', '.join(unknown)}" if unknown else f", got {spec!r}"))
             try:
                 slo = SLO(ttft_s=_ms(spec.get("ttft_ms")), tbt_s=_ms(spec.get("tbt_ms")), jct_s=_ms(spec.get("jct_ms")))
             except ValueError as exc:
@@ -85,58 +103,18 @@ def _ms(value: Any) -> float | None:
     return None if value in (None, 0) else float(value) / 1000.0
 
 
-def _bool(raw: str) -> bool:
-    text = str(raw).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {raw!r}")
-
-
-def _coerce(f: dataclasses.Field, raw: str) -> Any:
-    if f.type in ("bool", bool):
-        return _bool(raw)
-    if f.type in ("int", int):
-        return int(raw)
-    if f.type in ("float", float):
-        return float(raw)
-    if str(f.type).startswith("dict"):
-        return json.loads(raw)
-    return raw
-
-
-def load_config(path: Path | None = None, env: Mapping[str, str] | None = None,
-                overrides: Mapping[str, Any] | None = None) -> SchedulerConfig:
-    values: dict[str, Any] = {}
-    if path is not None:
-        text = Path(path).read_text()
-        values.update(json.loads(text) if str(path).endswith(".json") else tomllib.loads(text))
-    env = os.environ if env is None else env
-    for f in fields(SchedulerConfig):
-        raw = env.get(ENV_PREFIX + f.name.upper())
-        if raw is not None:
-            values[f.name] = _coerce(f, raw)
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            values[key] = value
-    known = {f.name for f in fields(SchedulerConfig)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown scheduler config field(s): {', '.join(sorted(unknown))}")
-    return SchedulerConfig(**values)
-
-
-def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None, help="TOML or JSON config file")
-    for f in fields(SchedulerConfig):
-        if f.name == "classes":
+def _check_policy_tables(data: dict[str, Any]) -> None:
+    """A [policy.X] table for a policy without settings, or no policy at all, said plainly."""
+    table = data.get("policy")
+    if not isinstance(table, dict):
+        return
+    for key in table:
+        if key == "name" or key in POLICY_SETTINGS:
             continue
-        kind = {"int": int, "float": float, "bool": _bool}.get(str(f.type), str)
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
-                            help=f"{f.metadata.get('help', '')} (env {ENV_PREFIX}{f.name.upper()})")
+        tables = ", ".join(f"[policy.{name}]" for name in POLICY_SETTINGS)
+        if key in POLICY_NAMES:
+            raise ValueError(f"[policy.{key}]: the {key} policy has no settings (only {tables} can be set)")
+        raise ValueError(f"[policy.{key}]: unknown policy {key!r}; [policy] holds name and {tables}")
 
 
-def from_args(args: argparse.Namespace) -> SchedulerConfig:
-    overrides = {f.name: getattr(args, f.name, None) for f in fields(SchedulerConfig) if f.name != "classes"}
-    return load_config(args.config, overrides=overrides)
+LOADER: ConfigLoader[SchedulerConfig] = ConfigLoader(SchedulerConfig, "scheduler", check_file=_check_policy_tables)

@@ -1,19 +1,19 @@
 """The worker's configuration: one typed, validated dataclass; field docs become CLI help.
 
-Precedence, lowest first: field defaults, ``ACCELGEN_WORKER_<FIELD>`` environment variables
-(systemd units set these), command-line flags. The environment is read here and nowhere else.
+Read by the common loader (``accelgen.common.config``), lowest first: field defaults, a config
+file (``--config`` or ``ACCELGEN_WORKER_CONFIG``), ``ACCELGEN_WORKER_<FIELD>`` environment
+variables (systemd units set these), command-line flags. The environment is read there and
+nowhere else.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
 import socket
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from accelgen.common.config import ConfigLoader
 from accelgen.profiles import DEFAULT_PROFILE
 
 ENV_PREFIX = "ACCELGEN_WORKER_"
@@ -87,7 +87,7 @@ class WorkerConfig:
         if not self.scheduler or ":" not in self.scheduler:
             raise ValueError(f"scheduler must be host:port, got {self.scheduler!r}")
         if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535 (0 = free port), got {self.port}")
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")
         if self.time_scale < 0:
@@ -114,40 +114,10 @@ class WorkerConfig:
             host = f"[{host}]"  # IPv6 literal
         return f"{host}:{port}"
 
-    # -- environment and command line ------------------------------------------------------
     @classmethod
     def from_env_and_args(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> "WorkerConfig":
-        """Defaults, overridden by ``ACCELGEN_WORKER_*`` variables, overridden by flags."""
-        env = os.environ if env is None else env
-        types = typing.get_type_hints(cls)
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
-            if raw is not None:
-                try:
-                    values[f.name] = types[f.name](raw)
-                except ValueError:
-                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid "
-                                     f"{types[f.name].__name__}") from None
-        parser = argparse.ArgumentParser(prog="python -m worker_service.main",
-                                         description="AccelGen worker: runs the scheduler's batch plans")
-        add_args(parser)
-        values.update(vars(parser.parse_args(argv)))
-        return cls(**values)
+        """The old entry point, kept for its callers: ``LOADER.parse(argv, env)``."""
+        return LOADER.parse(argv, env)
 
 
-def add_args(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per field, help from the field's doc. Only flags given on the command line
-    appear in the parsed namespace, so they override the environment and defaults, and only they."""
-    types = typing.get_type_hints(WorkerConfig)
-    for f in dataclasses.fields(WorkerConfig):
-        default = f.default if f.default is not dataclasses.MISSING else None
-        env_name = ENV_PREFIX + f.name.upper()
-        shown = f" (default {default!r}; env {env_name})" if default is not None else f" (env {env_name})"
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            type=types[f.name],
-            default=argparse.SUPPRESS,
-            help=f.metadata["help"].replace("%", "%%") + shown,
-        )
+LOADER: ConfigLoader[WorkerConfig] = ConfigLoader(WorkerConfig, "worker")

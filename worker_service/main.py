@@ -12,18 +12,17 @@ executor.
 from __future__ import annotations
 
 import asyncio
-import sys
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import grpc
 import structlog
-from grpc_health.v1 import health
+from grpc_health.v1 import health as grpc_health
 
 from accelgen.common.grpc_server import CHANNEL_OPTIONS, install_sigterm, serve_until_stopped, set_serving
 from accelgen.common.logs import setup_logging
 from accelgen.v1 import scheduler_pb2_grpc
-from worker_service.config import WorkerConfig
+from worker_service.config import LOADER, WorkerConfig
 from worker_service.executors.base import Executor
 from worker_service.executors.registry import executor_from_config
 from worker_service.registration import Registration
@@ -40,7 +39,7 @@ class WorkerHandle:
     port: int
     address: str  # what the scheduler was told to dial
     server: grpc.aio.Server
-    health: health.aio.HealthServicer
+    health: grpc_health.aio.HealthServicer
     servicer: WorkerServicer
     registration: Registration
     channel: grpc.aio.Channel
@@ -113,11 +112,8 @@ async def run(config: WorkerConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        config = WorkerConfig.from_env_and_args(argv)
-    except ValueError as exc:
-        print(f"worker: {exc}", file=sys.stderr)
-        return 2
+    config = LOADER.main_config(argv, prog="accelgen worker",
+                                description="AccelGen worker: runs the scheduler's batch plans")
     setup_logging("worker", config.log_level)
     asyncio.run(run(config))
     return 0

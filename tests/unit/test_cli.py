@@ -114,3 +114,31 @@ def test_unmeasured_metrics_print_as_a_dash_not_zero() -> None:
            "sched_ms_p99": None}
     line = format_table({"service": row}).splitlines()[-1]
     assert line.split()[-4:] == ["-", "-", "-", "-"] and "0.00" not in line
+
+
+@pytest.mark.unit
+def test_profile_reads_the_worker_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`accelgen profile` builds its executor from the worker's settings, read as the worker reads them."""
+    import worker_service.executors.registry as registry
+
+    class Built(Exception):
+        pass
+
+    seen = []
+
+    def capture(config):
+        seen.append(config)
+        raise Built
+
+    monkeypatch.setattr(registry, "executor_from_config", capture)
+    monkeypatch.setenv("ACCELGEN_WORKER_SEED", "5")
+    monkeypatch.setenv("ACCELGEN_WORKER_VOCAB_SIZE", "500")
+    with pytest.raises(Built):
+        main(["profile", "--out", str(tmp_path / "p.json"), "--executor", "sim", "--vocab-size", "999"])
+    assert (seen[0].executor, seen[0].vocab_size, seen[0].seed) == ("sim", 999, 5)
+    monkeypatch.setenv("ACCELGEN_WORKER_PORT", "x")
+    with pytest.raises(SystemExit) as exit_:
+        main(["profile", "--out", str(tmp_path / "p.json")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "accelgen worker: config error: ACCELGEN_WORKER_PORT='x' is not a valid int\n"

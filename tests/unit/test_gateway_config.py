@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 
 import pytest
 
 from accelgen.v1 import scheduler_pb2
-from gateway.config import GatewayConfig, add_args, from_args
+from gateway.config import LOADER, GatewayConfig
 from gateway.errors import GatewayError
 from gateway.openai_protocol import parse_request
 from gateway.scheduler_client import SchedulerClient, _trim
@@ -27,18 +26,29 @@ def test_defaults_are_valid_and_bad_values_refused() -> None:
     assert GatewayConfig(http_port=-1).http_port == -1
 
 
-def test_env_overrides_then_cli() -> None:
+def test_env_overrides_then_cli(tmp_path) -> None:
     env = {"ACCELGEN_GATEWAY_GRPC_PORT": "7000", "ACCELGEN_GATEWAY_MODEL": "/models/x",
            "ACCELGEN_GATEWAY_RECONNECT_TIMEOUT_S": "5.5", "UNRELATED": "1"}
-    cfg = GatewayConfig.from_env(env)
+    cfg = LOADER.load(env=env)
     assert (cfg.grpc_port, cfg.model, cfg.reconnect_timeout_s) == (7000, "/models/x", 5.5)
-    with pytest.raises(ValueError, match="ACCELGEN_GATEWAY_GRPC_PORT"):
-        GatewayConfig.from_env({"ACCELGEN_GATEWAY_GRPC_PORT": "many"})
-    parser = argparse.ArgumentParser()
-    add_args(parser, cfg)
-    out = from_args(parser.parse_args(["--http-port", "-1", "--scheduler-address", "s:1"]))
+    with pytest.raises(ValueError, match="ACCELGEN_GATEWAY_GRPC_PORT='many' is not a valid int"):
+        LOADER.load(env={"ACCELGEN_GATEWAY_GRPC_PORT": "many"})
+    out = LOADER.parse(["--http-port", "-1", "--scheduler-address", "s:1"], env)
     assert (out.grpc_port, out.http_port, out.scheduler_address, out.model) == (7000, -1, "s:1", "/models/x")
-    assert "reconnect" in parser.format_help()
+    assert "reconnect" in LOADER.parser().format_help()
+    # A config file (new for the gateway) sits below the environment.
+    path = tmp_path / "gateway.toml"
+    path.write_text('grpc_port = 6000\nhttp_port = 6001\ndefault_app_class = "code"\n')
+    out = LOADER.parse(["--config", str(path)], env)
+    assert (out.grpc_port, out.http_port, out.default_app_class) == (7000, 6001, "code")
+
+
+def test_watch_timeout_is_gone() -> None:
+    """The per-request Watch fallback went; so did its deadline, its variable and its flag."""
+    assert not hasattr(GatewayConfig(), "watch_timeout_s")
+    assert "--watch-timeout-s" not in LOADER.parser().format_help()
+    with pytest.raises(SystemExit):
+        LOADER.parse(["--watch-timeout-s", "5"], {})
 
 
 def _parse(body: dict, headers: dict | None = None, kind: str = "completion"):

@@ -10,7 +10,7 @@ import pytest
 from accelgen.v1 import common_pb2, worker_pb2
 from accelgen.core.request import SamplingParams
 from accelgen.profiles import load_profile
-from worker_service.config import WorkerConfig
+from worker_service.config import LOADER, WorkerConfig
 from accelgen.wire.worker_info import worker_info_from_proto, worker_info_to_proto
 from worker_service.convert import plan_from_proto, plan_to_proto
 from worker_service.executors import executor_class, make_executor, register_executor
@@ -197,15 +197,25 @@ def test_plan_validation_of_plan_level_fields():
 
 
 # -- config and registry ---------------------------------------------------------------------
-def test_config_precedence_defaults_env_flags():
+def test_config_precedence_defaults_env_flags(tmp_path):
     env = {"ACCELGEN_WORKER_PORT": "7001", "ACCELGEN_WORKER_TIME_SCALE": "0.5", "ACCELGEN_WORKER_WORKER_ID": "w-env"}
-    cfg = WorkerConfig.from_env_and_args(["--port", "7002", "--scheduler", "sched:1"], env=env)
+    cfg = LOADER.parse(["--port", "7002", "--scheduler", "sched:1"], env=env)
     assert (cfg.port, cfg.time_scale, cfg.worker_id, cfg.scheduler, cfg.executor) == (7002, 0.5, "w-env", "sched:1", "sim")
-    assert WorkerConfig.from_env_and_args([], env={}).worker_id  # hostname-pid
+    assert LOADER.parse([], env={}).worker_id  # hostname-pid
     with pytest.raises(ValueError, match="ACCELGEN_WORKER_PORT='x' is not a valid int"):
-        WorkerConfig.from_env_and_args([], env={"ACCELGEN_WORKER_PORT": "x"})
+        LOADER.parse([], env={"ACCELGEN_WORKER_PORT": "x"})
     with pytest.raises(ValueError, match="time_scale must be >= 0"):
         WorkerConfig(time_scale=-1)
+    # A config file (new for the worker), below the environment and the flags.
+    path = tmp_path / "worker.toml"
+    path.write_text('executor = "sim"\nport = 7000\nvocab_size = 1000\ntime_scale = 2\n')
+    cfg = LOADER.parse(["--port", "7002"], env={**env, "ACCELGEN_WORKER_CONFIG": str(path)})
+    assert (cfg.port, cfg.time_scale, cfg.vocab_size) == (7002, 0.5, 1000)
+    path.write_text("time_scale = -1\n")  # an int where a float goes is fine; the range check speaks
+    with pytest.raises(ValueError, match=r"^time_scale must be >= 0, got -1.0 \(time_scale from .*worker\.toml\)$"):
+        LOADER.parse([], env={"ACCELGEN_WORKER_CONFIG": str(path)})
+    # The old entry point (kept for its callers) is the same loader.
+    assert WorkerConfig.from_env_and_args(["--seed", "3"], env={}).seed == 3
 
 
 def test_config_advertised_address():

@@ -78,8 +78,13 @@ class AccelGenConfig:
 
     def __post_init__(self) -> None:
         if self.victim not in VICTIM_RULES:
-            raise ValueError(f"victim must be one of {VICTIM_RULES}, got {self.victim!r}")
-        if self.era_cap < 1:
-            raise ValueError("era_cap must be >= 1")
-        if self.candidate_window < 1:
-            raise ValueError("candidate_window must be >= 1")
+            raise ValueError(f"victim must be one of {', '.join(VICTIM_RULES)}, got {self.victim!r}")
+        for name, low in (("era_cap", 1), ("candidate_window", 1), ("kv_headroom_tokens", 0),
+                          ("jct_expected_output_tokens", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
+        for name, kind in (("admission_config", AdmissionConfig), ("length_config", LengthEstimateConfig),
+                           ("budget", BudgetConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
