@@ -27,18 +27,26 @@ from bench.overhead import MAX_NUM_SEQS, MAX_TOKENS, NUM_BLOCKS, PROMPT_LEN
 from accelgen.core.plan import IterationResult
 from accelgen.core.request import Request, SamplingParams
 from accelgen.core.slo import SLOCatalog
+from accelgen.core.worker_info import WorkerInfo
 from accelgen.profiles import load_profile
 from scheduler_service.state.store import RedisStore
 
 
 async def _lane_iterations(redis_url: str, queue_size: int, repeats: int) -> dict[str, float]:
+    from scheduler_service.committer import Committer
+    from scheduler_service.config import SchedulerConfig
     from scheduler_service.lane import WorkerLane
 
     catalog = SLOCatalog()
     classes = [c.name for c in catalog.classes if c.slo.tbt_s is not None]
     store = RedisStore(redis_url, prefix=f"bench{queue_size}:")
-    lane = WorkerLane(app=None, worker_id="w0", address="127.0.0.1:1", profile=load_profile(), num_blocks=NUM_BLOCKS,
-                      block_size=128, policy="accelgen", catalog=catalog, max_num_seqs=MAX_NUM_SEQS)
+    profile = load_profile()
+    info = WorkerInfo(model=profile.name, executor="sim", block_size=128, num_blocks=NUM_BLOCKS,
+                      max_model_len=profile.max_model_len, profile_json="", eos_token_id=0, vocab_size=0)
+    # The lane's loop is not run: each iteration is driven here, its write awaited and timed.
+    config = SchedulerConfig(policy="accelgen", max_num_seqs=MAX_NUM_SEQS)
+    lane = WorkerLane("w0", "127.0.0.1:1", info, profile, config, catalog,
+                      Committer(store, deliver=lambda _changes: None).chain())
     core = lane.core
     counter = iter(range(10**9))
     now = time.time()

@@ -66,15 +66,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except Exception as exc:  # every failure becomes a status, in one place
             await _abort(context, exc)
 
-    async def Cancel(self, request: gateway_pb2.CancelRequest,
-                     context: grpc.aio.ServicerContext) -> gateway_pb2.CancelResponse:
+    async def Cancel(self, request: common_pb2.CancelRequest,
+                     context: grpc.aio.ServicerContext) -> common_pb2.CancelResponse:
         try:
             return await self._service.client.cancel(request.request_id)
         except Exception as exc:
             await _abort(context, exc)
 
-    async def GetRequest(self, request: gateway_pb2.GetRequestRequest,
-                         context: grpc.aio.ServicerContext) -> gateway_pb2.RequestState:
+    async def GetRequest(self, request: common_pb2.GetRequestRequest,
+                         context: grpc.aio.ServicerContext) -> common_pb2.RequestState:
         try:
             return await self._service.client.get_request(request.request_id)
         except Exception as exc:

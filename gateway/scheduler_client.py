@@ -1,13 +1,13 @@
-"""The gateway's only door to the scheduler: Submit, a resumable Watch, Cancel, GetRequest.
+"""The gateway's only door to the scheduler: Submit, a resumable watch, Cancel, GetRequest.
 
 Tokens of every request come over one shared WatchMany stream (``gateway.watch_hub``); a
-scheduler without it, or a second watcher of the same request, gets a Watch of its own.
+second watcher of a request already on it gets a stream of its own (another hub).
 
 Both front ends (gRPC and OpenAI HTTP) go through this module, so they share deadlines,
 reconnection and error behaviour.
 
-Resumable Watch: the scheduler keeps every request's tokens in Redis, so a token stream that
-breaks (the scheduler restarting, a network blip) is resumed by calling Watch again from the
+Resumable watch: the scheduler keeps every request's tokens in Redis, so a token stream that
+breaks (the scheduler restarting, a network blip) is resumed by watching again from the
 number of tokens already delivered. Tokens before that index are dropped if the scheduler
 resends them, so the consumer sees each token exactly once, in order. We keep trying with
 exponential backoff until ``reconnect_timeout_s`` passes without progress.
@@ -23,7 +23,7 @@ import grpc
 import structlog
 
 from accelgen.common.grpc_server import CHANNEL_OPTIONS
-from accelgen.v1 import gateway_pb2, scheduler_pb2, scheduler_pb2_grpc
+from accelgen.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.watch_hub import WatchHub
@@ -38,10 +38,10 @@ GATEWAY_CHANNEL_OPTIONS = CHANNEL_OPTIONS + [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
-# Codes after which the request may still be running at the scheduler: re-Watch. UNAVAILABLE is
-# a restart or lost connection; CANCELLED reaches us only when the *server* cancelled the stream
-# (shutting down), since our own cancellation surfaces as asyncio.CancelledError; and
-# DEADLINE_EXCEEDED is the end of one Watch's (long) deadline, not of the request.
+# Codes after which the request may still be running at the scheduler: watch again. UNAVAILABLE
+# is a restart or lost connection; CANCELLED reaches us only when the *server* cancelled the
+# stream (shutting down), since our own cancellation surfaces as asyncio.CancelledError; and
+# DEADLINE_EXCEEDED is the end of a stream's deadline, not of the request.
 RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 BACKOFF_INITIAL_S = 0.05
@@ -55,7 +55,7 @@ class SchedulerClient:
         self._config = config
         self._channel = grpc.aio.insecure_channel(config.scheduler_address, options=GATEWAY_CHANNEL_OPTIONS)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
-        self._hub = WatchHub(self._stub)
+        self._hubs = [WatchHub(self._stub)]  # more only while a request has two watchers
         self._info: scheduler_pb2.ServerInfo | None = None
         self._info_at = -float("inf")
         self._info_lock = asyncio.Lock()
@@ -65,7 +65,8 @@ class SchedulerClient:
         self.draining = False
 
     async def close(self) -> None:
-        self._hub.close()
+        for hub in self._hubs:
+            hub.close()
         if self._background:
             await asyncio.wait(self._background, timeout=self._config.rpc_timeout_s)
         await self._channel.close()
@@ -83,12 +84,12 @@ class SchedulerClient:
         """Hand the request to the scheduler; once this returns it is durable there."""
         return await self._stub.Submit(request, timeout=self._config.submit_timeout_s)
 
-    async def cancel(self, request_id: str) -> gateway_pb2.CancelResponse:
-        return await self._stub.Cancel(gateway_pb2.CancelRequest(request_id=request_id),
+    async def cancel(self, request_id: str) -> common_pb2.CancelResponse:
+        return await self._stub.Cancel(common_pb2.CancelRequest(request_id=request_id),
                                        timeout=self._config.rpc_timeout_s)
 
-    async def get_request(self, request_id: str) -> gateway_pb2.RequestState:
-        return await self._stub.GetRequest(gateway_pb2.GetRequestRequest(request_id=request_id),
+    async def get_request(self, request_id: str) -> common_pb2.RequestState:
+        return await self._stub.GetRequest(common_pb2.GetRequestRequest(request_id=request_id),
                                            timeout=self._config.rpc_timeout_s)
 
     def cancel_in_background(self, request_id: str) -> None:
@@ -154,21 +155,14 @@ class SchedulerClient:
             await asyncio.sleep(min(backoff, self._config.reconnect_timeout_s - waited))
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-
     def _watch_from(self, request_id: str, start_index: int) -> AsyncGenerator[scheduler_pb2.TokenBatch, None]:
-        """One attempt: on the gateway's shared WatchMany stream, or a Watch of its own."""
-        if self._hub.can_watch(request_id):
-            return self._hub.watch(request_id, start_index)
-        return self._watch_single(request_id, start_index)
-
-    async def _watch_single(self, request_id: str, start_index: int) -> AsyncGenerator[scheduler_pb2.TokenBatch, None]:
-        call = self._stub.Watch(scheduler_pb2.WatchRequest(request_id=request_id, start_index=start_index),
-                                timeout=self._config.watch_timeout_s)
-        try:
-            async for batch in call:
-                yield batch
-        finally:
-            call.cancel()
+        """One attempt, on the gateway's shared WatchMany stream; a request already watched
+        there (a second watcher) goes on another hub's stream."""
+        hub = next((h for h in self._hubs if h.can_watch(request_id)), None)
+        if hub is None:
+            hub = WatchHub(self._stub)
+            self._hubs.append(hub)
+        return hub.watch(request_id, start_index)
 
 
 def _trim(batch: scheduler_pb2.TokenBatch, next_index: int) -> scheduler_pb2.TokenBatch | None:

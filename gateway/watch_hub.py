@@ -1,16 +1,14 @@
 """One WatchMany stream to the scheduler for every request this gateway streams.
 
-With a Watch stream per request, every iteration cost one gRPC message per running request on
-both sides; at saturation that message traffic was most of the scheduler's and the gateway's
-CPU (docs/vllm_comparison.md). The hub multiplexes: requests subscribe with the index they want
-to start from, the scheduler sends each round of new tokens for all of them as one message, and
+With a stream per request, every iteration cost one gRPC message per running request on both
+sides; at saturation that message traffic was most of the scheduler's and the gateway's CPU
+(docs/vllm_comparison.md). The hub multiplexes: requests subscribe with the index they want to
+start from, the scheduler sends each round of new tokens for all of them as one message, and
 the hub hands each request its batches through its own queue.
 
 The hub does not resume anything itself. When the stream breaks (scheduler restart, network),
 every subscriber gets the error, and ``SchedulerClient.watch`` resumes each request from the
-tokens it already has, exactly as it does for a broken Watch; the first resubscription opens a
-new stream. A scheduler without WatchMany (UNIMPLEMENTED) switches the hub off, and requests go
-back to one Watch each.
+tokens it already has; the first resubscription opens a new stream.
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ Item = scheduler_pb2.TokenBatch | grpc.aio.AioRpcError | GatewayError
 
 def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     """An error shaped like a failed call, so one request's failure on the shared stream is
-    handled (resumed, or passed to the client) exactly like a failed Watch of its own."""
+    handled (resumed, or passed to the client) exactly like the stream's own failure."""
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
@@ -43,11 +41,10 @@ class WatchHub:
         self._call: grpc.aio.StreamStreamCall | None = None
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
-        self.enabled = True
 
     def can_watch(self, request_id: str) -> bool:
-        """False when the hub is off, or already streams this request (one index per request)."""
-        return self.enabled and request_id not in self._subs
+        """False when the hub already streams this request (one index per request and stream)."""
+        return request_id not in self._subs
 
     async def watch(self, request_id: str, start_index: int) -> AsyncGenerator[scheduler_pb2.TokenBatch, None]:
         """Batches of ``request_id`` from ``start_index`` on until it finishes; raises the
@@ -111,10 +108,6 @@ class WatchHub:
             # Whatever ended the shared stream, each request is resumed (a request's own failure
             # comes as a WatchError): one bad stream must not fail every request on the gateway.
             details = f"the WatchMany stream broke: {exc.code().name}: {exc.details()}"
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                self.enabled = False
-                log.info("watch_many_unsupported", detail="the scheduler has no WatchMany; one Watch per request")
-                details = "the scheduler has no WatchMany; watching again"
         except asyncio.CancelledError:
             details = "the gateway closed the WatchMany stream"
         except Exception:  # noqa: BLE001 - a bug here must reach the log and the waiting requests

@@ -1,7 +1,7 @@
 """Protobuf <-> core dataclasses for the scheduler, in one place. The core never sees *_pb2.
 
 Validation of what clients send happens here too, raising ``InvalidInput`` with the field's
-name, so the servicer maps every bad input to INVALID_ARGUMENT the same way.
+name, so every bad input becomes INVALID_ARGUMENT the same way (``intake``).
 """
 
 from __future__ import annotations

@@ -1,36 +1,55 @@
 """One worker's lane: its scheduling core, its gRPC stub, and the iteration loop that joins them.
 
 Each worker has its own KV pool, so each lane has its own ``SchedulerCore`` (policy, block
-accounting) sized from what the worker reported. The loop: plan -> ExecuteIteration -> apply
-the result -> write the iteration's changes to Redis in one round trip -> publish the tokens.
-Tokens reach clients only after they are durable, so a crash never shows a client a token that
-a restarted scheduler would not know.
+accounting) sized from the ``WorkerInfo`` the worker registered with. The loop: plan ->
+ExecuteIteration -> apply the result -> hand the iteration's changes to the lane's commit chain
+(which writes them to Redis, then delivers the tokens). The lane calls nothing upstream: when the
+worker fails or sends a result the core cannot apply, the loop ends with ``failure`` set, and the
+worker registry, which watches its lanes, drops the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Coroutine
 
 import grpc
 import structlog
 
 from accelgen.common.grpc_server import CHANNEL_OPTIONS
+from accelgen.core.kv_blocks import KVBlockManager
+from accelgen.core.plan import BatchPlan
+from accelgen.core.profile import DeviceProfile
+from accelgen.core.request import RequestStatus
+from accelgen.core.scheduler import CoreConfig, SchedulerCore, StepOutcome
+from accelgen.core.slo import SLOCatalog
+from accelgen.core.worker_info import WorkerInfo
 from accelgen.v1 import worker_pb2_grpc
 from scheduler_service import convert
-from accelgen.core.kv_blocks import KVBlockManager
-from accelgen.core.profile import DeviceProfile
-from accelgen.core.scheduler import CoreConfig, SchedulerCore
-from accelgen.core.slo import SLOCatalog
+from scheduler_service.committer import CommitChain
+from scheduler_service.config import SchedulerConfig
 from scheduler_service.state.store import IterationChanges
 
-if TYPE_CHECKING:
-    from scheduler_service.app import SchedulerApp
-
 log = structlog.get_logger("scheduler.lane")
+
+
+def lane_profile(default: DeviceProfile, info: WorkerInfo) -> DeviceProfile:
+    """The worker's measured profile if it sent one, else ``default`` — with the context length
+    the worker actually serves (a prompt the worker cannot hold is refused at Submit, not
+    discovered by the worker)."""
+    profile = default
+    if info.profile_json:
+        try:
+            profile = DeviceProfile.from_dict(json.loads(info.profile_json))
+        except ValueError as exc:
+            log.warning("bad_worker_profile", error=str(exc))
+    if info.max_model_len and info.max_model_len != profile.max_model_len:
+        profile = dataclasses.replace(profile, max_model_len=info.max_model_len)
+    return profile
 
 
 @dataclass
@@ -43,61 +62,66 @@ class LaneStats:
 
 
 class WorkerLane:
-    def __init__(self, app: "SchedulerApp", worker_id: str, address: str, profile: DeviceProfile,
-                 num_blocks: int, block_size: int, policy: str, catalog: SLOCatalog, max_num_seqs: int,
-                 max_batched_tokens: int = 0, description: dict | None = None, epoch: str = "",
-                 admission: bool = True) -> None:
-        self.app = app
+    def __init__(self, worker_id: str, address: str, info: WorkerInfo, profile: DeviceProfile,
+                 config: SchedulerConfig, catalog: SLOCatalog, commits: CommitChain, epoch: str = "") -> None:
         self.worker_id = worker_id
         self.address = address
+        self.info = info  # what the worker registered with
         self.profile = profile
-        self.description = dict(description or {})  # the registration this lane was made from
+        self.commits = commits  # where each applied iteration goes: Redis, then delivery
         self.epoch = epoch  # sent with every plan; new for every lane, so the worker resets on it
-        policy_obj = app.config.make_policy(profile, catalog)
-        self.core = SchedulerCore(policy_obj, profile, kv=KVBlockManager(num_blocks, block_size),
-                                  config=CoreConfig(max_num_seqs=max_num_seqs,
-                                                    max_num_batched_tokens=max_batched_tokens or None))
+        self.rpc_timeout_s = config.worker_rpc_timeout_s
+        max_seqs = min(config.max_num_seqs, info.max_num_seqs) if info.max_num_seqs else config.max_num_seqs
+        self.core = SchedulerCore(config.make_policy(profile, catalog), profile,
+                                  kv=KVBlockManager(info.num_blocks, info.block_size),
+                                  config=CoreConfig(max_num_seqs=max_seqs,
+                                                    max_num_batched_tokens=info.max_num_batched_tokens or None))
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.wakeup = asyncio.Event()
-        self.last_heartbeat = time.monotonic()
         self.stats = LaneStats()
-        self._task: asyncio.Task | None = None
-        self._committing: asyncio.Task | None = None  # the newest iteration's write; each waits for the one before
-        self.registry_refresh: asyncio.Task | None = None  # the heartbeat's TTL write to Redis, if in flight
+        self.task: asyncio.Task | None = None
+        self.failure: str | None = None  # why the loop ended on its own (the worker is to be dropped)
         self._stopping = False
 
     @property
     def model(self) -> str:
-        return str(self.description.get("model") or self.profile.name)
+        return self.info.model or self.profile.name
 
     @property
     def vocab_size(self) -> int:
         """What the worker reported; 0 = unknown."""
-        return int(self.description.get("vocab_size") or 0)
+        return self.info.vocab_size
+
+    def same_worker(self, address: str, info: WorkerInfo) -> bool:
+        """A registration with the same address and description is the worker this lane knows (a
+        restarted worker process with the same id is caught by its first plan: it knows none of
+        the lane's requests, the iteration fails INVALID_ARGUMENT, the lane ends and the worker
+        re-registers into a fresh one)."""
+        return self.address == address and self.info == info
 
     # -- load ---------------------------------------------------------------------------------
     def load(self) -> int:
         """Tokens still to run on this lane: where the router sends the next request."""
         return sum(r.num_uncomputed_tokens for r in self.core.requests.values() if not r.status.is_done)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"lane-{self.worker_id}")
+    def start(self) -> asyncio.Task:
+        self.task = asyncio.create_task(self._run(), name=f"lane-{self.worker_id}")
+        return self.task
 
     async def stop(self, commit_timeout_s: float | None = None) -> None:
         """Stop planning, then wait (up to ``commit_timeout_s``; None: as long as Redis takes) for
-        the iterations already applied to the core to be written and published. Their tokens
+        the iterations already applied to the core to be written and delivered. Their tokens
         are in the requests; a caller that moved the requests before that would skip them."""
         self._stopping = True
         self.wakeup.set()
-        if self._task is not None:
-            self._task.cancel()
+        if self.task is not None:
+            self.task.cancel()
             try:
-                await self._task
+                await self.task
             except (asyncio.CancelledError, Exception):
                 pass
-        if self._committing is not None:
-            await asyncio.wait({self._committing}, timeout=commit_timeout_s)
+        await self.commits.drain(commit_timeout_s)
         await self.channel.close()
 
     # -- the loop -----------------------------------------------------------------------------
@@ -107,7 +131,7 @@ class WorkerLane:
         off the critical path while tokens still reach clients only once durable."""
         core = self.core
         while not self._stopping:
-            if not core.has_work() and not core._to_free:
+            if not core.has_work() and not core.has_ids_to_free:
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue
@@ -125,34 +149,30 @@ class WorkerLane:
                 continue
             msg = convert.plan_to_proto(plan, core.requests, self.epoch)
             try:
-                reply = await self.stub.ExecuteIteration(msg, timeout=self.app.config.worker_rpc_timeout_s)
+                reply = await self.stub.ExecuteIteration(msg, timeout=self.rpc_timeout_s)
                 outcome = core.complete(plan, convert.result_from_proto(reply), time.time())
             except grpc.aio.AioRpcError as exc:
                 log.warning("worker_failed", worker=self.worker_id, code=exc.code().name, details=exc.details())
-                self.app.start_drop(self.worker_id, reason=f"ExecuteIteration: {exc.code().name}")
+                self.failure = f"ExecuteIteration: {exc.code().name}"
                 return
             except Exception as exc:  # a reply the core cannot apply: this worker is not trustworthy
                 log.exception("iteration_failed", worker=self.worker_id)
-                self.app.start_drop(self.worker_id, reason=f"bad iteration result: {exc}")
+                self.failure = f"bad iteration result: {exc}"
                 return
             changes = self.changes_for(plan, outcome)
+            for r in outcome.finished:  # its record and tokens travel in ``changes`` from here on
+                core.forget(r.request_id)
             self.stats.iterations += 1
             self.stats.last_iteration_s = reply.elapsed_s
             self.stats.decision_s.append(decision)
             # The write task exists before the next await, so stopping the loop cannot lose an
             # iteration the core has applied; the loop stays at most one iteration ahead of Redis.
-            previous = self._committing
-            self.chain_write(self.app.commit(self, changes, outcome))
+            previous = self.commits.last
+            self.commits.iteration(changes)
             if previous is not None:
                 await asyncio.shield(previous)
             self._learn_overhead(time.perf_counter() - t0 - reply.elapsed_s)
             self._learn_time_correction(plan.predicted_time_s, reply.elapsed_s)
-
-    def chain_write(self, write: Coroutine[Any, Any, None]) -> asyncio.Task:
-        """Run ``write`` after every write queued on this lane before it: Redis and watchers see
-        iteration k before k+1, and a cancel's record after the iterations that preceded it."""
-        self._committing = asyncio.create_task(_after(self._committing, write))
-        return self._committing
 
     def _learn_overhead(self, overhead_s: float) -> None:
         """EWMA of the time an iteration spends outside the model; the policy budgets around it."""
@@ -170,37 +190,24 @@ class WorkerLane:
         policy.time_correction = 0.95 * policy.time_correction + 0.05 * ratio
         self.stats.time_correction = policy.time_correction
 
-    def changes_for(self, plan, outcome) -> IterationChanges:
+    def changes_for(self, plan: BatchPlan, outcome: StepOutcome) -> IterationChanges:
         """What this iteration changed, for one Redis round trip."""
         core = self.core
-        ch = IterationChanges(worker_id=self.worker_id, free_blocks=core.kv.num_free_blocks)
+        ch = IterationChanges(worker_id=self.worker_id)
         for ev in outcome.tokens:
             toks, times = ch.tokens.setdefault(ev.request_id, ([], []))
             toks.append(ev.token_id)
             times.append(ev.time_s)
-        for c in plan.chunks:
-            if c.new_block_ids or c.is_new:
-                table = core.kv.block_table(c.request_id)
-                if table:
-                    ch.block_tables[c.request_id] = table
         for rid in plan.preempted_request_ids:
             r = core.requests.get(rid)
             if r is not None:
-                ch.status[rid] = ("preempted", "")
+                ch.status[rid] = (RequestStatus.PREEMPTED, "")
                 ch.preemptions[rid] = r.num_preemptions
-                ch.freed_tables.append(rid)
         for r in outcome.finished:
-            ch.status[r.request_id] = ("finished", r.finish_reason.value if r.finish_reason else "")
+            ch.status[r.request_id] = (RequestStatus.FINISHED, r.finish_reason.value if r.finish_reason else "")
             ch.finished.append(r.request_id)
-            ch.freed_tables.append(r.request_id)
         for c in plan.chunks:
             r = core.requests.get(c.request_id)
             if c.is_new and r is not None and c.request_id not in ch.status:
-                ch.status[c.request_id] = ("running", "")
+                ch.status[c.request_id] = (RequestStatus.RUNNING, "")
         return ch
-
-
-async def _after(previous: asyncio.Task | None, write: Coroutine[Any, Any, None]) -> None:
-    if previous is not None:
-        await asyncio.wait({previous})  # its failure is its own (logged there); ours still runs
-    await write

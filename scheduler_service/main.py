@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from dataclasses import dataclass
 from typing import Sequence
@@ -11,7 +10,7 @@ from accelgen.common.grpc_server import install_sigterm, make_server, serve_unti
 from accelgen.common.logs import setup_logging
 from accelgen.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_service.app import SchedulerApp
-from scheduler_service.config import SchedulerConfig, add_args, from_args
+from scheduler_service.config import LOADER, SchedulerConfig
 from scheduler_service.server import SchedulerServicer
 from scheduler_service.state.store import RedisStore
 
@@ -65,10 +64,8 @@ async def _shutdown(handle: SchedulerHandle) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="accelgen scheduler", description="AccelGen scheduler service")
-    add_args(ap)
-    args = ap.parse_args(argv)
-    asyncio.run(run(from_args(args)))
+    config = LOADER.main_config(argv, prog="accelgen scheduler", description="AccelGen scheduler service")
+    asyncio.run(run(config))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The Scheduler gRPC servicer: thin, over ``SchedulerApp``. Errors map to status codes here only."""
+"""The Scheduler gRPC servicer: thin, over ``SchedulerApp``'s parts. A failed call aborts with the
+status ``errors.status_of`` gives its exception."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from typing import AsyncIterator
 import grpc
 import structlog
 
-from accelgen.v1 import gateway_pb2, scheduler_pb2, scheduler_pb2_grpc
+from accelgen.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from accelgen.wire.slo import slo_to_proto
+from accelgen.wire.worker_info import worker_info_from_proto
 from scheduler_service.app import SchedulerApp
-from scheduler_service.errors import ServiceError
+from scheduler_service.errors import status_of
+from scheduler_service.state.store import status_text
 
 log = structlog.get_logger("scheduler.rpc")
 
@@ -19,23 +22,10 @@ RETRY_AFTER_KEY = "retry-after-ms"
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-    """The one place where errors become gRPC status codes."""
-    if isinstance(exc, ServiceError):
-        if exc.retry_after_s is not None:
-            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(max(0, round(exc.retry_after_s * 1000)))),))
-        await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
-    if isinstance(exc, (ConnectionError, OSError)) or type(exc).__module__.startswith("redis"):
-        await context.abort(grpc.StatusCode.UNAVAILABLE, f"the state store (Redis) is unavailable: {exc}")
-    log.exception("internal_error")
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
-
-
-def describe_to_dict(worker_id: str, msg: scheduler_pb2.RegisterWorkerRequest) -> dict:
-    d = msg.description
-    return {"worker_id": worker_id, "address": msg.address, "model": d.model, "executor": d.executor,
-            "block_size": d.block_size, "num_blocks": d.num_blocks, "max_model_len": d.max_model_len,
-            "profile_json": d.profile_json, "eos_token_id": d.eos_token_id, "vocab_size": d.vocab_size,
-            "max_num_batched_tokens": d.max_num_batched_tokens, "max_num_seqs": d.max_num_seqs}
+    code, message, retry_after_s = status_of(exc)
+    if retry_after_s is not None:
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(max(0, round(retry_after_s * 1000)))),))
+    await context.abort(code, message)
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -45,32 +35,26 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def Submit(self, request, context):
         structlog.contextvars.bind_contextvars(request_id=request.request_id)
         try:
-            r = await self.app.submit(request)
+            r = await self.app.intake.submit(request)
         except Exception as exc:
             await _abort(context, exc)
-        log.info("submitted", prompt_tokens=r.num_prompt_tokens, app_class=r.app_class, worker=self.app.owner.get(r.request_id))
+        log.info("submitted", prompt_tokens=r.num_prompt_tokens, app_class=r.app_class,
+                 worker=self.app.workers.worker_of(r.request_id))
         return scheduler_pb2.SubmitResponse(request_id=r.request_id, slo=slo_to_proto(r.slo))
-
-    async def Watch(self, request, context) -> AsyncIterator[scheduler_pb2.TokenBatch]:
-        try:
-            async for batch in self.app.watch(request.request_id, request.start_index):
-                yield batch
-        except Exception as exc:
-            await _abort(context, exc)
 
     async def WatchMany(self, request_iterator, context) -> AsyncIterator[scheduler_pb2.WatchManyResponse]:
         try:
-            async for resp in self.app.watch_many(request_iterator):
+            async for resp in self.app.delivery.watch_many(request_iterator):
                 yield resp
         except Exception as exc:
             await _abort(context, exc)
 
     async def Cancel(self, request, context):
         try:
-            ok = await self.app.cancel(request.request_id)
+            ok = await self.app.intake.cancel(request.request_id)
         except Exception as exc:
             await _abort(context, exc)
-        return gateway_pb2.CancelResponse(cancelled=ok)
+        return common_pb2.CancelResponse(cancelled=ok)
 
     async def GetRequest(self, request, context):
         try:
@@ -80,8 +64,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if rec is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"request {request.request_id!r} is unknown (or expired)")
         r = rec.request
-        return gateway_pb2.RequestState(
-            request_id=r.request_id, status=r.status.name.lower(), output_ids=r.output_token_ids,
+        return common_pb2.RequestState(
+            request_id=r.request_id, status=status_text(r.status), output_ids=r.output_token_ids,
             finish_reason=r.finish_reason.value if r.finish_reason else "", app_class=r.app_class,
             slo=slo_to_proto(r.slo), prompt_tokens=r.num_prompt_tokens, num_preemptions=r.num_preemptions)
 
@@ -92,7 +76,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if not request.worker_id or not request.address:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "worker_id and address are required")
         try:
-            await self.app.register_worker(request.worker_id, describe_to_dict(request.worker_id, request))
+            await self.app.workers.register(request.worker_id, request.address,
+                                            worker_info_from_proto(request.description))
         except Exception as exc:
             await _abort(context, exc)
         cfg = self.app.config
@@ -101,11 +86,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def Heartbeat(self, request, context):
         try:
-            known = await self.app.heartbeat(request.worker_id)
+            known = await self.app.workers.heartbeat(request.worker_id)
         except Exception as exc:
             await _abort(context, exc)
         return scheduler_pb2.HeartbeatResponse(known=known)
 
     async def DeregisterWorker(self, request, context):
-        await self.app.drop_worker(request.worker_id, reason="deregistered")
+        await self.app.workers.drop(request.worker_id, reason="deregistered")
         return scheduler_pb2.DeregisterWorkerResponse()

@@ -21,7 +21,7 @@ import asyncio
 import grpc
 import structlog
 
-from accelgen.v1 import scheduler_pb2, scheduler_pb2_grpc
+from accelgen.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = structlog.get_logger(service="worker")
 
@@ -37,7 +37,7 @@ class Registration:
         stub: scheduler_pb2_grpc.SchedulerStub,
         worker_id: str,
         address: str,
-        description: scheduler_pb2.WorkerDescription,
+        description: common_pb2.WorkerDescription,
         rpc_timeout_s: float = 2.0,
         backoff_max_s: float = 5.0,
     ) -> None:

@@ -21,7 +21,7 @@ import structlog
 from grpc_health.v1 import health
 
 from accelgen.common.grpc_server import make_server
-from accelgen.v1 import scheduler_pb2, worker_pb2, worker_pb2_grpc
+from accelgen.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from accelgen.wire.worker_info import worker_info_to_proto
 from worker_service.convert import plan_from_proto, result_to_proto
 from worker_service.executors.base import Executor
@@ -75,7 +75,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                   elapsed_s=round(result.elapsed_s, 6), predicted_s=round(plan.predicted_time_s, 6))
         return result_to_proto(result)
 
-    async def Describe(self, request: worker_pb2.DescribeRequest, context: grpc.aio.ServicerContext) -> scheduler_pb2.WorkerDescription:
+    async def Describe(self, request: worker_pb2.DescribeRequest, context: grpc.aio.ServicerContext) -> common_pb2.WorkerDescription:
         return self.description
 
     def close(self) -> None:

@@ -118,19 +118,6 @@ class KVBlockManager:
         self._free.extend(table)
         return table
 
-    def restore(self, tables: dict[str, list[int]]) -> None:
-        """Rebuild from persisted tables (scheduler restart). Raises if they overlap or are invalid."""
-        seen: set[int] = set()
-        for rid, table in tables.items():
-            for block in table:
-                if not 0 < block < self.num_blocks:
-                    raise ValueError(f"request {rid!r} owns block {block} outside 1..{self.num_blocks - 1}")
-                if block in seen:
-                    raise ValueError(f"block {block} is owned twice (second owner {rid!r})")
-                seen.add(block)
-        self._tables = {rid: list(t) for rid, t in tables.items()}
-        self._free = deque(b for b in range(1, self.num_blocks) if b not in seen)
-
     def check_invariants(self) -> None:
         """No block owned twice, none both owned and free, none lost, block 0 never handed out."""
         owned = [b for table in self._tables.values() for b in table]

@@ -135,6 +135,3 @@ class Request:
         budget = slo.ttft_s if slo.ttft_s is not None else slo.jct_s
         assert budget is not None  # guaranteed by SLO.__post_init__
         return self.arrival_s + budget
-
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids

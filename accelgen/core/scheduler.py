@@ -218,6 +218,11 @@ class SchedulerCore:
     def has_work(self) -> bool:
         return bool(self.running) or len(self.waiting) > 0
 
+    @property
+    def has_ids_to_free(self) -> bool:
+        """Whether the next plan must tell the worker to forget requests (finished or cancelled)."""
+        return bool(self._to_free)
+
     def forget(self, request_id: str) -> None:
         """Drop a finished request's record (the service does this once it is delivered)."""
         request = self.requests.get(request_id)

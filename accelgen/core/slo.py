@@ -39,10 +39,6 @@ class SLO:
         """The bound on every iteration this request takes part in (None for JCT-only)."""
         return self.tbt_s
 
-    @property
-    def is_jct(self) -> bool:
-        return self.tbt_s is None
-
 
 @dataclass(frozen=True, slots=True)
 class SLOClass:

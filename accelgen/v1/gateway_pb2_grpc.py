@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from accelgen.v1 import common_pb2 as accelgen_dot_v1_dot_common__pb2
 from accelgen.v1 import gateway_pb2 as accelgen_dot_v1_dot_gateway__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -41,13 +42,13 @@ class GatewayStub:
                 _registered_method=True)
         self.Cancel = channel.unary_unary(
                 '/accelgen.v1.Gateway/Cancel',
-                request_serializer=accelgen_dot_v1_dot_gateway__pb2.CancelRequest.SerializeToString,
-                response_deserializer=accelgen_dot_v1_dot_gateway__pb2.CancelResponse.FromString,
+                request_serializer=accelgen_dot_v1_dot_common__pb2.CancelRequest.SerializeToString,
+                response_deserializer=accelgen_dot_v1_dot_common__pb2.CancelResponse.FromString,
                 _registered_method=True)
         self.GetRequest = channel.unary_unary(
                 '/accelgen.v1.Gateway/GetRequest',
-                request_serializer=accelgen_dot_v1_dot_gateway__pb2.GetRequestRequest.SerializeToString,
-                response_deserializer=accelgen_dot_v1_dot_gateway__pb2.RequestState.FromString,
+                request_serializer=accelgen_dot_v1_dot_common__pb2.GetRequestRequest.SerializeToString,
+                response_deserializer=accelgen_dot_v1_dot_common__pb2.RequestState.FromString,
                 _registered_method=True)
 
 
@@ -87,13 +88,13 @@ def add_GatewayServicer_to_server(servicer, server):
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
                     servicer.Cancel,
-                    request_deserializer=accelgen_dot_v1_dot_gateway__pb2.CancelRequest.FromString,
-                    response_serializer=accelgen_dot_v1_dot_gateway__pb2.CancelResponse.SerializeToString,
+                    request_deserializer=accelgen_dot_v1_dot_common__pb2.CancelRequest.FromString,
+                    response_serializer=accelgen_dot_v1_dot_common__pb2.CancelResponse.SerializeToString,
             ),
             'GetRequest': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRequest,
-                    request_deserializer=accelgen_dot_v1_dot_gateway__pb2.GetRequestRequest.FromString,
-                    response_serializer=accelgen_dot_v1_dot_gateway__pb2.RequestState.SerializeToString,
+                    request_deserializer=accelgen_dot_v1_dot_common__pb2.GetRequestRequest.FromString,
+                    response_serializer=accelgen_dot_v1_dot_common__pb2.RequestState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -148,8 +149,8 @@ class Gateway:
             request,
             target,
             '/accelgen.v1.Gateway/Cancel',
-            accelgen_dot_v1_dot_gateway__pb2.CancelRequest.SerializeToString,
-            accelgen_dot_v1_dot_gateway__pb2.CancelResponse.FromString,
+            accelgen_dot_v1_dot_common__pb2.CancelRequest.SerializeToString,
+            accelgen_dot_v1_dot_common__pb2.CancelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -175,8 +176,8 @@ class Gateway:
             request,
             target,
             '/accelgen.v1.Gateway/GetRequest',
-            accelgen_dot_v1_dot_gateway__pb2.GetRequestRequest.SerializeToString,
-            accelgen_dot_v1_dot_gateway__pb2.RequestState.FromString,
+            accelgen_dot_v1_dot_common__pb2.GetRequestRequest.SerializeToString,
+            accelgen_dot_v1_dot_common__pb2.RequestState.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,5 +1,4 @@
 from accelgen.v1 import common_pb2 as _common_pb2
-from accelgen.v1 import gateway_pb2 as _gateway_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -135,8 +134,8 @@ class RegisterWorkerRequest(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
-    description: WorkerDescription
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., description: _Optional[_Union[WorkerDescription, _Mapping]] = ...) -> None: ...
+    description: _common_pb2.WorkerDescription
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., description: _Optional[_Union[_common_pb2.WorkerDescription, _Mapping]] = ...) -> None: ...
 
 class RegisterWorkerResponse(_message.Message):
     __slots__ = ("heartbeat_interval_s", "heartbeat_ttl_s")
@@ -167,27 +166,3 @@ class DeregisterWorkerRequest(_message.Message):
 class DeregisterWorkerResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
-
-class WorkerDescription(_message.Message):
-    __slots__ = ("model", "executor", "block_size", "num_blocks", "max_model_len", "profile_json", "eos_token_id", "vocab_size", "max_num_batched_tokens", "max_num_seqs")
-    MODEL_FIELD_NUMBER: _ClassVar[int]
-    EXECUTOR_FIELD_NUMBER: _ClassVar[int]
-    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
-    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
-    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
-    PROFILE_JSON_FIELD_NUMBER: _ClassVar[int]
-    EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
-    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
-    MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
-    model: str
-    executor: str
-    block_size: int
-    num_blocks: int
-    max_model_len: int
-    profile_json: str
-    eos_token_id: int
-    vocab_size: int
-    max_num_batched_tokens: int
-    max_num_seqs: int
-    def __init__(self, model: _Optional[str] = ..., executor: _Optional[str] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., profile_json: _Optional[str] = ..., eos_token_id: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...

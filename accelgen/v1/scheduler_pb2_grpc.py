@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from accelgen.v1 import gateway_pb2 as accelgen_dot_v1_dot_gateway__pb2
+from accelgen.v1 import common_pb2 as accelgen_dot_v1_dot_common__pb2
 from accelgen.v1 import scheduler_pb2 as accelgen_dot_v1_dot_scheduler__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -40,11 +40,6 @@ class SchedulerStub:
                 request_serializer=accelgen_dot_v1_dot_scheduler__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=accelgen_dot_v1_dot_scheduler__pb2.SubmitResponse.FromString,
                 _registered_method=True)
-        self.Watch = channel.unary_stream(
-                '/accelgen.v1.Scheduler/Watch',
-                request_serializer=accelgen_dot_v1_dot_scheduler__pb2.WatchRequest.SerializeToString,
-                response_deserializer=accelgen_dot_v1_dot_scheduler__pb2.TokenBatch.FromString,
-                _registered_method=True)
         self.WatchMany = channel.stream_stream(
                 '/accelgen.v1.Scheduler/WatchMany',
                 request_serializer=accelgen_dot_v1_dot_scheduler__pb2.WatchManyRequest.SerializeToString,
@@ -52,13 +47,13 @@ class SchedulerStub:
                 _registered_method=True)
         self.Cancel = channel.unary_unary(
                 '/accelgen.v1.Scheduler/Cancel',
-                request_serializer=accelgen_dot_v1_dot_gateway__pb2.CancelRequest.SerializeToString,
-                response_deserializer=accelgen_dot_v1_dot_gateway__pb2.CancelResponse.FromString,
+                request_serializer=accelgen_dot_v1_dot_common__pb2.CancelRequest.SerializeToString,
+                response_deserializer=accelgen_dot_v1_dot_common__pb2.CancelResponse.FromString,
                 _registered_method=True)
         self.GetRequest = channel.unary_unary(
                 '/accelgen.v1.Scheduler/GetRequest',
-                request_serializer=accelgen_dot_v1_dot_gateway__pb2.GetRequestRequest.SerializeToString,
-                response_deserializer=accelgen_dot_v1_dot_gateway__pb2.RequestState.FromString,
+                request_serializer=accelgen_dot_v1_dot_common__pb2.GetRequestRequest.SerializeToString,
+                response_deserializer=accelgen_dot_v1_dot_common__pb2.RequestState.FromString,
                 _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/accelgen.v1.Scheduler/GetServerInfo',
@@ -92,19 +87,13 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Watch(self, request, context):
-        """Stream a request's tokens from index `start_index` on. A gateway that lost its stream (its
-        own restart, or the scheduler's) calls Watch again with the number of tokens it already has.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def WatchMany(self, request_iterator, context):
-        """Watch many requests over one stream: what a gateway uses. Each response carries the new
-        tokens of every watched request that has any (about one message per iteration, instead of
-        one per request per iteration). The client adds and removes requests as it goes; a request
-        that cannot be watched gets a WatchError and the others go on. Same resume rule as Watch.
+        """Stream the tokens of many requests over one stream (a gateway keeps one for all it serves).
+        Each response carries the new tokens of every watched request that has any (about one
+        message per iteration, whatever the number of requests). The client adds and removes
+        requests as it goes; a request that cannot be watched gets a WatchError and the others go
+        on. A client that lost its stream (its own restart, or the scheduler's) watches again from
+        the number of tokens it already has.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,11 +144,6 @@ def add_SchedulerServicer_to_server(servicer, server):
                     request_deserializer=accelgen_dot_v1_dot_scheduler__pb2.SubmitRequest.FromString,
                     response_serializer=accelgen_dot_v1_dot_scheduler__pb2.SubmitResponse.SerializeToString,
             ),
-            'Watch': grpc.unary_stream_rpc_method_handler(
-                    servicer.Watch,
-                    request_deserializer=accelgen_dot_v1_dot_scheduler__pb2.WatchRequest.FromString,
-                    response_serializer=accelgen_dot_v1_dot_scheduler__pb2.TokenBatch.SerializeToString,
-            ),
             'WatchMany': grpc.stream_stream_rpc_method_handler(
                     servicer.WatchMany,
                     request_deserializer=accelgen_dot_v1_dot_scheduler__pb2.WatchManyRequest.FromString,
@@ -167,13 +151,13 @@ def add_SchedulerServicer_to_server(servicer, server):
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
                     servicer.Cancel,
-                    request_deserializer=accelgen_dot_v1_dot_gateway__pb2.CancelRequest.FromString,
-                    response_serializer=accelgen_dot_v1_dot_gateway__pb2.CancelResponse.SerializeToString,
+                    request_deserializer=accelgen_dot_v1_dot_common__pb2.CancelRequest.FromString,
+                    response_serializer=accelgen_dot_v1_dot_common__pb2.CancelResponse.SerializeToString,
             ),
             'GetRequest': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRequest,
-                    request_deserializer=accelgen_dot_v1_dot_gateway__pb2.GetRequestRequest.FromString,
-                    response_serializer=accelgen_dot_v1_dot_gateway__pb2.RequestState.SerializeToString,
+                    request_deserializer=accelgen_dot_v1_dot_common__pb2.GetRequestRequest.FromString,
+                    response_serializer=accelgen_dot_v1_dot_common__pb2.RequestState.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
@@ -234,33 +218,6 @@ class Scheduler:
             _registered_method=True)
 
     @staticmethod
-    def Watch(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/accelgen.v1.Scheduler/Watch',
-            accelgen_dot_v1_dot_scheduler__pb2.WatchRequest.SerializeToString,
-            accelgen_dot_v1_dot_scheduler__pb2.TokenBatch.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
     def WatchMany(request_iterator,
             target,
             options=(),
@@ -302,8 +259,8 @@ class Scheduler:
             request,
             target,
             '/accelgen.v1.Scheduler/Cancel',
-            accelgen_dot_v1_dot_gateway__pb2.CancelRequest.SerializeToString,
-            accelgen_dot_v1_dot_gateway__pb2.CancelResponse.FromString,
+            accelgen_dot_v1_dot_common__pb2.CancelRequest.SerializeToString,
+            accelgen_dot_v1_dot_common__pb2.CancelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -329,8 +286,8 @@ class Scheduler:
             request,
             target,
             '/accelgen.v1.Scheduler/GetRequest',
-            accelgen_dot_v1_dot_gateway__pb2.GetRequestRequest.SerializeToString,
-            accelgen_dot_v1_dot_gateway__pb2.RequestState.FromString,
+            accelgen_dot_v1_dot_common__pb2.GetRequestRequest.SerializeToString,
+            accelgen_dot_v1_dot_common__pb2.RequestState.FromString,
             options,
             channel_credentials,
             insecure,

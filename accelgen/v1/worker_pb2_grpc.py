@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from accelgen.v1 import scheduler_pb2 as accelgen_dot_v1_dot_scheduler__pb2
+from accelgen.v1 import common_pb2 as accelgen_dot_v1_dot_common__pb2
 from accelgen.v1 import worker_pb2 as accelgen_dot_v1_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -43,7 +43,7 @@ class WorkerStub:
         self.Describe = channel.unary_unary(
                 '/accelgen.v1.Worker/Describe',
                 request_serializer=accelgen_dot_v1_dot_worker__pb2.DescribeRequest.SerializeToString,
-                response_deserializer=accelgen_dot_v1_dot_scheduler__pb2.WorkerDescription.FromString,
+                response_deserializer=accelgen_dot_v1_dot_common__pb2.WorkerDescription.FromString,
                 _registered_method=True)
 
 
@@ -73,7 +73,7 @@ def add_WorkerServicer_to_server(servicer, server):
             'Describe': grpc.unary_unary_rpc_method_handler(
                     servicer.Describe,
                     request_deserializer=accelgen_dot_v1_dot_worker__pb2.DescribeRequest.FromString,
-                    response_serializer=accelgen_dot_v1_dot_scheduler__pb2.WorkerDescription.SerializeToString,
+                    response_serializer=accelgen_dot_v1_dot_common__pb2.WorkerDescription.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,7 +129,7 @@ class Worker:
             target,
             '/accelgen.v1.Worker/Describe',
             accelgen_dot_v1_dot_worker__pb2.DescribeRequest.SerializeToString,
-            accelgen_dot_v1_dot_scheduler__pb2.WorkerDescription.FromString,
+            accelgen_dot_v1_dot_common__pb2.WorkerDescription.FromString,
             options,
             channel_credentials,
             insecure,

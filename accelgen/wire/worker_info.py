@@ -10,16 +10,16 @@ import dataclasses
 import json
 
 from accelgen.core.worker_info import WorkerInfo
-from accelgen.v1 import scheduler_pb2
+from accelgen.v1 import common_pb2
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(WorkerInfo))
 
 
-def worker_info_to_proto(info: WorkerInfo) -> scheduler_pb2.WorkerDescription:
-    return scheduler_pb2.WorkerDescription(**{name: getattr(info, name) for name in _FIELDS})
+def worker_info_to_proto(info: WorkerInfo) -> common_pb2.WorkerDescription:
+    return common_pb2.WorkerDescription(**{name: getattr(info, name) for name in _FIELDS})
 
 
-def worker_info_from_proto(msg: scheduler_pb2.WorkerDescription) -> WorkerInfo:
+def worker_info_from_proto(msg: common_pb2.WorkerDescription) -> WorkerInfo:
     return WorkerInfo(**{name: getattr(msg, name) for name in _FIELDS})
 
 

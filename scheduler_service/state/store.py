@@ -7,14 +7,17 @@ Layout (every key under a configurable prefix, default ``accelgen:``):
 - ``out:{id}``        string: output token ids, appended 4 bytes a token (APPEND is O(1))
 - ``tim:{id}``        string: emission times, appended 8 bytes a token
 - ``live``            sorted set: unfinished request ids by arrival — the durable queue
-- ``workers``         hash: worker id -> description JSON
+- ``workers``         hash: worker id -> JSON: its address and its ``WorkerInfo`` fields
+                      (``accelgen.wire.worker_info``)
 - ``alive:{worker}``  string with a TTL, refreshed by heartbeats
-- ``kv:{worker}``     hash: request id -> block table (uint32 array); ``kvfree:{worker}``: free count
 - ``leader``          the scheduler's lease (SET NX PX)
+
+Block tables are not stored: a restarted scheduler starts a new epoch, every worker drops its
+KV cache on seeing it, and every live request is recomputed from its record.
 
 Each iteration's changes go to Redis in one pipelined MULTI/EXEC round trip.
 Finished requests leave ``live`` and keep their record for ``finished_ttl_s`` so that
-``GetRequest`` and a late ``Watch`` still find them.
+``GetRequest`` and a late ``WatchMany`` still find them.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from accelgen.core.request import FinishReason, Request, RequestStatus
+from accelgen.core.worker_info import WorkerInfo
 from accelgen.wire.sampling import sampling_from_json, sampling_to_json
 from accelgen.wire.slo import slo_from_json, slo_to_json
+from accelgen.wire.worker_info import worker_info_from_json, worker_info_to_json
 
 
 def pack_u32(values: list[int]) -> bytes:
@@ -65,13 +70,10 @@ class StoredRequest:
 class IterationChanges:
     """Everything one iteration changed, written in one round trip."""
 
-    worker_id: str
+    worker_id: str  # whose lane wrote it (for the logs)
     tokens: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
-    status: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (status, finish_reason)
+    status: dict[str, tuple[RequestStatus, str]] = field(default_factory=dict)  # id -> (status, finish_reason)
     preemptions: dict[str, int] = field(default_factory=dict)
-    block_tables: dict[str, list[int]] = field(default_factory=dict)  # changed tables
-    freed_tables: list[str] = field(default_factory=list)
-    free_blocks: int | None = None
     finished: list[str] = field(default_factory=list)
 
 
@@ -100,9 +102,6 @@ class RedisStore:
     async def close(self) -> None:
         await self.redis.aclose()
 
-    async def ping(self) -> bool:
-        return bool(await self.redis.ping())
-
     # -- leader lease ------------------------------------------------------------------------
     async def acquire_lease(self, instance: str, ttl_ms: int) -> bool:
         key = self.p + "leader"
@@ -129,7 +128,7 @@ class RedisStore:
             "app_class": request.app_class,
             "arrival": repr(request.arrival_s),
             "eos": "" if request.eos_token_id is None else str(request.eos_token_id),
-            "status": request.status.name.lower(),
+            "status": status_text(request.status),
             "finish_reason": "",
             "preemptions": "0",
             "worker": worker_id,
@@ -141,9 +140,6 @@ class RedisStore:
             pipe.hset(self.p + f"req:{rid}", mapping=fields)
             pipe.zadd(self.p + "live", {rid: request.arrival_s})
             await pipe.execute()
-
-    async def request_exists(self, request_id: str) -> bool:
-        return bool(await self.redis.exists(self.p + f"req:{request_id}"))
 
     async def load_request(self, request_id: str) -> StoredRequest | None:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -166,14 +162,6 @@ class RedisStore:
                 records.append(rec)
         return records
 
-    async def set_worker_of(self, request_ids: list[str], worker_id: str) -> None:
-        if not request_ids:
-            return
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for rid in request_ids:
-                pipe.hset(self.p + f"req:{rid}", "worker", worker_id)
-            await pipe.execute()
-
     async def commit_iteration(self, ch: IterationChanges) -> None:
         """One MULTI/EXEC round trip with every change of one iteration."""
         p = self.p
@@ -186,16 +174,9 @@ class RedisStore:
                     args += (pack_u32(tokens), array("d", times).tobytes())
                 await self._append_all(keys=keys, args=args, client=pipe)
             for rid, (status, reason) in ch.status.items():
-                pipe.hset(p + f"req:{rid}", mapping={"status": status, "finish_reason": reason})
+                pipe.hset(p + f"req:{rid}", mapping={"status": status_text(status), "finish_reason": reason})
             for rid, n in ch.preemptions.items():
                 pipe.hset(p + f"req:{rid}", "preemptions", str(n))
-            kv_key = p + f"kv:{ch.worker_id}"
-            if ch.block_tables:
-                pipe.hset(kv_key, mapping={rid: pack_u32(t) for rid, t in ch.block_tables.items()})
-            if ch.freed_tables:
-                pipe.hdel(kv_key, *ch.freed_tables)
-            if ch.free_blocks is not None:
-                pipe.set(p + f"kvfree:{ch.worker_id}", ch.free_blocks)
             for rid in ch.finished:
                 pipe.zrem(p + "live", rid)
                 for key in (f"req:{rid}", f"out:{rid}", f"tim:{rid}"):
@@ -203,11 +184,11 @@ class RedisStore:
             await pipe.execute()
 
     # -- workers -------------------------------------------------------------------------------
-    async def register_worker(self, worker_id: str, description: dict[str, Any], ttl_s: float) -> None:
+    async def register_worker(self, worker_id: str, address: str, info: WorkerInfo, ttl_s: float) -> None:
+        entry = json.dumps({"address": address, **json.loads(worker_info_to_json(info))})
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.p + "workers", worker_id, json.dumps(description))
+            pipe.hset(self.p + "workers", worker_id, entry)
             pipe.set(self.p + f"alive:{worker_id}", "1", px=int(ttl_s * 1000))
-            pipe.delete(self.p + f"kv:{worker_id}")
             await pipe.execute()
 
     async def heartbeat(self, worker_id: str, ttl_s: float) -> None:
@@ -216,27 +197,27 @@ class RedisStore:
     async def remove_worker(self, worker_id: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hdel(self.p + "workers", worker_id)
-            pipe.delete(self.p + f"alive:{worker_id}", self.p + f"kv:{worker_id}", self.p + f"kvfree:{worker_id}")
+            pipe.delete(self.p + f"alive:{worker_id}")
             await pipe.execute()
 
-    async def live_workers(self) -> dict[str, dict[str, Any]]:
+    async def live_workers(self) -> dict[str, tuple[str, WorkerInfo]]:
+        """Worker id -> (address, WorkerInfo) of every registered worker still heart-beating."""
         raw = await self.redis.hgetall(self.p + "workers")
         out = {}
-        for wid_b, desc in raw.items():
+        for wid_b, entry in raw.items():
             wid = wid_b.decode()
             if await self.redis.exists(self.p + f"alive:{wid}"):
-                out[wid] = json.loads(desc)
+                out[wid] = (json.loads(entry)["address"], worker_info_from_json(entry))
         return out
 
-    async def block_tables(self, worker_id: str) -> dict[str, list[int]]:
-        raw = await self.redis.hgetall(self.p + f"kv:{worker_id}")
-        return {k.decode(): unpack_u32(v) for k, v in raw.items()}
 
-    async def clear_block_tables(self) -> None:
-        """A new scheduler epoch: workers drop their caches, so every table is void."""
-        keys = [k async for k in self.redis.scan_iter(match=self.p + "kv:*")]
-        if keys:
-            await self.redis.delete(*keys)
+def status_text(status: RequestStatus) -> str:
+    """How a status is stored: its name in lower case ("running", "cancelled", ...)."""
+    return status.name.lower()
+
+
+def status_from_text(text: str) -> RequestStatus:
+    return RequestStatus[text.upper()]
 
 
 def _decode(rid: str, h: dict[bytes, bytes], out: bytes | None, tim: bytes | None) -> StoredRequest:
@@ -252,7 +233,7 @@ def _decode(rid: str, h: dict[bytes, bytes], out: bytes | None, tim: bytes | Non
         eos_token_id=int(eos) if eos else None,
     )
     request.output_token_ids = unpack_u32(out)
-    request.status = RequestStatus[g["status"].decode().upper()]
+    request.status = status_from_text(g["status"].decode())
     reason = g.get("finish_reason", b"").decode()
     request.num_preemptions = int(g.get("preemptions", b"0"))
     times = unpack_f64(tim)

@@ -10,6 +10,7 @@ import concurrent.futures as cf
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import grpc
 import pytest
@@ -35,6 +36,29 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     s = make_stack(tmp_path_factory.mktemp("stack"))
     yield s
     s.stop()
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def server_info(scheduler_address: str) -> scheduler_pb2.ServerInfo:
+    with grpc.insecure_channel(scheduler_address) as ch:
+        return scheduler_pb2_grpc.SchedulerStub(ch).GetServerInfo(scheduler_pb2.GetServerInfoRequest(), timeout=5)
+
+
+def generating(scheduler_address: str, requests: int) -> Callable[[], bool]:
+    """True once the scheduler holds ``requests`` unfinished requests and has run iterations."""
+
+    def check() -> bool:
+        info = server_info(scheduler_address)
+        return info.queued_requests >= requests and info.iterations > 20
+
+    return check
 
 
 def generate(address: str, max_tokens: int, prompt_len: int = 40, app_class: str = "chat", request_id: str = "",
@@ -111,7 +135,7 @@ def test_scheduler_killed_and_restarted_loses_no_request(tmp_path: Path) -> None
     try:
         with cf.ThreadPoolExecutor(max_workers=30) as pool:
             futures = [pool.submit(generate, s.gateway_address, LONG, 30, timeout=240) for _ in range(30)]
-            time.sleep(1.5)  # mid-load
+            wait_until(generating(s.scheduler_address, 30), "all 30 requests to be generating")  # mid-load
             sched = s.find("scheduler")
             sched.kill()  # SIGKILL: no clean shutdown, lease left in Redis
             port = int(s.scheduler_address.rsplit(":", 1)[1])
@@ -127,7 +151,7 @@ def test_killed_worker_has_its_requests_finished_by_another(tmp_path: Path) -> N
     try:
         with cf.ThreadPoolExecutor(max_workers=20) as pool:
             futures = [pool.submit(generate, s.gateway_address, LONG, 30, timeout=240) for _ in range(20)]
-            time.sleep(1.0)
+            wait_until(generating(s.scheduler_address, 20), "all 20 requests to be generating")
             s.find("worker-0").kill()
             lengths = [len(f.result(timeout=240)[0]) for f in futures]
         assert lengths == [LONG] * 20
@@ -139,7 +163,7 @@ def test_no_worker_is_unavailable(tmp_path: Path) -> None:
     s = make_stack(tmp_path, workers=1)
     try:
         s.find("worker-0").stop()  # SIGTERM: deregisters
-        time.sleep(0.5)
+        wait_until(lambda: server_info(s.scheduler_address).live_workers == 0, "the worker to deregister")
         with pytest.raises(grpc.RpcError) as exc:
             generate(s.gateway_address, 5)
         assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -154,12 +178,10 @@ def test_redis_outage_is_unavailable_and_keeps_the_workers(tmp_path: Path) -> No
         redis_port = int(s.redis_url.rsplit(":", 1)[1].split("/")[0])
         with cf.ThreadPoolExecutor(max_workers=1) as pool:
             running = pool.submit(generate, s.gateway_address, LONG, request_id="outage-long", timeout=60)
-            time.sleep(0.5)
+            wait_until(generating(s.scheduler_address, 1), "the request to be generating")
             s.find("redis").kill()
-            time.sleep(1.5)  # three heartbeats (0.5 s) land while Redis is down
-            with grpc.insecure_channel(s.scheduler_address) as ch:
-                info = scheduler_pb2_grpc.SchedulerStub(ch).GetServerInfo(scheduler_pb2.GetServerInfoRequest(),
-                                                                           timeout=5)
+            time.sleep(1.5)  # not a wait for an event: three heartbeats (0.5 s) land while Redis is down
+            info = server_info(s.scheduler_address)
             assert info.live_workers == 1, "a Redis outage must not drop the workers"
             with pytest.raises(grpc.RpcError) as exc:
                 generate(s.gateway_address, 5, timeout=30)
@@ -167,7 +189,7 @@ def test_redis_outage_is_unavailable_and_keeps_the_workers(tmp_path: Path) -> No
             assert "redis" in exc.value.details().lower()
             # A cancel during the outage takes effect at once; only its record waits for Redis.
             with grpc.insecure_channel(s.gateway_address) as ch:
-                cancelled = gateway_pb2_grpc.GatewayStub(ch).Cancel(gateway_pb2.CancelRequest(request_id="outage-long"),
+                cancelled = gateway_pb2_grpc.GatewayStub(ch).Cancel(common_pb2.CancelRequest(request_id="outage-long"),
                                                                    timeout=10)
             assert cancelled.cancelled
             tokens, complete = running.result(timeout=30)
@@ -180,13 +202,12 @@ def test_redis_outage_is_unavailable_and_keeps_the_workers(tmp_path: Path) -> No
         import redis
 
         client = redis.Redis.from_url(s.redis_url)
-        deadline = time.monotonic() + 10  # the deferred cancel record lands once Redis answers
-        while client.hget("accelgen:req:outage-long", "status") != b"cancelled" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert client.hget("accelgen:req:outage-long", "status") == b"cancelled"
+        # The deferred cancel record lands once Redis answers.
+        wait_until(lambda: client.hget("accelgen:req:outage-long", "status") == b"cancelled",
+                   "the cancel record", timeout_s=10)
         client.close()
         with grpc.insecure_channel(s.gateway_address) as ch, pytest.raises(grpc.RpcError) as exc:
-            gateway_pb2_grpc.GatewayStub(ch).GetRequest(gateway_pb2.GetRequestRequest(request_id="outage-long"),
+            gateway_pb2_grpc.GatewayStub(ch).GetRequest(common_pb2.GetRequestRequest(request_id="outage-long"),
                                                         timeout=10)
         # Redis came back empty, so the request's record is gone: a clear NOT_FOUND, not INTERNAL.
         assert exc.value.code() == grpc.StatusCode.NOT_FOUND
@@ -199,7 +220,7 @@ def test_queue_full_is_resource_exhausted(tmp_path: Path) -> None:
     try:
         with cf.ThreadPoolExecutor(max_workers=3) as pool:
             running = [pool.submit(generate, s.gateway_address, LONG, 30) for _ in range(3)]
-            time.sleep(0.5)
+            wait_until(lambda: server_info(s.scheduler_address).queued_requests == 3, "the queue to be full")
             with pytest.raises(grpc.RpcError) as exc:
                 generate(s.gateway_address, 5)
             assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -219,7 +240,7 @@ def test_scheduler_classes_need_no_gateway_configuration(tmp_path: Path) -> None
         tokens, _ = generate(s.gateway_address, 5, app_class="vision", request_id="vision-1")
         assert len(tokens) == 5
         with grpc.insecure_channel(s.gateway_address) as ch:
-            state = gateway_pb2_grpc.GatewayStub(ch).GetRequest(gateway_pb2.GetRequestRequest(request_id="vision-1"),
+            state = gateway_pb2_grpc.GatewayStub(ch).GetRequest(common_pb2.GetRequestRequest(request_id="vision-1"),
                                                                 timeout=10)
         assert state.app_class == "vision" and state.slo.tbt_ms == 120 and state.slo.ttft_ms == 2000
         with pytest.raises(grpc.RpcError) as exc:

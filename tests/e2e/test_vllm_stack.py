@@ -72,7 +72,7 @@ def generate(address: str, name: str, max_tokens: int = OUT, on_first=None) -> t
 
 def preemptions(address: str, request_id: str) -> int:
     with grpc.insecure_channel(address) as ch:
-        state = scheduler_pb2_grpc.SchedulerStub(ch).GetRequest(gateway_pb2.GetRequestRequest(request_id=request_id),
+        state = scheduler_pb2_grpc.SchedulerStub(ch).GetRequest(common_pb2.GetRequestRequest(request_id=request_id),
                                                                 timeout=10)
     return state.num_preemptions
 

@@ -200,10 +200,10 @@ def test_a_submit_past_its_deadline_is_cancelled_at_the_scheduler() -> None:
 
 def test_cancel_and_get_request_pass_through(stack: GatewayStack, stub) -> None:
     _generate(stub, request_id="done-1")
-    state = stub.GetRequest(gateway_pb2.GetRequestRequest(request_id="done-1"), timeout=5)
+    state = stub.GetRequest(common_pb2.GetRequestRequest(request_id="done-1"), timeout=5)
     assert list(state.output_ids) == HELLO and state.app_class == "chat"
-    assert stub.Cancel(gateway_pb2.CancelRequest(request_id="done-1"), timeout=5).cancelled
-    for call, msg in ((stub.GetRequest, gateway_pb2.GetRequestRequest), (stub.Cancel, gateway_pb2.CancelRequest)):
+    assert stub.Cancel(common_pb2.CancelRequest(request_id="done-1"), timeout=5).cancelled
+    for call, msg in ((stub.GetRequest, common_pb2.GetRequestRequest), (stub.Cancel, common_pb2.CancelRequest)):
         with pytest.raises(grpc.RpcError) as err:
             call(msg(request_id="nope"), timeout=5)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in err.value.details()
@@ -279,20 +279,32 @@ def test_abandoned_request_is_unwatched(stack: GatewayStack, stub) -> None:
     assert stack.wait_for(lambda: any("left-1" in m.unwatch for m in stack.fake.watch_many_messages))
 
 
-def test_scheduler_without_watch_many_gets_one_watch_per_request() -> None:
-    from tests.support.gateway_stack import FakeScheduler
+def test_a_second_watcher_of_a_request_gets_a_stream_of_its_own(stack: GatewayStack) -> None:
+    """The shared stream carries one start index per request: a second watch of a request already
+    on it goes over another WatchMany stream, and both watchers see every token."""
+    import asyncio
 
-    fake = FakeScheduler(watch_many=False, batch_size=4)
-    s = GatewayStack(fake=fake)
-    try:
-        with grpc.insecure_channel(s.grpc_target) as channel:
-            stub = gateway_pb2_grpc.GatewayStub(channel)
-            assert _streamed_ids(_generate(stub, stream=True, request_id="solo-1")) == HELLO
-            assert _streamed_ids(_generate(stub, stream=True, request_id="solo-2")) == HELLO
-        assert fake.watch_many_streams == 0 and not fake.watch_many_messages
-        assert [w[0] for w in fake.watches] == ["solo-1", "solo-2"]
-    finally:
-        s.close()
+    from accelgen.v1 import scheduler_pb2
+    from gateway.scheduler_client import SchedulerClient
+
+    stack.reset(token_delay_s=0.01, batch_size=4)
+
+    async def scenario() -> tuple[list[list[int]], int]:
+        client = SchedulerClient(stack.config)
+        try:
+            await client.submit(scheduler_pb2.SubmitRequest(request_id="twice-1", prompt_token_ids=[5, 6]))
+
+            async def collect() -> list[int]:
+                return [t async for batch in client.watch("twice-1") for t in batch.token_ids]
+
+            outputs = await asyncio.gather(collect(), collect())
+            return list(outputs), stack.fake.watch_many_streams
+        finally:
+            await client.close()
+
+    outputs, streams = stack.loop.run(scenario())
+    assert outputs == [HELLO, HELLO] and streams == 2
+    assert [w for w in stack.fake.watches if w[0] == "twice-1"] == [("twice-1", 0), ("twice-1", 0)]
 
 
 def test_unreachable_scheduler_is_unavailable_not_an_unknown_class() -> None:

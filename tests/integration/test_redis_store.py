@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 from typing import Iterator
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from launcher.stack import start_redis
 from accelgen.core.request import Request, RequestStatus, SamplingParams
 from accelgen.core.slo import SLO
+from accelgen.core.worker_info import WorkerInfo
 from scheduler_service.state.store import IterationChanges, RedisStore
 
 pytestmark = pytest.mark.integration
@@ -29,7 +32,7 @@ def _request(rid: str) -> Request:
 
 def _finish(rid: str, tokens: list[int]) -> IterationChanges:
     return IterationChanges(worker_id="w0", tokens={rid: (tokens, [2.0] * len(tokens))},
-                            status={rid: ("finished", "length")}, finished=[rid])
+                            status={rid: (RequestStatus.FINISHED, "length")}, finished=[rid])
 
 
 def test_a_reused_request_id_starts_with_a_clean_record(redis_url: str) -> None:
@@ -54,8 +57,8 @@ def test_fields_written_after_the_record_was_lost_read_as_unknown(redis_url: str
     async def scenario() -> None:
         store = RedisStore(redis_url, prefix="lost:")
         # Redis restarted empty; a cancel (or an iteration commit) then writes its status fields.
-        await store.commit_iteration(IterationChanges(worker_id="w0", status={"gone": ("cancelled", "abort")},
-                                                      finished=["gone"]))
+        await store.commit_iteration(IterationChanges(
+            worker_id="w0", status={"gone": (RequestStatus.CANCELLED, "abort")}, finished=["gone"]))
         assert await store.load_request("gone") is None
         await store.close()
 
@@ -67,6 +70,28 @@ def test_a_burst_beyond_the_connection_pool_waits_instead_of_failing(redis_url: 
         store = RedisStore(redis_url, prefix="burst:")
         await asyncio.gather(*(store.add_request(_request(f"b{i}"), "w0") for i in range(300)))
         assert len(await store.load_live()) == 300
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_worker_registry_keeps_each_workers_address_and_info(redis_url: str) -> None:
+    async def scenario() -> None:
+        store = RedisStore(redis_url, prefix="workers:")
+        info = WorkerInfo(model="m", executor="sim", block_size=16, num_blocks=100, max_model_len=2048,
+                          profile_json="", eos_token_id=2, vocab_size=50272, max_num_seqs=8)
+        await store.register_worker("w0", "127.0.0.1:7001", info, ttl_s=30)
+        # The format before WorkerInfo: the description's fields, the address and the id in one dict.
+        old = {"worker_id": "w1", "address": "127.0.0.1:7002", "model": "m", "executor": "sim", "block_size": 16,
+               "num_blocks": 50, "max_model_len": 2048, "profile_json": "", "eos_token_id": 2, "vocab_size": 0,
+               "max_num_batched_tokens": 0, "max_num_seqs": 0}
+        await store.redis.hset("workers:workers", "w1", json.dumps(old))
+        await store.redis.set("workers:alive:w1", "1", px=30_000)
+        await store.register_worker("w2", "127.0.0.1:7003", info, ttl_s=30)
+        await store.remove_worker("w2")
+        live = await store.live_workers()
+        old_info = dataclasses.replace(info, num_blocks=50, vocab_size=0, max_num_seqs=0)
+        assert live == {"w0": ("127.0.0.1:7001", info), "w1": ("127.0.0.1:7002", old_info)}
         await store.close()
 
     asyncio.run(scenario())

@@ -13,8 +13,6 @@ reference token for token whatever the batching, chunking and block placement.
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import time
@@ -392,9 +390,12 @@ def test_a_failure_inside_vllm_forgets_every_request(ex, reference, monkeypatch)
 
 def test_measured_profile_is_what_the_scheduler_budgets_with(ex, tmp_path):
     """`accelgen profile` on the test model: the worker reports the file, the scheduler's lane uses it."""
-    from scheduler_service.app import SchedulerApp
-    from scheduler_service.config import SchedulerConfig
+    import dataclasses
+
     from accelgen.core.budget import TokenBudget
+    from accelgen.profiles import load_profile
+    from scheduler_service.config import SchedulerConfig
+    from scheduler_service.lane import lane_profile
     from worker_service.executors.vllm_executor import _measured_profile_json
     from worker_service.profiler import Profiler
 
@@ -405,13 +406,15 @@ def test_measured_profile_is_what_the_scheduler_budgets_with(ex, tmp_path):
     path = tmp_path / "tiny.json"
     measured.save(path)
 
-    app = SchedulerApp(SchedulerConfig(port=0), store=None)
-    desc = {"profile_json": _measured_profile_json(str(path)), "max_model_len": MAX_MODEL_LEN}
-    lane_profile = app._lane_profile(desc)
-    assert lane_profile.name == "tiny-opt_cpu"
-    assert (lane_profile.s_pf, lane_profile.t_pf_s) == (measured.s_pf, measured.t_pf_s)
+    configured = load_profile(SchedulerConfig(port=0).profile)
+    info = dataclasses.replace(ex.describe(), profile_json=_measured_profile_json(str(path)),
+                               max_model_len=MAX_MODEL_LEN)
+    profile = lane_profile(configured, info)
+    assert profile.name == "tiny-opt_cpu"
+    assert (profile.s_pf, profile.t_pf_s) == (measured.s_pf, measured.t_pf_s)
     # A tiny model on a CPU is far faster per token than OPT-13B on an A100: the 50 ms class
     # gets a bigger budget from the measured profile than from the configured one.
-    assert TokenBudget(lane_profile).for_slo(0.05) > TokenBudget(app.profile).for_slo(0.05)
+    assert TokenBudget(profile).for_slo(0.05) > TokenBudget(configured).for_slo(0.05)
     # Without a measured file the worker reports nothing and the configured profile stays.
-    assert app._lane_profile({"profile_json": _measured_profile_json("opt-13b_a100-80g")}) is app.profile
+    unmeasured = dataclasses.replace(info, profile_json=_measured_profile_json("opt-13b_a100-80g"), max_model_len=0)
+    assert lane_profile(configured, unmeasured) is configured

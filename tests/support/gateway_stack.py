@@ -1,10 +1,10 @@
 """Test doubles for the gateway: a scripted in-process Scheduler and a background event loop.
 
-``FakeScheduler`` implements the scheduler API the gateway uses (Submit, Watch, Cancel,
+``FakeScheduler`` implements the scheduler API the gateway uses (Submit, WatchMany, Cancel,
 GetRequest, GetServerInfo) over real gRPC, with knobs for the failures the gateway must
-survive: a Submit error, a Watch stream that breaks after N tokens (a scheduler restart), a
-resume that resends tokens the gateway already has. It records every call so tests can assert
-what reached the scheduler — and what did not.
+survive: a Submit error, a WatchMany stream that breaks after N tokens of a request (a
+scheduler restart), a resume that resends tokens the gateway already has. It records every
+call so tests can assert what reached the scheduler — and what did not.
 
 ``LoopThread`` runs an asyncio loop in a daemon thread so synchronous tests (no pytest-asyncio)
 can host aio servers and call them with ordinary blocking clients.
@@ -21,7 +21,7 @@ from typing import Any, AsyncGenerator, Awaitable, Callable, TypeVar
 
 import grpc
 
-from accelgen.v1 import common_pb2, gateway_pb2, scheduler_pb2, scheduler_pb2_grpc
+from accelgen.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 T = TypeVar("T")
 
@@ -76,11 +76,10 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     submit_retry_after_ms: int | None = None  # sent with submit_error, as the scheduler's admission does
     submit_delay_s: float = 0.0          # Submit is accepted at once but answers this late
     vocab_size: int = 0                  # reported in ServerInfo (0 = unknown)
-    break_after: int | None = None       # first Watch of a request aborts UNAVAILABLE at this index
-    rewind_on_resume: int = 0            # a re-Watch resends this many tokens before start_index
+    break_after: int | None = None       # the stream breaks (UNAVAILABLE) at this index of a request's first watch
+    rewind_on_resume: int = 0            # a re-watch resends this many tokens before start_index
     submits: list[scheduler_pb2.SubmitRequest] = field(default_factory=list)
-    watch_many: bool = True              # False: a scheduler without WatchMany (UNIMPLEMENTED)
-    watches: list[tuple[str, int]] = field(default_factory=list)
+    watches: list[tuple[str, int]] = field(default_factory=list)  # (request id, start index) of every watch
     watch_many_messages: list[scheduler_pb2.WatchManyRequest] = field(default_factory=list)
     watch_many_streams: int = 0
     cancels: list[str] = field(default_factory=list)
@@ -111,21 +110,10 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         await asyncio.sleep(self.submit_delay_s)
         return scheduler_pb2.SubmitResponse(request_id=request.request_id, slo=request.slo)
 
-    async def Watch(self, request: scheduler_pb2.WatchRequest,
-                    context: grpc.aio.ServicerContext) -> AsyncGenerator[scheduler_pb2.TokenBatch, None]:
-        self.watches.append((request.request_id, request.start_index))
-        try:
-            async for batch in self._batches(request.request_id, request.start_index):
-                yield batch
-        except _Refused as exc:
-            await context.abort(exc.code, exc.message)
-
     async def WatchMany(self, request_iterator: Any, context: grpc.aio.ServicerContext
                         ) -> AsyncGenerator[scheduler_pb2.WatchManyResponse, None]:
         """Each watched request pumped by a task of its own into one outgoing queue; a break
         (``break_after``) ends the whole stream, as a scheduler restart would."""
-        if not self.watch_many:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method WatchMany not implemented")
         self.watch_many_streams += 1
         out: asyncio.Queue[scheduler_pb2.WatchManyResponse | _Refused] = asyncio.Queue()
         pumps: dict[str, asyncio.Task[None]] = {}
@@ -194,17 +182,17 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
                 return
             i = end
 
-    async def Cancel(self, request: gateway_pb2.CancelRequest,
-                     context: grpc.aio.ServicerContext) -> gateway_pb2.CancelResponse:
+    async def Cancel(self, request: common_pb2.CancelRequest,
+                     context: grpc.aio.ServicerContext) -> common_pb2.CancelResponse:
         self.cancels.append(request.request_id)
         rec = await self._record(request.request_id, context)
         rec.cancelled = True
-        return gateway_pb2.CancelResponse(cancelled=True)
+        return common_pb2.CancelResponse(cancelled=True)
 
-    async def GetRequest(self, request: gateway_pb2.GetRequestRequest,
-                         context: grpc.aio.ServicerContext) -> gateway_pb2.RequestState:
+    async def GetRequest(self, request: common_pb2.GetRequestRequest,
+                         context: grpc.aio.ServicerContext) -> common_pb2.RequestState:
         rec = await self._record(request.request_id, context)
-        return gateway_pb2.RequestState(request_id=request.request_id, status="finished",
+        return common_pb2.RequestState(request_id=request.request_id, status="finished",
                                         output_ids=rec.tokens, finish_reason=self.finish_reason,
                                         app_class=rec.submit.app_class, slo=rec.submit.slo,
                                         prompt_tokens=len(rec.submit.prompt_token_ids))
@@ -249,7 +237,7 @@ class GatewayStack:
         return self.fake
 
     def restart_scheduler(self, down_s: float = 0.2) -> None:
-        """Stop the scheduler (in-flight Watch streams break), wait, serve again on the same port."""
+        """Stop the scheduler (in-flight WatchMany streams break), wait, serve again on the same port."""
 
         async def _restart() -> None:
             await self._server.stop(0)

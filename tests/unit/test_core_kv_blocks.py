@@ -154,43 +154,6 @@ def test_reserve_blocks_must_stay_free() -> None:
     kv.check_invariants()
 
 
-# -- restore ----------------------------------------------------------------------------------
-
-
-@pytest.mark.unit
-def test_restore_rebuilds_tables_and_free_pool() -> None:
-    kv = KVBlockManager(num_blocks=6, block_size=4)  # usable 1..5
-    kv.restore({"a": [2, 4], "b": [5]})
-    assert kv.owners() == {"a": [2, 4], "b": [5]}
-    assert kv.num_free_blocks == 2
-    assert kv.num_used_blocks == 3
-    # New allocations only come from the blocks nobody owns.
-    assert sorted(kv.allocate("c", 8) or []) == [1, 3]
-    assert kv.allocate("d", 1) is None
-    kv.check_invariants()
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize(
-    "tables",
-    [
-        {"a": [1, 2], "b": [2]},  # block 2 owned twice
-        {"a": [3, 3]},  # owned twice by the same request
-        {"a": [0]},  # the null block
-        {"a": [6]},  # outside the pool (usable ids are 1..5)
-        {"a": [-1]},
-    ],
-)
-def test_restore_rejects_overlap_and_invalid_ids_without_changing_state(tables: dict[str, list[int]]) -> None:
-    kv = KVBlockManager(num_blocks=6, block_size=4)
-    kv.allocate("x", 4)
-    before = (kv.owners(), kv.num_free_blocks)
-    with pytest.raises(ValueError):
-        kv.restore(tables)
-    assert (kv.owners(), kv.num_free_blocks) == before
-    kv.check_invariants()
-
-
 @pytest.mark.unit
 def test_check_invariants_detects_corruption() -> None:
     kv = KVBlockManager(num_blocks=5, block_size=4)
@@ -278,7 +241,7 @@ TestKVMachine = pytest.mark.unit(TestKVMachine)
 @pytest.mark.unit
 @pytest.mark.parametrize("seed", range(5))
 def test_random_operations_keep_pool_consistent(seed: int) -> None:
-    """A seeded random walk, longer than the stateful test's, with restore() thrown in."""
+    """A seeded random walk, longer than the stateful test's."""
     rng = random.Random(seed)
     kv = KVBlockManager(num_blocks=17, block_size=8)
     model: dict[str, int] = {}
@@ -296,14 +259,7 @@ def test_random_operations_keep_pool_consistent(seed: int) -> None:
                 model[rid] = have + need
             else:
                 assert need + reserve > kv.num_free_blocks
-        elif op < 0.95:
+        else:
             kv.free(rid)
             model.pop(rid, None)
-        else:
-            # Persist and restore into a fresh manager: same ownership, same free count.
-            fresh = KVBlockManager(num_blocks=17, block_size=8)
-            fresh.restore(kv.owners())
-            assert fresh.owners() == kv.owners()
-            assert fresh.num_free_blocks == kv.num_free_blocks
-            kv = fresh
         _independent_check(kv, model)

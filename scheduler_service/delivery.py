@@ -1,0 +1,236 @@
+"""Delivery: committed tokens to the gateways. Owns the request channels and the WatchMany streams.
+
+Each request has a ``RequestChannel``: its tokens so far and whether it is done. The committer
+hands every iteration to ``Delivery.publish`` once it is durable in Redis, so a channel never
+holds a token a restarted scheduler would not know.
+
+A gateway watches every request it serves over one WatchMany stream (a ``WatchSession``). With a
+stream per request the scheduler sent one gRPC message per running request per iteration, and at
+a few hundred running requests the gRPC work of those messages was most of the scheduler's CPU
+(docs/vllm_comparison.md). A request's channel marks the sessions watching it when it gets
+tokens, and the session sends everything new, for every marked request, as one message: under
+load about one message per committed iteration, whatever the batch size.
+
+The contract: tokens from ``start_index`` on, each once, in order; a request that cannot be
+watched (unknown, or being recovered after a restart) gets a ``WatchError`` with the status
+``errors.status_of`` gives its failure, and the other requests go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterable
+
+import grpc
+
+from accelgen.v1 import scheduler_pb2
+from scheduler_service.errors import ServiceError, status_of
+from scheduler_service.state.store import IterationChanges, RedisStore
+
+CHANNEL_KEPT_S = 60.0
+"""How long a finished request's channel stays for late watchers (Redis keeps the record longer)."""
+
+
+def token_batch(request_id: str, prompt_tokens: int, tokens: list[int], times: list[float], start: int, end: int,
+                finish_reason: str | None) -> scheduler_pb2.TokenBatch:
+    """The one place a ``TokenBatch`` is built: tokens ``start:end`` of a request's output (with
+    their emission times); ``finish_reason`` None while the request runs."""
+    return scheduler_pb2.TokenBatch(request_id=request_id, token_ids=tokens[start:end], start_index=start,
+                                    emitted_at=times[start:end], finished=finish_reason is not None,
+                                    finish_reason=finish_reason or "", prompt_tokens=prompt_tokens)
+
+
+@dataclass(eq=False)
+class RequestChannel:
+    """What watchers of one request see: its tokens so far and whether it is done."""
+
+    request_id: str
+    prompt_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str = ""
+    watchers: set[WatchSession] = field(default_factory=set)  # WatchMany streams watching it
+
+    def notify(self) -> None:
+        for session in self.watchers:
+            session.mark(self.request_id)
+
+    def batch(self, start: int) -> tuple[scheduler_pb2.TokenBatch | None, int]:
+        """Everything from ``start`` on (None if nothing is new), and the index after it."""
+        end, finished = len(self.tokens), self.finished  # one consistent snapshot per batch
+        if start >= end and not finished:
+            return None, start
+        return token_batch(self.request_id, self.prompt_tokens, self.tokens, self.times, start, end,
+                           self.finish_reason if finished else None), end
+
+
+class Delivery:
+    """The request channels, and the WatchMany streams reading them."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self.channels: dict[str, RequestChannel] = {}
+
+    def open(self, request_id: str, prompt_tokens: int, tokens: Iterable[int] = (),
+             times: Iterable[float] = ()) -> None:
+        """A channel for an accepted (or recovered, with its outputs so far) request."""
+        self.channels[request_id] = RequestChannel(request_id=request_id, prompt_tokens=prompt_tokens,
+                                                   tokens=list(tokens), times=list(times))
+
+    def publish(self, changes: IterationChanges) -> None:
+        """One committed iteration: its tokens into their channels, its finished requests closed."""
+        touched = set()
+        for rid, (tokens, times) in changes.tokens.items():
+            ch = self.channels.get(rid)
+            if ch is not None and not ch.finished:  # a cancelled request's channel takes no more
+                ch.tokens.extend(tokens)
+                ch.times.extend(times)
+                touched.add(rid)
+        for rid in changes.finished:
+            self.close(rid, changes.status[rid][1])
+            touched.discard(rid)
+        for rid in touched:
+            self.channels[rid].notify()
+
+    def close(self, request_id: str, reason: str) -> None:
+        """The request is done: its watchers get the end, and the channel goes a while later."""
+        ch = self.channels.get(request_id)
+        if ch is None:
+            return
+        ch.finished = True
+        ch.finish_reason = reason
+        ch.notify()
+        asyncio.get_running_loop().call_later(CHANNEL_KEPT_S, self.channels.pop, request_id, None)
+
+    async def batch_from_store(self, request_id: str, start_index: int) -> scheduler_pb2.TokenBatch:
+        """A request with no live channel here: its whole output from Redis if it finished;
+        otherwise UNAVAILABLE (it is being recovered after a restart: watch again)."""
+        rec = await self.store.load_request(request_id)
+        if rec is None:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"request {request_id!r} is unknown (or expired)")
+        r = rec.request
+        if not r.status.is_done:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"request {request_id!r} is being recovered; watch again")
+        out = r.output_token_ids
+        return token_batch(request_id, r.num_prompt_tokens, out, rec.emitted_at, start_index, len(out),
+                           r.finish_reason.value if r.finish_reason else "")
+
+    def watch_many(self, requests: AsyncIterator[scheduler_pb2.WatchManyRequest]
+                   ) -> AsyncIterator[scheduler_pb2.WatchManyResponse]:
+        """One WatchMany stream."""
+        return WatchSession(self).serve(requests)
+
+
+class WatchSession:
+    """The requests one WatchMany stream watches, and which of them have news."""
+
+    def __init__(self, delivery: Delivery) -> None:
+        self.delivery = delivery
+        self.next_index: dict[str, int] = {}
+        self._dirty: set[str] = set()
+        self._ready: list[scheduler_pb2.TokenBatch] = []  # whole answers from the store
+        self._errors: list[scheduler_pb2.WatchError] = []
+        self._event = asyncio.Event()
+        self._lookups: set[asyncio.Task[None]] = set()
+
+    # -- called by channels and by the request reader ---------------------------------------
+    def mark(self, request_id: str) -> None:
+        self._dirty.add(request_id)
+        self._event.set()
+
+    def watch(self, request_id: str, start_index: int) -> None:
+        ch = self.delivery.channels.get(request_id)
+        if ch is None:  # finished and expired here, unknown, or not yet recovered: ask the store
+            # In a task of its own: a slow or absent Redis must not hold up the other requests.
+            task = asyncio.get_running_loop().create_task(self._from_store(request_id, start_index))
+            self._lookups.add(task)
+            return
+        self.next_index[request_id] = start_index
+        ch.watchers.add(self)
+        self.mark(request_id)
+
+    async def _from_store(self, request_id: str, start_index: int) -> None:
+        try:
+            self._ready.append(await self.delivery.batch_from_store(request_id, start_index))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this request's WatchError
+            self._fail(request_id, exc)
+        finally:
+            self._lookups.discard(asyncio.current_task())  # before waking serve(), which counts them
+            self._event.set()
+
+    def unwatch(self, request_id: str) -> None:
+        self.next_index.pop(request_id, None)
+        ch = self.delivery.channels.get(request_id)
+        if ch is not None:
+            ch.watchers.discard(self)
+
+    def close(self) -> None:
+        for task in self._lookups:
+            task.cancel()
+        for rid in list(self.next_index):
+            self.unwatch(rid)
+
+    def _fail(self, request_id: str, exc: Exception) -> None:
+        code, text, _ = status_of(exc)
+        self._errors.append(scheduler_pb2.WatchError(request_id=request_id, code=code.value[0], message=text))
+
+    # -- the stream ---------------------------------------------------------------------------
+    def take(self) -> scheduler_pb2.WatchManyResponse | None:
+        """Everything new since the last call, as one message (None if nothing is)."""
+        self._event.clear()
+        resp = scheduler_pb2.WatchManyResponse()
+        channels = self.delivery.channels
+        for rid in self._dirty:
+            idx = self.next_index.get(rid)
+            if idx is None:
+                continue
+            ch = channels.get(rid)
+            if ch is None:  # cannot happen while watched (a finished channel is kept a minute)
+                self.unwatch(rid)
+                self._fail(rid, ServiceError(grpc.StatusCode.UNAVAILABLE, "watch again"))
+                continue
+            batch, end = ch.batch(idx)
+            if batch is not None:
+                resp.batches.append(batch)
+                self.next_index[rid] = end
+                if batch.finished:
+                    self.unwatch(rid)
+        self._dirty.clear()
+        if self._ready:
+            resp.batches.extend(self._ready)
+            self._ready.clear()
+        if self._errors:
+            resp.errors.extend(self._errors)
+            self._errors.clear()
+        return resp if resp.batches or resp.errors else None
+
+    async def serve(self, requests: AsyncIterator[scheduler_pb2.WatchManyRequest]
+                    ) -> AsyncIterator[scheduler_pb2.WatchManyResponse]:
+        """Read watch/unwatch requests in the background and yield news as it comes; ends when
+        the client has stopped sending and nothing it watches is left unfinished."""
+        reader = asyncio.create_task(self._read(requests))
+        try:
+            while True:
+                await self._event.wait()
+                resp = self.take()
+                if resp is not None:
+                    yield resp
+                if reader.done():
+                    reader.result()  # re-raise what broke the request stream
+                    if not (self.next_index or self._lookups or self._ready or self._errors):
+                        return
+        finally:
+            reader.cancel()
+            self.close()
+
+    async def _read(self, requests: AsyncIterator[scheduler_pb2.WatchManyRequest]) -> None:
+        try:
+            async for msg in requests:
+                for rid in msg.unwatch:
+                    self.unwatch(rid)
+                for w in msg.watch:
+                    self.watch(w.request_id, w.start_index)
+        finally:
+            self._event.set()  # serve() notices the client is done

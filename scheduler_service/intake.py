@@ -1,0 +1,149 @@
+"""Requests in and out: Submit (validation, feasibility, SLO-aware admission, the durable accept,
+routing) and Cancel.
+
+A Submit is refused before anything is written when it is malformed (INVALID_ARGUMENT), when no
+worker could meet its SLO (FAILED_PRECONDITION), when the policy's admission says its first token
+cannot be on time (RESOURCE_EXHAUSTED with a retry hint), or when the queue is full. An accepted
+request is in Redis before its Submit returns; a Cancel takes effect in memory at once, and its
+record follows the lane's pending writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import grpc
+import structlog
+
+from accelgen.core.admission import AdmissionRefused
+from accelgen.core.request import FinishReason, Request, RequestStatus
+from accelgen.core.slo import SLOCatalog
+from accelgen.v1 import scheduler_pb2
+from scheduler_service import convert
+from scheduler_service.committer import Committer
+from scheduler_service.config import SchedulerConfig
+from scheduler_service.delivery import Delivery
+from scheduler_service.errors import ServiceError, store_unavailable
+from scheduler_service.state.store import IterationChanges, RedisStore
+from scheduler_service.tasks import Background
+from scheduler_service.workers import WorkerRegistry
+
+log = structlog.get_logger("scheduler.intake")
+
+
+def _no_worker() -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, "no worker is registered; start a worker and retry")
+
+
+class RequestIntake:
+    def __init__(self, config: SchedulerConfig, store: RedisStore, catalog: SLOCatalog, workers: WorkerRegistry,
+                 committer: Committer, delivery: Delivery, background: Background) -> None:
+        self.config = config
+        self.store = store
+        self.catalog = catalog
+        self.workers = workers
+        self.committer = committer
+        self.delivery = delivery
+        self.background = background
+        self._accepting: dict[str, asyncio.Task] = {}  # request id -> its Submit's write to Redis
+        self._cancel_after_accept: set[str] = set()  # cancelled while their Submit was being written
+
+    async def submit(self, msg: scheduler_pb2.SubmitRequest) -> Request:
+        workers = self.workers
+        try:
+            request = convert.request_from_submit(msg, self.catalog, workers.max_model_len(), time.time(),
+                                                  workers.vocab_size())
+        except convert.InvalidInput as exc:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        if not workers.lanes:
+            raise _no_worker()
+        self._check_feasible(request)
+        self._check_admission(request)
+        if workers.num_unfinished() >= self.config.max_queue:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the queue is full ({self.config.max_queue} unfinished requests); retry later")
+        rid = request.request_id
+        # Every routed request has a channel (kept a while after it finished).
+        if rid in self.delivery.channels or rid in self._accepting:
+            raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already in use")
+        # Shielded: a client that gives up mid-write leaves the request either wholly accepted
+        # (Redis and memory agree; the gateway cancels it) or not at all, never half.
+        accept = asyncio.create_task(self._accept(request))
+        self._accepting[rid] = accept
+        accept.add_done_callback(lambda t: t.cancelled() or t.exception())  # seen even if nobody awaits
+        await asyncio.shield(accept)
+        return request
+
+    async def _accept(self, request: Request) -> None:
+        lane = self.workers.pick_lane()
+        try:
+            if lane is None:
+                raise _no_worker()
+            try:
+                await self.store.add_request(request, lane.worker_id)
+            except Exception as exc:
+                raise store_unavailable(exc) from None
+            self.delivery.open(request.request_id, request.num_prompt_tokens)
+            self.workers.route(request, adopt=False)  # picked again: that worker may have left meanwhile
+        finally:
+            self._accepting.pop(request.request_id, None)
+        if request.request_id in self._cancel_after_accept:
+            self._cancel_after_accept.discard(request.request_id)
+            self.background.spawn(self.cancel(request.request_id))
+
+    def _check_feasible(self, request: Request) -> None:
+        """An SLO that no worker's profile can meet is refused up front, with the numbers.
+        FAILED_PRECONDITION (HTTP 400), not RESOURCE_EXHAUSTED: retrying cannot help while
+        these workers serve, and HTTP clients retry a 429 on their own."""
+        tbt = request.slo.tbt_s
+        if tbt is None:
+            return
+        fastest = min(lane.profile.forward_time_s(1) for lane in self.workers.lanes.values())
+        if tbt < fastest:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"the SLO's tbt_ms = {tbt * 1000:g} cannot be met: one decode iteration takes at "
+                               f"least {fastest * 1000:.2f} ms on the registered workers; ask for at least "
+                               f"{math.ceil(fastest * 1000)} ms or use a looser application class")
+
+    def _check_admission(self, request: Request) -> None:
+        """The policy's SLO-aware admission, on the lane the request would go to: a request whose
+        first token cannot be on time is refused now (RESOURCE_EXHAUSTED, HTTP 429, with when a
+        retry may succeed) instead of missing later and delaying the requests behind it."""
+        lane = self.workers.pick_lane()
+        if lane is None:
+            return
+        try:
+            lane.core.policy.check_admission(request, time.time())
+        except AdmissionRefused as exc:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), retry_after_s=exc.retry_after_s) from None
+
+    async def cancel(self, request_id: str) -> bool:
+        if request_id in self._accepting:  # a gateway whose client left mid-Submit cancels at once
+            self._cancel_after_accept.add(request_id)  # applied as soon as the request is in
+            return True
+        lane = self.workers.lane_of(request_id)
+        if lane is None or not lane.core.cancel(request_id, time.time()):
+            if self.workers.take_orphan(request_id) is None:
+                raise ServiceError(grpc.StatusCode.NOT_FOUND, f"request {request_id!r} is not running or waiting")
+        if lane is not None:
+            lane.core.forget(request_id)
+            lane.wakeup.set()
+        self.delivery.close(request_id, FinishReason.CANCELLED.value)
+        # Everything in memory is done before the first await, so a Cancel whose caller gives up
+        # cannot leave it half-done. The record is written in the background, retried while
+        # Redis is down; a healthy Redis is waited for, so a GetRequest right after sees it.
+        changes = IterationChanges(worker_id=lane.worker_id if lane is not None else "",
+                                   status={request_id: (RequestStatus.CANCELLED, FinishReason.CANCELLED.value)},
+                                   finished=[request_id])
+        # Behind the lane's own pending writes: one of them may still carry this request's
+        # tokens or a "running" status, and Redis must end with "cancelled".
+        if lane is not None:
+            write = self.background.track(lane.commits.record(changes))
+        else:
+            write = self.background.spawn(self.committer.write_durably(changes))
+        await asyncio.wait({write}, timeout=1.0)
+        if not write.done():
+            log.warning("cancel_write_deferred", request=request_id)
+        return True
