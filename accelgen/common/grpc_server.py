@@ -1,13 +1,20 @@
-"""What every AccelGen gRPC server shares: health checking, reflection, graceful SIGTERM.
+"""What every AccelGen gRPC server shares: health checking, reflection, keepalive, graceful SIGTERM.
 
 On SIGTERM a server first reports NOT_SERVING (load balancers stop sending), then stops with
 a grace period so in-flight calls finish, then runs its own clean-up (deregister, hand back
 work) — the order vLLM's gRPC server uses.
+
+**Liveness and readiness.** ``grpc.health.v1`` answers for three names: ``"liveness"``
+(SERVING while the process runs its loop: restart it if not), and ``""`` and the service's
+own name (readiness: SERVING only while it can do its job — the scheduler with Redis and the
+lease, a worker registered, a gateway with a scheduler). Load balancers and ``accelgen up`` ask
+readiness; a supervisor asks liveness.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import signal
 import socket
 from typing import Awaitable, Callable, Iterable
@@ -16,15 +23,71 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-# Keep connections alive through idle periods and detect dead peers in seconds, not minutes.
-CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
+from accelgen.common.decode_guard import DecodeGuard
+
+LIVENESS = "liveness"  # the health name a supervisor asks; the others are readiness
+
+KEEPALIVE_TIME_MS = 10_000
+_MESSAGE_LIMITS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
+
+# Keep connections alive through idle periods and detect dead peers in seconds, not minutes.
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    *_MESSAGE_LIMITS,
+]
+
+# What a server accepts must match what our clients send: gRPC servers by default allow a ping
+# only every 5 minutes without data and answer a third "too early" ping with GOAWAY
+# (too_many_pings), which cut WatchMany and plan streams. Allow one every half keepalive period,
+# with or without calls in flight, and ping idle clients back so a dead one is noticed.
+SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+    ("grpc.http2.max_ping_strikes", 0),  # 0: never GOAWAY a client for pinging
+    ("grpc.http2.max_pings_without_data", 0),
+    *_MESSAGE_LIMITS,
+]
+
+
+def channel_target(addresses: str) -> str:
+    """The gRPC target for one address or a comma-separated list of them (a leader and its
+    standbys). A list becomes an ``ipv4:``/``ipv6:`` target with gRPC's default pick_first
+    policy: the channel connects to the first address that accepts, and after a break tries them
+    again in order. A standby scheduler does not listen until it holds the lease, so the channel
+    finds whichever is the leader. Hostnames in a list are refused (gRPC's list syntax takes IP
+    literals); give one DNS name with several records instead (``dns:///scheduler.internal:50051``).
+    """
+    parts = [a.strip() for a in addresses.split(",") if a.strip()]
+    if not parts:
+        raise ValueError("no address given")
+    if len(parts) == 1:
+        return parts[0]
+    hosts = []
+    for part in parts:
+        host, sep, port = part.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"address {part!r} in a list must be HOST:PORT")
+        host = "127.0.0.1" if host == "localhost" else host
+        hosts.append((host.strip("[]"), port))
+    try:
+        families = {ipaddress.ip_address(h).version for h, _ in hosts}
+    except ValueError:
+        raise ValueError(f"a list of addresses must use IP literals, got {addresses!r} "
+                         "(for hostnames use one DNS name with several records)") from None
+    if len(families) > 1:
+        raise ValueError(f"a list of addresses must be all IPv4 or all IPv6, got {addresses!r}")
+    if families == {4}:
+        return "ipv4:" + ",".join(f"{h}:{p}" for h, p in hosts)
+    return "ipv6:" + ",".join(f"[{h}]:{p}" for h, p in hosts)
 
 
 def free_port() -> int:
@@ -35,7 +98,7 @@ def free_port() -> int:
 
 def make_server(service_names: Iterable[str]) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """An aio server with health and reflection registered for ``service_names``."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[DecodeGuard()])  # bad bytes: INVALID_ARGUMENT
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
@@ -45,9 +108,16 @@ def make_server(service_names: Iterable[str]) -> tuple[grpc.aio.Server, health.a
 
 
 async def set_serving(health_servicer: health.aio.HealthServicer, names: Iterable[str], serving: bool) -> None:
+    """Readiness: ``names`` and ``""``."""
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in list(names) + [""]:
         await health_servicer.set(name, status)
+
+
+async def set_alive(health_servicer: health.aio.HealthServicer, alive: bool) -> None:
+    """Liveness: the ``"liveness"`` name."""
+    status = health_pb2.HealthCheckResponse.SERVING if alive else health_pb2.HealthCheckResponse.NOT_SERVING
+    await health_servicer.set(LIVENESS, status)
 
 
 def install_sigterm(stop: asyncio.Event) -> None:
@@ -66,12 +136,18 @@ async def serve_until_stopped(
     stop: asyncio.Event,
     grace_s: float = 5.0,
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    mark_ready: bool = True,
 ) -> None:
-    """Serve until ``stop`` is set: NOT_SERVING, then stop(grace), then ``on_stop``."""
+    """Serve until ``stop`` is set: NOT_SERVING, then stop(grace), then ``on_stop``. Liveness is
+    SERVING meanwhile; readiness too if ``mark_ready`` (else the service sets it as its
+    dependencies come and go)."""
     names = list(names)
-    await set_serving(health_servicer, names, True)
+    await set_alive(health_servicer, True)
+    if mark_ready:
+        await set_serving(health_servicer, names, True)
     await stop.wait()
     await set_serving(health_servicer, names, False)
+    await set_alive(health_servicer, False)
     await server.stop(grace_s)
     if on_stop is not None:
         await on_stop()
