@@ -15,6 +15,9 @@ from accelgen.core.request import Request
 from accelgen.core.slo import SLOCatalog
 
 
+MAX_REQUEST_ID_CHARS = 256
+
+
 class InvalidInput(ValueError):
     """A request field is malformed or out of range (-> INVALID_ARGUMENT)."""
 
@@ -23,6 +26,9 @@ def request_from_submit(msg: scheduler_pb2.SubmitRequest, catalog: SLOCatalog, m
                         now: float, vocab_size: int | None = None) -> Request:
     if not msg.request_id:
         raise InvalidInput("request_id must not be empty")
+    if len(msg.request_id) > MAX_REQUEST_ID_CHARS:
+        # Quoted back in later errors, an unbounded id would overflow gRPC's metadata limit.
+        raise InvalidInput(f"request_id has {len(msg.request_id)} characters; at most {MAX_REQUEST_ID_CHARS}")
     if not msg.prompt_token_ids:
         raise InvalidInput("prompt_token_ids must not be empty")
     n = len(msg.prompt_token_ids)
@@ -35,7 +41,8 @@ def request_from_submit(msg: scheduler_pb2.SubmitRequest, catalog: SLOCatalog, m
                            f"(ids must be below {vocab_size})")
     app_class = msg.app_class or catalog.names[0]
     if app_class not in catalog:
-        raise InvalidInput(f"app_class {app_class!r} is unknown; known classes: {', '.join(catalog.names)}")
+        shown = app_class if len(app_class) <= 64 else app_class[:64] + "..."
+        raise InvalidInput(f"app_class {shown!r} is unknown; known classes: {', '.join(catalog.names)}")
     try:
         sampling = sampling_from_proto(msg.sampling_params, default_max_tokens=max_model_len - n)
         slo = slo_from_proto(msg.slo) or catalog.get(app_class).slo
@@ -52,8 +59,9 @@ def request_from_submit(msg: scheduler_pb2.SubmitRequest, catalog: SLOCatalog, m
     )
 
 
-def plan_to_proto(plan: BatchPlan, requests: dict[str, Request], epoch: str) -> worker_pb2.BatchPlan:
-    """The worker's view of a plan: token ids to run, blocks, full state for new requests."""
+def plan_to_proto(plan: BatchPlan, requests: dict[str, Request], epoch: str, fence: int = 0) -> worker_pb2.BatchPlan:
+    """The worker's view of a plan: token ids to run, blocks, full state for new requests, and
+    the leader's fence (0: unfenced), by which a worker tells a deposed scheduler's plans apart."""
     chunks = []
     for c in plan.chunks:
         r = requests[c.request_id]
@@ -74,7 +82,7 @@ def plan_to_proto(plan: BatchPlan, requests: dict[str, Request], epoch: str) -> 
             chunk.sampling_params.CopyFrom(sampling_to_proto(r.sampling))
             chunk.prompt_len = np_
         chunks.append(chunk)
-    return worker_pb2.BatchPlan(iteration=plan.iteration, epoch=epoch, chunks=chunks,
+    return worker_pb2.BatchPlan(iteration=plan.iteration, epoch=epoch, chunks=chunks, fence=fence,
                                 freed_request_ids=plan.freed_request_ids, predicted_time_s=plan.predicted_time_s)
 
 

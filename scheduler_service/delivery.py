@@ -14,6 +14,9 @@ load about one message per committed iteration, whatever the batch size.
 The contract: tokens from ``start_index`` on, each once, in order; a request that cannot be
 watched (unknown, or being recovered after a restart) gets a ``WatchError`` with the status
 ``errors.status_of`` gives its failure, and the other requests go on.
+
+A stream names its gateway (``owner``); ``owners.OwnerBook`` counts each owner's open streams and
+cancels the requests of an owner gone ``owner_gone_cancel_s`` (started with ``start_owner_sweep``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import grpc
 
 from accelgen.v1 import scheduler_pb2
 from scheduler_service.errors import ServiceError, status_of
+from scheduler_service.owners import CancelFn, OwnerBook
 from scheduler_service.state.store import IterationChanges, RedisStore
 
 CHANNEL_KEPT_S = 60.0
@@ -72,6 +76,15 @@ class Delivery:
     def __init__(self, store: RedisStore) -> None:
         self.store = store
         self.channels: dict[str, RequestChannel] = {}
+        self.owners = OwnerBook(store, self.channels)
+
+    def start_owner_sweep(self, cancel: CancelFn, owner_gone_cancel_s: float) -> None:
+        """After recovery: cancel (with ``cancel``, the intake's) the requests of gateways gone
+        ``owner_gone_cancel_s`` (0 = never)."""
+        self.owners.start(cancel, owner_gone_cancel_s)
+
+    async def stop(self) -> None:
+        await self.owners.stop()
 
     def open(self, request_id: str, prompt_tokens: int, tokens: Iterable[int] = (),
              times: Iterable[float] = ()) -> None:
@@ -94,6 +107,12 @@ class Delivery:
         for rid in touched:
             self.channels[rid].notify()
 
+    def history(self, request_id: str) -> tuple[list[int], list[float]] | None:
+        """The tokens (and emission times) a request's clients have been delivered: what Redis
+        holds for it (the committer restores it from here if Redis lost some). None: unknown."""
+        ch = self.channels.get(request_id)
+        return None if ch is None else (list(ch.tokens), list(ch.times))
+
     def close(self, request_id: str, reason: str) -> None:
         """The request is done: its watchers get the end, and the channel goes a while later."""
         ch = self.channels.get(request_id)
@@ -102,6 +121,7 @@ class Delivery:
         ch.finished = True
         ch.finish_reason = reason
         ch.notify()
+        self.owners.finished(request_id)
         asyncio.get_running_loop().call_later(CHANNEL_KEPT_S, self.channels.pop, request_id, None)
 
     async def batch_from_store(self, request_id: str, start_index: int) -> scheduler_pb2.TokenBatch:
@@ -128,6 +148,7 @@ class WatchSession:
 
     def __init__(self, delivery: Delivery) -> None:
         self.delivery = delivery
+        self.owner = ""  # the gateway whose stream this is (the first owner a message names)
         self.next_index: dict[str, int] = {}
         self._dirty: set[str] = set()
         self._ready: list[scheduler_pb2.TokenBatch] = []  # whole answers from the store
@@ -149,6 +170,8 @@ class WatchSession:
             return
         self.next_index[request_id] = start_index
         ch.watchers.add(self)
+        if self.owner and not ch.finished:
+            self.delivery.owners.watched_by(request_id, self.owner)
         self.mark(request_id)
 
     async def _from_store(self, request_id: str, start_index: int) -> None:
@@ -171,6 +194,9 @@ class WatchSession:
             task.cancel()
         for rid in list(self.next_index):
             self.unwatch(rid)
+        if self.owner:
+            self.delivery.owners.stream_closed(self.owner)
+            self.owner = ""
 
     def _fail(self, request_id: str, exc: Exception) -> None:
         code, text, _ = status_of(exc)
@@ -228,6 +254,9 @@ class WatchSession:
     async def _read(self, requests: AsyncIterator[scheduler_pb2.WatchManyRequest]) -> None:
         try:
             async for msg in requests:
+                if msg.owner and not self.owner:
+                    self.owner = msg.owner
+                    self.delivery.owners.stream_opened(msg.owner)
                 for rid in msg.unwatch:
                     self.unwatch(rid)
                 for w in msg.watch:

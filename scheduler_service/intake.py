@@ -70,13 +70,13 @@ class RequestIntake:
             raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already in use")
         # Shielded: a client that gives up mid-write leaves the request either wholly accepted
         # (Redis and memory agree; the gateway cancels it) or not at all, never half.
-        accept = asyncio.create_task(self._accept(request))
+        accept = asyncio.create_task(self._accept(request, msg.owner))
         self._accepting[rid] = accept
         accept.add_done_callback(lambda t: t.cancelled() or t.exception())  # seen even if nobody awaits
         await asyncio.shield(accept)
         return request
 
-    async def _accept(self, request: Request) -> None:
+    async def _accept(self, request: Request, owner: str = "") -> None:
         lane = self.workers.pick_lane()
         try:
             if lane is None:
@@ -86,6 +86,7 @@ class RequestIntake:
             except Exception as exc:
                 raise store_unavailable(exc) from None
             self.delivery.open(request.request_id, request.num_prompt_tokens)
+            self.delivery.owners.submitted(request.request_id, owner)  # cancelled if its gateway goes
             self.workers.route(request, adopt=False)  # picked again: that worker may have left meanwhile
         finally:
             self._accepting.pop(request.request_id, None)

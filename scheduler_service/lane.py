@@ -105,9 +105,33 @@ class WorkerLane:
         """Tokens still to run on this lane: where the router sends the next request."""
         return sum(r.num_uncomputed_tokens for r in self.core.requests.values() if not r.status.is_done)
 
+    @property
+    def fence(self) -> int:
+        """The leader lease's fencing token (0: unfenced), sent with every plan so that a worker
+        refuses plans from a deposed scheduler. The store writing this lane's iterations holds it."""
+        return self.commits.store.fence
+
     def start(self) -> asyncio.Task:
         self.task = asyncio.create_task(self._run(), name=f"lane-{self.worker_id}")
         return self.task
+
+    def _deposed(self, exc: grpc.aio.AioRpcError) -> bool:
+        """The worker refused the plan because it has seen a newer leader's fence: this scheduler
+        is deposed (the worker knows before Redis told us). The same stop as a refused write."""
+        store = self.commits.store
+        if (exc.code() != grpc.StatusCode.FAILED_PRECONDITION or "deposed scheduler" not in (exc.details() or "")
+                or store.on_lease_lost is None):
+            return False
+        store.on_lease_lost(f"worker {self.worker_id} refused a plan: {exc.details()}")
+        return True
+
+    def halt(self) -> None:
+        """Stop planning now, without waiting: the lease is lost, so no plan may go out and no
+        pending write can land (``stop`` still closes the channel)."""
+        self._stopping = True
+        self.wakeup.set()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
 
     async def stop(self, commit_timeout_s: float | None = None) -> None:
         """Stop planning, then wait (up to ``commit_timeout_s``; None: as long as Redis takes) for
@@ -147,11 +171,13 @@ class WorkerLane:
                 except asyncio.TimeoutError:
                     pass
                 continue
-            msg = convert.plan_to_proto(plan, core.requests, self.epoch)
+            msg = convert.plan_to_proto(plan, core.requests, self.epoch, self.fence)
             try:
                 reply = await self.stub.ExecuteIteration(msg, timeout=self.rpc_timeout_s)
                 outcome = core.complete(plan, convert.result_from_proto(reply), time.time())
             except grpc.aio.AioRpcError as exc:
+                if self._deposed(exc):
+                    return
                 log.warning("worker_failed", worker=self.worker_id, code=exc.code().name, details=exc.details())
                 self.failure = f"ExecuteIteration: {exc.code().name}"
                 return
@@ -198,6 +224,10 @@ class WorkerLane:
             toks, times = ch.tokens.setdefault(ev.request_id, ([], []))
             toks.append(ev.token_id)
             times.append(ev.time_s)
+        for rid, (toks, _times) in ch.tokens.items():  # what Redis holds before these (idempotent appends)
+            r = core.requests.get(rid)
+            if r is not None:
+                ch.offsets[rid] = len(r.output_token_ids) - len(toks)
         for rid in plan.preempted_request_ids:
             r = core.requests.get(rid)
             if r is not None:

@@ -1,4 +1,13 @@
-"""Run the scheduler service: ``python -m scheduler_service.main`` or ``accelgen scheduler``."""
+"""Run the scheduler service: ``python -m scheduler_service.main`` or ``accelgen scheduler``.
+
+A scheduler starts as a standby: it waits for the leader lease in Redis (``lease_wait_s``, 0 = for
+ever) and only then recovers, binds and listens — so clients given every scheduler's address
+(``channel_target``'s pick_first list) connect to the leader, the only one listening.
+
+Exit status: 0 after SIGTERM/SIGINT, 2 when it could not start (the lease not free within
+``lease_wait_s``, the port taken, Redis refusing our credentials), 3 when it lost the leader lease
+(deposed: its supervisor restarts it, as a standby).
+"""
 
 from __future__ import annotations
 
@@ -6,15 +15,19 @@ import asyncio
 from dataclasses import dataclass
 from typing import Sequence
 
-from accelgen.common.grpc_server import install_sigterm, make_server, serve_until_stopped, set_serving
+from accelgen.common.grpc_server import install_sigterm, make_server, set_alive, set_serving
 from accelgen.common.logs import setup_logging
 from accelgen.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_service.app import SchedulerApp
 from scheduler_service.config import LOADER, SchedulerConfig
 from scheduler_service.server import SchedulerServicer
-from scheduler_service.state.store import RedisStore
+from scheduler_service.state import redis_conn
+from scheduler_service.state.store import LeaseLost, RedisStore
 
 SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+
+EXIT_OK, EXIT_CANNOT_START, EXIT_LEASE_LOST = 0, 2, 3
+DEPOSED_GRACE_S = 0.5  # a deposed scheduler's in-flight calls get this long, not grace_s
 
 
 @dataclass
@@ -28,45 +41,83 @@ class SchedulerHandle:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def lease_lost(self) -> asyncio.Event:
+        """Set once this scheduler is deposed (it has stopped planning and reports NOT_SERVING)."""
+        return self.app.lease_lost
+
     async def stop(self, grace_s: float = 1.0) -> None:
         await set_serving(self.health, [SERVICE], False)
-        await self.server.stop(grace_s)
+        await set_alive(self.health, False)
+        await self.server.stop(DEPOSED_GRACE_S if self.lease_lost.is_set() else grace_s)
         await self.app.stop()
         await self.app.store.close()
 
 
 async def start_scheduler(config: SchedulerConfig) -> SchedulerHandle:
-    """Bind, take the lease, recover from Redis, and serve. Tests bind port 0."""
-    store = RedisStore(config.redis_url, config.redis_prefix, config.finished_ttl_s)
+    """Wait for the lease, recover from Redis, then bind and serve. Tests bind port 0.
+    RuntimeError: could not start (nothing held); ``LeaseLost``: deposed while recovering."""
+    store = RedisStore(config.redis_url, config.redis_prefix, config.finished_ttl_s, retry_s=config.redis_retry_s,
+                       min_replicas=config.submit_min_replicas, replica_timeout_ms=config.submit_replica_timeout_ms)
     app = SchedulerApp(config, store)
-    server, health = make_server([SERVICE])
-    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(app), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    await app.start()
-    await server.start()
-    await set_serving(health, [SERVICE], True)
+    try:
+        await app.start()
+        await redis_conn.log_durability(store.redis, store.sentinel, store.min_replicas)
+        server, health = make_server([SERVICE])
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(app), server)
+        try:
+            port = server.add_insecure_port(f"{config.host}:{config.port}")
+        except RuntimeError as exc:  # grpc raises when the address cannot be bound
+            raise RuntimeError(f"cannot listen on {config.host}:{config.port}: {exc}") from None
+        if port == 0:
+            raise RuntimeError(f"cannot listen on {config.host}:{config.port}")
+        await server.start()
+    except BaseException:
+        await app.stop()  # hands the lease back if it was taken
+        await store.close()
+        raise
+    await set_alive(health, True)
+    await app.attach_health(health, [SERVICE])
     return SchedulerHandle(app, server, port, health)
 
 
-async def run(config: SchedulerConfig) -> None:
+async def run(config: SchedulerConfig) -> int:
+    """Serve until SIGTERM (0) or until deposed (3); 2 if it could not start."""
     log = setup_logging("scheduler", config.log_level)
-    handle = await start_scheduler(config)
-    log.info("scheduler_serving", port=handle.port, policy=config.policy, redis=config.redis_url)
     stop = asyncio.Event()
     install_sigterm(stop)
-    await serve_until_stopped(handle.server, handle.health, [SERVICE], stop, config.grace_s,
-                              on_stop=lambda: _shutdown(handle))
-
-
-async def _shutdown(handle: SchedulerHandle) -> None:
-    await handle.app.stop()
-    await handle.app.store.close()
+    starting = asyncio.create_task(start_scheduler(config))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # SIGTERM while a standby: nothing held, nothing to hand back
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        return EXIT_OK
+    try:
+        handle = starting.result()
+    except LeaseLost as exc:
+        log.error("scheduler_deposed_while_starting", error=str(exc))
+        return EXIT_LEASE_LOST
+    except RuntimeError as exc:
+        log.error("scheduler_cannot_start", error=str(exc))
+        return EXIT_CANNOT_START
+    log.info("scheduler_serving", port=handle.port, policy=config.policy, redis=config.redis_url,
+             fence=handle.app.store.fence)
+    lost = asyncio.create_task(handle.lease_lost.wait())
+    await asyncio.wait({stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    lost.cancel()
+    deposed = handle.lease_lost.is_set()
+    await handle.stop(config.grace_s)
+    if deposed:
+        log.error("scheduler_exiting_deposed", reason=handle.app.lost_reason, exit_status=EXIT_LEASE_LOST)
+        return EXIT_LEASE_LOST
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = LOADER.main_config(argv, prog="accelgen scheduler", description="AccelGen scheduler service")
-    asyncio.run(run(config))
-    return 0
+    return asyncio.run(run(config))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,16 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     code, message, retry_after_s = status_of(exc)
     if retry_after_s is not None:
         context.set_trailing_metadata(((RETRY_AFTER_KEY, str(max(0, round(retry_after_s * 1000)))),))
-    await context.abort(code, message)
+    await context.abort(code, bounded(message))
+
+
+def bounded(message: str) -> str:
+    """A status message short enough for gRPC's metadata limit (8 KiB by default): messages quote
+    what the client sent, and an over-long quote would turn the answer into RESOURCE_EXHAUSTED."""
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS] + "... (cut)"
+
+
+MAX_MESSAGE_CHARS = 2000
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -62,12 +71,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         except Exception as exc:
             await _abort(context, exc)
         if rec is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"request {request.request_id!r} is unknown (or expired)")
+            await context.abort(grpc.StatusCode.NOT_FOUND, bounded(f"request {request.request_id!r} is unknown (or expired)"))
         r = rec.request
         return common_pb2.RequestState(
             request_id=r.request_id, status=status_text(r.status), output_ids=r.output_token_ids,
             finish_reason=r.finish_reason.value if r.finish_reason else "", app_class=r.app_class,
-            slo=slo_to_proto(r.slo), prompt_tokens=r.num_prompt_tokens, num_preemptions=r.num_preemptions)
+            slo=slo_to_proto(r.slo), prompt_tokens=r.num_prompt_tokens, num_preemptions=r.num_preemptions,
+            prompt_token_ids=r.prompt_token_ids if request.include_prompt else (), arrival_s=r.arrival_s)
 
     async def GetServerInfo(self, request, context):
         return self.app.server_info()

@@ -24,6 +24,7 @@ from accelgen.core.profile import DeviceProfile
 from accelgen.core.request import Request
 from accelgen.core.slo import SLOCatalog
 from accelgen.core.worker_info import WorkerInfo
+from accelgen.wire.worker_info import worker_info_problem
 from scheduler_service.committer import Committer
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.errors import ServiceError, store_unavailable
@@ -124,9 +125,9 @@ class WorkerRegistry:
 
     # -- registration -------------------------------------------------------------------------
     async def register(self, worker_id: str, address: str, info: WorkerInfo) -> None:
-        if info.num_blocks < 2 or info.block_size < 1:
-            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
-                               "description.num_blocks must be >= 2 and block_size >= 1")
+        problem = worker_info_problem(info)  # bounds what the lane allocates (fuzzing: 2^32 blocks = 18 GB)
+        if problem is not None:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, problem)
         # Redis first: if it is down the registration is refused (the worker retries) and the
         # lane this worker already has, with its requests, is left exactly as it was.
         try:

@@ -39,6 +39,9 @@ class FinishReason(str, enum.Enum):
     CANCELLED = "abort"  # the client cancelled
 
 
+MAX_STOP_TOKEN_IDS = 1024  # each is checked on every sampled token; and a request's record holds them
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """Sampling parameters, passed through to the model runner unchanged."""
@@ -62,6 +65,9 @@ class SamplingParams:
             raise FieldError("top_p", "must be in (0, 1] (0 = unset = 1)", self.top_p)
         if self.top_k < 0:
             raise FieldError("top_k", "must be >= 0 (0 disables top-k)", self.top_k)
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise FieldError("stop_token_ids", f"may hold at most {MAX_STOP_TOKEN_IDS} ids",
+                             f"{len(self.stop_token_ids)} ids")
 
 
 @dataclass(slots=True, eq=False)

@@ -61,13 +61,15 @@ class CancelResponse(_message.Message):
     def __init__(self, cancelled: _Optional[bool] = ...) -> None: ...
 
 class GetRequestRequest(_message.Message):
-    __slots__ = ("request_id",)
+    __slots__ = ("request_id", "include_prompt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+    include_prompt: bool
+    def __init__(self, request_id: _Optional[str] = ..., include_prompt: _Optional[bool] = ...) -> None: ...
 
 class RequestState(_message.Message):
-    __slots__ = ("request_id", "status", "output_ids", "finish_reason", "app_class", "slo", "prompt_tokens", "num_preemptions")
+    __slots__ = ("request_id", "status", "output_ids", "finish_reason", "app_class", "slo", "prompt_tokens", "num_preemptions", "prompt_token_ids", "arrival_s")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +78,8 @@ class RequestState(_message.Message):
     SLO_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    ARRIVAL_S_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     status: str
     output_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -84,7 +88,9 @@ class RequestState(_message.Message):
     slo: SLOSpec
     prompt_tokens: int
     num_preemptions: int
-    def __init__(self, request_id: _Optional[str] = ..., status: _Optional[str] = ..., output_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., app_class: _Optional[str] = ..., slo: _Optional[_Union[SLOSpec, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., num_preemptions: _Optional[int] = ...) -> None: ...
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    arrival_s: float
+    def __init__(self, request_id: _Optional[str] = ..., status: _Optional[str] = ..., output_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., app_class: _Optional[str] = ..., slo: _Optional[_Union[SLOSpec, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., arrival_s: _Optional[float] = ...) -> None: ...
 
 class WorkerDescription(_message.Message):
     __slots__ = ("model", "executor", "block_size", "num_blocks", "max_model_len", "profile_json", "eos_token_id", "vocab_size", "max_num_batched_tokens", "max_num_seqs")

@@ -7,6 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class AttachRequest(_message.Message):
+    __slots__ = ("request_id", "from_token_index", "keep_running")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_TOKEN_INDEX_FIELD_NUMBER: _ClassVar[int]
+    KEEP_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    from_token_index: int
+    keep_running: bool
+    def __init__(self, request_id: _Optional[str] = ..., from_token_index: _Optional[int] = ..., keep_running: _Optional[bool] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "text", "tokenized", "sampling_params", "app_class", "slo", "stream")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

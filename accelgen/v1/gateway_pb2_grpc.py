@@ -50,6 +50,11 @@ class GatewayStub:
                 request_serializer=accelgen_dot_v1_dot_common__pb2.GetRequestRequest.SerializeToString,
                 response_deserializer=accelgen_dot_v1_dot_common__pb2.RequestState.FromString,
                 _registered_method=True)
+        self.Attach = channel.unary_stream(
+                '/accelgen.v1.Gateway/Attach',
+                request_serializer=accelgen_dot_v1_dot_gateway__pb2.AttachRequest.SerializeToString,
+                response_deserializer=accelgen_dot_v1_dot_gateway__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -78,6 +83,20 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attach(self, request, context):
+        """Re-attach to a running or finished (still retained) request, through any gateway: the
+        stream Generate would have sent, from output token `from_token_index` on (each token once).
+        A client whose gateway died resumes with the number of tokens it already has. Chunks carry
+        the tokens from that index and the text they add after the output before it (detokenised
+        exactly as Generate does, so the texts join up); the final GenerateComplete covers the
+        whole output. Leaving before the end cancels the request, as with Generate, unless
+        keep_running. Errors: NOT_FOUND (unknown or expired id), OUT_OF_RANGE (from_token_index
+        beyond the tokens the request has produced so far), INVALID_ARGUMENT (no request_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +114,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.GetRequest,
                     request_deserializer=accelgen_dot_v1_dot_common__pb2.GetRequestRequest.FromString,
                     response_serializer=accelgen_dot_v1_dot_common__pb2.RequestState.SerializeToString,
+            ),
+            'Attach': grpc.unary_stream_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=accelgen_dot_v1_dot_gateway__pb2.AttachRequest.FromString,
+                    response_serializer=accelgen_dot_v1_dot_gateway__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +202,33 @@ class Gateway:
             '/accelgen.v1.Gateway/GetRequest',
             accelgen_dot_v1_dot_common__pb2.GetRequestRequest.SerializeToString,
             accelgen_dot_v1_dot_common__pb2.RequestState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/accelgen.v1.Gateway/Attach',
+            accelgen_dot_v1_dot_gateway__pb2.AttachRequest.SerializeToString,
+            accelgen_dot_v1_dot_gateway__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

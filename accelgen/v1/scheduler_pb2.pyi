@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "app_class", "slo", "eos_token_id", "has_eos_token_id")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "app_class", "slo", "eos_token_id", "has_eos_token_id", "owner")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class SubmitRequest(_message.Message):
     SLO_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     HAS_EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: _common_pb2.SamplingParams
@@ -23,7 +24,8 @@ class SubmitRequest(_message.Message):
     slo: _common_pb2.SLOSpec
     eos_token_id: int
     has_eos_token_id: bool
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., app_class: _Optional[str] = ..., slo: _Optional[_Union[_common_pb2.SLOSpec, _Mapping]] = ..., eos_token_id: _Optional[int] = ..., has_eos_token_id: _Optional[bool] = ...) -> None: ...
+    owner: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., app_class: _Optional[str] = ..., slo: _Optional[_Union[_common_pb2.SLOSpec, _Mapping]] = ..., eos_token_id: _Optional[int] = ..., has_eos_token_id: _Optional[bool] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
     __slots__ = ("request_id", "slo")
@@ -60,12 +62,14 @@ class TokenBatch(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., start_index: _Optional[int] = ..., emitted_at: _Optional[_Iterable[float]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class WatchManyRequest(_message.Message):
-    __slots__ = ("watch", "unwatch")
+    __slots__ = ("watch", "unwatch", "owner")
     WATCH_FIELD_NUMBER: _ClassVar[int]
     UNWATCH_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     watch: _containers.RepeatedCompositeFieldContainer[WatchRequest]
     unwatch: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, watch: _Optional[_Iterable[_Union[WatchRequest, _Mapping]]] = ..., unwatch: _Optional[_Iterable[str]] = ...) -> None: ...
+    owner: str
+    def __init__(self, watch: _Optional[_Iterable[_Union[WatchRequest, _Mapping]]] = ..., unwatch: _Optional[_Iterable[str]] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class WatchManyResponse(_message.Message):
     __slots__ = ("batches", "errors")

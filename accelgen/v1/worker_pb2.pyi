@@ -32,18 +32,20 @@ class ScheduledChunk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., num_computed_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., is_new: _Optional[bool] = ..., block_table: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., samples: _Optional[bool] = ..., num_output_tokens: _Optional[int] = ..., prompt_len: _Optional[int] = ...) -> None: ...
 
 class BatchPlan(_message.Message):
-    __slots__ = ("iteration", "epoch", "chunks", "freed_request_ids", "predicted_time_s")
+    __slots__ = ("iteration", "epoch", "chunks", "freed_request_ids", "predicted_time_s", "fence")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     FREED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     epoch: str
     chunks: _containers.RepeatedCompositeFieldContainer[ScheduledChunk]
     freed_request_ids: _containers.RepeatedScalarFieldContainer[str]
     predicted_time_s: float
-    def __init__(self, iteration: _Optional[int] = ..., epoch: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[ScheduledChunk, _Mapping]]] = ..., freed_request_ids: _Optional[_Iterable[str]] = ..., predicted_time_s: _Optional[float] = ...) -> None: ...
+    fence: int
+    def __init__(self, iteration: _Optional[int] = ..., epoch: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[ScheduledChunk, _Mapping]]] = ..., freed_request_ids: _Optional[_Iterable[str]] = ..., predicted_time_s: _Optional[float] = ..., fence: _Optional[int] = ...) -> None: ...
 
 class IterationResult(_message.Message):
     __slots__ = ("iteration", "sampled_token_ids", "elapsed_s")

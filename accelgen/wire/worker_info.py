@@ -14,6 +14,24 @@ from accelgen.v1 import common_pb2
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(WorkerInfo))
 
+# What a registering worker may claim. Generous for any real device (a vLLM KV pool holds 10^4
+# to 10^6 blocks) and small enough that what the scheduler builds from it fits in memory: its
+# block accounting holds every free block id (~40 MB at the limit); a claim of 2^32 blocks took
+# 18 GB and the scheduler's event loop with it (found by bench/fuzz.py).
+LIMITS: dict[str, tuple[int, int]] = {
+    "block_size": (1, 1 << 16), "num_blocks": (2, 1 << 20), "max_model_len": (0, 1 << 24),
+    "max_num_batched_tokens": (0, 1 << 24), "max_num_seqs": (0, 1 << 20),
+}
+
+
+def worker_info_problem(info: WorkerInfo, prefix: str = "description.") -> str | None:
+    """What is wrong with a worker's description (a message naming the field), or None."""
+    for name, (lo, hi) in LIMITS.items():
+        value = getattr(info, name)
+        if not lo <= value <= hi:
+            return f"{prefix}{name} must be in [{lo}, {hi}], got {value}"
+    return None
+
 
 def worker_info_to_proto(info: WorkerInfo) -> common_pb2.WorkerDescription:
     return common_pb2.WorkerDescription(**{name: getattr(info, name) for name in _FIELDS})

@@ -95,3 +95,62 @@ def test_the_worker_registry_keeps_each_workers_address_and_info(redis_url: str)
         await store.close()
 
     asyncio.run(scenario())
+
+
+def _tokens(rid: str, tokens: list[int], offset: int) -> IterationChanges:
+    return IterationChanges(worker_id="w0", tokens={rid: (tokens, [float(offset + i) for i in range(len(tokens))])},
+                            offsets={rid: offset})
+
+
+def test_a_commit_sent_twice_appends_its_tokens_once(redis_url: str) -> None:
+    """redis-py re-sends a command whose reply was lost: the commit script must be idempotent."""
+    async def scenario() -> None:
+        store = RedisStore(redis_url, prefix="twice:")
+        await store.add_request(_request("r1"), "w0")
+        first = _tokens("r1", [11, 12], offset=0)
+        await store.commit_iteration(first)
+        await store.commit_iteration(first)  # the same iteration again
+        second = _tokens("r1", [13], offset=2)
+        await store.commit_iteration(second)
+        await store.commit_iteration(second)
+        rec = await store.load_request("r1")
+        assert rec is not None and rec.request.output_token_ids == [11, 12, 13]
+        assert rec.emitted_at == [0.0, 1.0, 2.0]
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_tokens_redis_lost_are_restored_from_what_clients_were_delivered(redis_url: str) -> None:
+    """A failover (or a crash with AOF everysec) loses acknowledged commits: the next commit finds
+    the gap, writes nothing, and the committer restores the delivered output before writing it."""
+    from scheduler_service.committer import Committer
+    from scheduler_service.state.store import OutputGap
+
+    async def scenario() -> None:
+        store = RedisStore(redis_url, prefix="gap:")
+        await store.add_request(_request("r1"), "w0")
+        await store.commit_iteration(_tokens("r1", [11, 12], offset=0))
+        await store.redis.delete("gap:out:r1", "gap:tim:r1")  # the lost write
+        with pytest.raises(OutputGap) as lost:
+            await store.commit_iteration(_tokens("r1", [13], offset=2))
+        assert lost.value.request_ids == ["r1"]
+        assert await store.redis.get("gap:out:r1") is None, "a commit with a gap writes nothing"
+
+        delivered: list[IterationChanges] = []
+        committer = Committer(store, delivered.append, history=lambda rid: ([11, 12], [0.0, 1.0]))
+        await committer.commit(_tokens("r1", [13], offset=2))
+        rec = await store.load_request("r1")
+        assert rec is not None and rec.request.output_token_ids == [11, 12, 13]
+        assert rec.emitted_at == [0.0, 1.0, 2.0]
+        assert [list(ch.tokens) for ch in delivered] == [["r1"]]
+
+        # Without a history to restore from, the request is ended (abort) rather than corrupted.
+        await store.redis.delete("gap:out:r1", "gap:tim:r1")
+        blind = Committer(store, delivered.append, history=lambda rid: None)
+        await blind.commit(_tokens("r1", [14], offset=3))
+        assert delivered[-1].status["r1"][0] == RequestStatus.CANCELLED
+        assert await store.redis.get("gap:out:r1") is None
+        await store.close()
+
+    asyncio.run(scenario())

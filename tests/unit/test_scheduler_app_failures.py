@@ -48,10 +48,15 @@ class ScriptedStore:
             self.failures += 1
             raise ConnectionError("Error 111 connecting to redis (scripted)")
 
-    async def acquire_lease(self, instance: str, ttl_ms: int) -> bool:
+    fence = 0  # unfenced: plans carry fence 0
+
+    async def acquire_lease(self, instance: str, ttl_ms: int) -> int:
+        return 1
+
+    async def renew_lease(self, ttl_ms: int) -> bool:
         return True
 
-    async def release_lease(self, instance: str) -> None:
+    async def release_lease(self) -> None:
         pass
 
     async def live_workers(self) -> dict[str, tuple]:
