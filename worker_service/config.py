@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from accelgen.common.config import ConfigLoader
+from accelgen.common.grpc_server import channel_target
 from accelgen.profiles import DEFAULT_PROFILE
 
 ENV_PREFIX = "ACCELGEN_WORKER_"
@@ -46,8 +47,9 @@ def _doc(text: str, **kwargs: Any) -> Any:
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    scheduler: str = _doc("host:port of the scheduler's gRPC service, where the worker registers",
-                          default="127.0.0.1:50051")
+    scheduler: str = _doc("host:port of the scheduler's gRPC service, where the worker registers; or a "
+                          "comma-separated list ip:port,ip:port (the leader and its standbys: the worker "
+                          "reaches whichever holds the lease)", default="127.0.0.1:50051")
     host: str = _doc("interface the Worker service binds to", default="0.0.0.0")
     port: int = _doc("port the Worker service binds to; 0 picks a free port", default=0)
     advertise_host: str = _doc("host the scheduler dials back; empty = --host, or, when --host is a "
@@ -65,6 +67,10 @@ class WorkerConfig:
                                 default=2.0)
     register_backoff_max_s: float = _doc("longest wait between registration attempts while the scheduler "
                                          "is unreachable (backoff doubles from 0.1 s)", default=5.0)
+    max_device_failures: int = _doc("executor (device) failures in a row after which the worker declares its "
+                                    "device failed, deregisters and exits with status 4 (0 = never)", default=3)
+    sim_fail_after: int = _doc("sim, fault injection: after this many successful iterations every iteration "
+                               "raises a simulated device error (0 = never)", default=0)
     grace_s: float = _doc("on SIGTERM, how long in-flight iterations may finish before the server stops",
                           default=5.0)
     log_level: str = _doc("DEBUG, INFO, WARNING or ERROR", default="INFO")
@@ -84,8 +90,9 @@ class WorkerConfig:
                            "the KV memory holds", default=0)
 
     def __post_init__(self) -> None:
-        if not self.scheduler or ":" not in self.scheduler:
-            raise ValueError(f"scheduler must be host:port, got {self.scheduler!r}")
+        if not self.scheduler or any(":" not in a for a in self.scheduler.split(",")):
+            raise ValueError(f"scheduler must be host:port or a list ip:port,ip:port, got {self.scheduler!r}")
+        channel_target(self.scheduler)  # a list must be IP literals of one family: ValueError says so
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not self.worker_id:
@@ -102,6 +109,9 @@ class WorkerConfig:
         for name in ("rpc_timeout_s", "register_backoff_max_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_device_failures", "sim_fail_after"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = never), got {getattr(self, name)}")
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -109,7 +119,8 @@ class WorkerConfig:
 
     def advertised_address(self, port: int) -> str:
         """The host:port the scheduler should dial for the Worker service bound at ``port``."""
-        host = self.advertise_host or (_local_ip_towards(self.scheduler) if self.host in _WILDCARD_HOSTS else self.host)
+        first_scheduler = self.scheduler.split(",")[0].strip()
+        host = self.advertise_host or (_local_ip_towards(first_scheduler) if self.host in _WILDCARD_HOSTS else self.host)
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"  # IPv6 literal
         return f"{host}:{port}"

@@ -77,6 +77,7 @@ def plan_from_proto(msg: worker_pb2.BatchPlan, default_max_tokens: int = UNBOUND
         chunks=chunks,
         freed_request_ids=list(msg.freed_request_ids),
         predicted_time_s=msg.predicted_time_s,
+        fence=msg.fence,
     )
 
 
@@ -84,7 +85,7 @@ def plan_to_proto(plan: WorkerPlan) -> worker_pb2.BatchPlan:
     """The inverse of ``plan_from_proto`` (tests, tools, and any Python scheduler client)."""
     msg = worker_pb2.BatchPlan(
         iteration=plan.iteration, epoch=plan.epoch, freed_request_ids=list(plan.freed_request_ids),
-        predicted_time_s=plan.predicted_time_s,
+        predicted_time_s=plan.predicted_time_s, fence=plan.fence,
     )
     for c in plan.chunks:
         chunk = msg.chunks.add(

@@ -6,12 +6,22 @@ SIGTERM handling. Stop order, as in every AccelGen server: health NOT_SERVING, t
 ``server.stop(grace)`` so the in-flight iteration finishes, then deregister and release the
 executor.
 
+Health: liveness (``"liveness"``) is SERVING while the process runs; readiness (``""`` and
+``accelgen.v1.Worker``) only while a scheduler knows this worker (registered, heartbeats
+answered). Exit status: 0 after SIGTERM/SIGINT, 2 for a configuration error (bad settings, an
+executor that cannot be built from them), 4 when the device failed ``max_device_failures`` times
+in a row (NOT_SERVING, deregister best-effort, exit: systemd restarts it or an operator replaces
+the device).
+
     python -m worker_service.main --scheduler 127.0.0.1:50051 --executor sim
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -19,7 +29,8 @@ import grpc
 import structlog
 from grpc_health.v1 import health as grpc_health
 
-from accelgen.common.grpc_server import CHANNEL_OPTIONS, install_sigterm, serve_until_stopped, set_serving
+from accelgen.common.grpc_server import (CHANNEL_OPTIONS, channel_target, install_sigterm, serve_until_stopped,
+                                         set_alive, set_serving)
 from accelgen.common.logs import setup_logging
 from accelgen.v1 import scheduler_pb2_grpc
 from worker_service.config import LOADER, WorkerConfig
@@ -29,6 +40,10 @@ from worker_service.registration import Registration
 from worker_service.server import WORKER_SERVICE_NAME, WorkerServicer, build_server
 
 log = structlog.get_logger(service="worker")
+
+EXIT_CONFIG = 2
+EXIT_DEVICE_FAILED = 4
+CLOSE_AFTER_DEVICE_FAILURE_S = 10.0  # a failed device may hang on release: give up waiting then
 
 
 @dataclass
@@ -45,6 +60,7 @@ class WorkerHandle:
     channel: grpc.aio.Channel
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    exit_code: int = 0  # what the process exits with once stopped (EXIT_DEVICE_FAILED, or 0)
 
     @property
     def executor(self) -> Executor:
@@ -61,8 +77,43 @@ class WorkerHandle:
     async def _on_stop(self) -> None:
         await self.registration.stop(deregister=True)
         await self.channel.close()
-        await asyncio.to_thread(self.servicer.close)
-        log.info("worker_stopped", worker=self.config.worker_id)
+        if self.exit_code == EXIT_DEVICE_FAILED:
+            await self._close_failed_device()
+        else:
+            await asyncio.to_thread(self.servicer.close)
+        log.info("worker_stopped", worker=self.config.worker_id, exit_code=self.exit_code)
+
+    def _device_failed(self) -> None:
+        """The runner declared the device failed: stop (NOT_SERVING, deregister) and exit 4."""
+        if self.exit_code != EXIT_DEVICE_FAILED:
+            log.error("worker_exiting", worker=self.config.worker_id, reason="device_failed",
+                      exit_code=EXIT_DEVICE_FAILED)
+        self.exit_code = EXIT_DEVICE_FAILED
+        self.stop_event.set()
+
+    async def _on_registration(self, registered: bool) -> None:
+        """Readiness follows registration; once stopping, it stays NOT_SERVING."""
+        await set_serving(self.health, [WORKER_SERVICE_NAME], registered and not self.stop_event.is_set())
+
+    async def _close_failed_device(self) -> None:
+        """Release the executor on a daemon thread, bounded: a broken device's driver may hang,
+        and the process must exit anyway."""
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        def close() -> None:
+            try:
+                self.servicer.close()
+            except Exception:
+                log.exception("executor_close_failed", worker=self.config.worker_id)
+            finally:
+                loop.call_soon_threadsafe(done.set)
+
+        threading.Thread(target=close, name="close-failed-device", daemon=True).start()
+        try:
+            await asyncio.wait_for(done.wait(), CLOSE_AFTER_DEVICE_FAILURE_S)
+        except asyncio.TimeoutError:
+            log.warning("executor_close_timed_out", worker=self.config.worker_id, after_s=CLOSE_AFTER_DEVICE_FAILURE_S)
 
 
 def scheduler_channel_options(config: WorkerConfig) -> list[tuple[str, int]]:
@@ -79,22 +130,28 @@ def scheduler_channel_options(config: WorkerConfig) -> list[tuple[str, int]]:
 async def start_worker(config: WorkerConfig, executor: Executor | None = None) -> WorkerHandle:
     """Bind and start the Worker service, then start registering with the scheduler.
 
-    ``executor`` defaults to ``config.executor`` built from the config. The server is SERVING
-    before the first RegisterWorker, so a scheduler may call Describe or send a plan at once.
+    ``executor`` defaults to ``config.executor`` built from the config. The server accepts calls
+    before the first RegisterWorker, so a scheduler may call Describe or send a plan at once; it
+    reports ready (health SERVING) once registered.
     """
     executor = executor if executor is not None else await asyncio.to_thread(executor_from_config, config)
-    server, health_servicer, servicer, port = build_server(executor, config.host, config.port)
+    server, health_servicer, servicer, port = build_server(executor, config.host, config.port,
+                                                           config.max_device_failures)
     await server.start()
-    await set_serving(health_servicer, [WORKER_SERVICE_NAME], True)
+    await set_alive(health_servicer, True)
+    await set_serving(health_servicer, [WORKER_SERVICE_NAME], False)  # ready once registered
     address = config.advertised_address(port)
-    channel = grpc.aio.insecure_channel(config.scheduler, options=scheduler_channel_options(config))
+    channel = grpc.aio.insecure_channel(channel_target(config.scheduler), options=scheduler_channel_options(config))
     registration = Registration(
         scheduler_pb2_grpc.SchedulerStub(channel), config.worker_id, address, servicer.description,
         rpc_timeout_s=config.rpc_timeout_s, backoff_max_s=config.register_backoff_max_s,
     )
     handle = WorkerHandle(config, port, address, server, health_servicer, servicer, registration, channel)
+    registration.on_change = handle._on_registration
+    servicer.on_device_failed = handle._device_failed
     handle.task = asyncio.create_task(serve_until_stopped(
         server, health_servicer, [WORKER_SERVICE_NAME], handle.stop_event, config.grace_s, handle._on_stop,
+        mark_ready=False,
     ))
     registration.start()
     info = servicer.info
@@ -104,19 +161,30 @@ async def start_worker(config: WorkerConfig, executor: Executor | None = None) -
     return handle
 
 
-async def run(config: WorkerConfig) -> None:
-    """Serve until SIGTERM/SIGINT, then stop in order (see module doc)."""
-    handle = await start_worker(config)
+async def run(config: WorkerConfig) -> int:
+    """Serve until SIGTERM/SIGINT or a failed device, then stop in order (see module doc);
+    returns the exit status."""
+    try:
+        handle = await start_worker(config)
+    except ValueError as exc:  # the settings name an executor/model/profile that cannot be built
+        log.error("worker_could_not_start", error=str(exc), exit_code=EXIT_CONFIG)
+        return EXIT_CONFIG
     install_sigterm(handle.stop_event)
     await handle.wait()
+    return handle.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = LOADER.main_config(argv, prog="accelgen worker",
                                 description="AccelGen worker: runs the scheduler's batch plans")
     setup_logging("worker", config.log_level)
-    asyncio.run(run(config))
-    return 0
+    code = asyncio.run(run(config))
+    if code == EXIT_DEVICE_FAILED:
+        # Skip the interpreter's join of executor threads: a failed device may have left one stuck.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -48,7 +48,9 @@ class WorkerPlan:
     """One iteration. ``freed_request_ids`` are forgotten *before* the chunks run.
 
     ``epoch`` names the scheduler incarnation that sent the plan: a different epoch means the
-    scheduler restarted and everything the worker holds about requests is stale.
+    scheduler restarted and everything the worker holds about requests is stale. ``fence`` is
+    the sender's leader-lease fencing token (0 = unfenced): the worker refuses a plan whose fence
+    is below the highest it has seen, so a deposed scheduler cannot drive it.
     """
 
     iteration: int
@@ -56,6 +58,7 @@ class WorkerPlan:
     chunks: list[ChunkSpec] = field(default_factory=list)
     freed_request_ids: list[str] = field(default_factory=list)
     predicted_time_s: float = 0.0
+    fence: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -12,11 +12,17 @@ Registering does not reset the executor. Plans carry their lane's epoch and the 
 on the first plan of a new one (server.PlanRunner), so a scheduler that gives this worker a
 fresh lane also gives it a clean slate, and one that keeps the lane (same worker back after a
 blip) finds the requests it sent still there.
+
+``on_change(registered)`` hears every change of ``registered``: the worker is *ready* (gRPC
+health) only while a scheduler knows it. The scheduler address may be a list (leader and
+standbys, ``accelgen.common.grpc_server.channel_target``): after a failed heartbeat the channel
+tries them again in order and registration reaches whichever scheduler now listens, the leader.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Awaitable, Callable
 
 import grpc
 import structlog
@@ -40,6 +46,7 @@ class Registration:
         description: common_pb2.WorkerDescription,
         rpc_timeout_s: float = 2.0,
         backoff_max_s: float = 5.0,
+        on_change: Callable[[bool], Awaitable[None]] | None = None,
     ) -> None:
         self._stub = stub
         self.worker_id = worker_id
@@ -49,6 +56,7 @@ class Registration:
         self.backoff_max_s = backoff_max_s
         self.heartbeat_interval_s = DEFAULT_HEARTBEAT_INTERVAL_S
         self.registered = asyncio.Event()  # set while the scheduler is believed to know us
+        self.on_change = on_change
         self.num_registrations = 0
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -68,7 +76,7 @@ class Registration:
                 log.info("deregistered", worker=self.worker_id)
             except grpc.aio.AioRpcError as exc:  # the scheduler's TTL will expire us instead
                 log.warning("deregister_failed", worker=self.worker_id, code=exc.code().name, error=exc.details())
-        self.registered.clear()
+        await self._set_registered(False)
 
     # -- the loop --------------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -99,7 +107,7 @@ class Registration:
             log.warning("heartbeat_slower_than_ttl", interval_s=self.heartbeat_interval_s,
                         ttl_s=response.heartbeat_ttl_s)
         self.num_registrations += 1
-        self.registered.set()
+        await self._set_registered(True)
         log.info("registered", worker=self.worker_id, address=self.address,
                  heartbeat_interval_s=self.heartbeat_interval_s, ttl_s=response.heartbeat_ttl_s)
         return True
@@ -110,11 +118,23 @@ class Registration:
                                                   timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.warning("heartbeat_failed", worker=self.worker_id, code=exc.code().name, error=exc.details())
-            self.registered.clear()  # it may come back without us: register again
+            await self._set_registered(False)  # it may come back without us (or a standby took over)
             return
         if not response.known:
             log.info("scheduler_forgot_worker", worker=self.worker_id)
+            await self._set_registered(False)
+
+    async def _set_registered(self, registered: bool) -> None:
+        """Change ``registered`` and tell ``on_change``; whoever sees the event set also sees the
+        worker ready (the callback runs first on the way up, last on the way down)."""
+        if registered == self.registered.is_set():
+            return
+        if not registered:
             self.registered.clear()
+        if self.on_change is not None:
+            await self.on_change(registered)
+        if registered:
+            self.registered.set()
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep, waking early on stop; True if stopping."""

@@ -2,8 +2,12 @@
 
 Each ``ExecuteIteration`` decodes the plan (``convert``), runs it on the executor thread and
 encodes the result. Errors become status codes here and only here: a plan that is malformed
-or contradicts the worker's state is ``INVALID_ARGUMENT`` with the executor's message; an
-executor crash is ``INTERNAL``.
+or contradicts the worker's state is ``INVALID_ARGUMENT`` with the executor's message; a plan
+from a deposed scheduler (its fence is below the highest this worker has seen) is
+``FAILED_PRECONDITION`` and touches nothing; an executor crash is ``INTERNAL``. After
+``max_device_failures`` crashes in a row the device is declared failed: later plans are
+``UNAVAILABLE`` and the process exits (``worker_service.main``, exit status 4) so that systemd
+restarts it or an operator replaces it, rather than a broken worker re-registering for ever.
 
 The executor runs on one dedicated thread. That serialises iterations (one plan at a time,
 in arrival order) even when a caller's deadline expires and its handler is cancelled while
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import grpc
 import structlog
@@ -32,48 +37,114 @@ log = structlog.get_logger(service="worker")
 WORKER_SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 
 
-class PlanRunner:
-    """Executor plus the scheduler's epoch. Runs on the executor thread, so the epoch check
-    and the iteration are one step that no other plan can interleave with."""
+class StalePlan(Exception):
+    """A plan from a deposed scheduler: its fence is below the highest this worker has seen."""
 
-    def __init__(self, executor: Executor) -> None:
+
+class DeviceFailed(Exception):
+    """The device failed ``max_device_failures`` times in a row; this worker is exiting."""
+
+
+class PlanRunner:
+    """Executor plus the scheduler's epoch and fence, and the count of device failures. Runs on
+    the executor thread, so the checks and the iteration are one step that no other plan can
+    interleave with.
+
+    ``max_device_failures`` consecutive executor crashes (anything but ``ValueError``, which is
+    a bad plan, not a bad device) call ``on_device_failed`` once, on this thread; 0 = never.
+    A successful iteration resets the count.
+    """
+
+    def __init__(self, executor: Executor, max_device_failures: int = 3,
+                 on_device_failed: Callable[[], None] | None = None) -> None:
         self.executor = executor
         self.epoch: str | None = None
+        self.fence = 0  # the highest fence seen; 0 = no fenced plan yet
+        self.max_device_failures = max_device_failures
+        self.on_device_failed = on_device_failed
+        self.consecutive_failures = 0
+        self.device_failed = False
 
     def run(self, plan: WorkerPlan) -> ExecResult:
-        if plan.epoch != self.epoch:
-            # A new scheduler incarnation rebuilt its state from Redis; what this worker holds
-            # about requests belongs to the old one. Drop it: the new one sends is_new chunks.
-            # This happens even if the plan is then rejected (ValueError below): once a newer
-            # scheduler has spoken, the old one's state is obsolete whatever the new one sent.
-            if self.epoch is not None:
-                log.info("epoch_changed", old=self.epoch, new=plan.epoch, iteration=plan.iteration)
-            self.executor.reset()
-            self.epoch = plan.epoch
-        return self.executor.execute(plan)
+        if self.device_failed:
+            raise DeviceFailed(f"the device failed {self.consecutive_failures} times in a row; this worker is exiting")
+        self._check_fence(plan)
+        try:
+            if plan.epoch != self.epoch:
+                # A new scheduler incarnation rebuilt its state from Redis; what this worker holds
+                # about requests belongs to the old one. Drop it: the new one sends is_new chunks.
+                # This happens even if the plan is then rejected (ValueError below): once a newer
+                # scheduler has spoken, the old one's state is obsolete whatever the new one sent.
+                if self.epoch is not None:
+                    log.info("epoch_changed", old=self.epoch, new=plan.epoch, iteration=plan.iteration)
+                self.executor.reset()
+                self.epoch = plan.epoch
+            result = self.executor.execute(plan)
+        except ValueError:
+            raise  # the plan contradicts this worker's state: the scheduler's fault, not the device's
+        except Exception:
+            self._count_failure(plan)
+            raise
+        self.consecutive_failures = 0
+        return result
+
+    def _check_fence(self, plan: WorkerPlan) -> None:
+        """Refuse a deposed leader's plan before it touches anything; adopt a higher fence (the
+        new leader's plans carry a new epoch too, on which the executor resets)."""
+        if not plan.fence:
+            return  # unfenced: the simulator, tests
+        if plan.fence < self.fence:
+            raise StalePlan(f"plan from a deposed scheduler: fence {plan.fence} < {self.fence}")
+        if plan.fence > self.fence:
+            if self.fence:
+                log.info("fence_adopted", old=self.fence, new=plan.fence, epoch=plan.epoch)
+            self.fence = plan.fence
+
+    def _count_failure(self, plan: WorkerPlan) -> None:
+        self.consecutive_failures += 1
+        if self.max_device_failures and self.consecutive_failures >= self.max_device_failures:
+            self.device_failed = True
+            log.error("device_failed", failures=self.consecutive_failures, iteration=plan.iteration)
+            if self.on_device_failed is not None:
+                self.on_device_failed()
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, executor: Executor) -> None:
+    def __init__(self, executor: Executor, max_device_failures: int = 3) -> None:
         self.executor = executor
-        self.runner = PlanRunner(executor)
+        self.runner = PlanRunner(executor, max_device_failures, self._device_failed_on_thread)
         self.info = executor.describe()
         self.description = worker_info_to_proto(self.info)
+        self.on_device_failed: Callable[[], None] | None = None  # called on the event loop, once
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor")
 
     async def ExecuteIteration(self, request: worker_pb2.BatchPlan, context: grpc.aio.ServicerContext) -> worker_pb2.IterationResult:
+        self._loop = asyncio.get_running_loop()
         try:
             plan = plan_from_proto(request, default_max_tokens=self.info.max_model_len)
-            result = await asyncio.get_running_loop().run_in_executor(self._thread, self.runner.run, plan)
+            result = await self._loop.run_in_executor(self._thread, self.runner.run, plan)
         except ValueError as exc:
             log.warning("plan_rejected", iteration=request.iteration, epoch=request.epoch, error=str(exc))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"iteration {request.iteration}: {exc}")
+        except StalePlan as exc:
+            log.warning("plan_refused", iteration=request.iteration, epoch=request.epoch, error=str(exc))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"iteration {request.iteration}: {exc}")
+        except DeviceFailed as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"iteration {request.iteration}: {exc}")
         except Exception as exc:  # the executor crashed: the scheduler treats the worker as failed
-            log.exception("executor_failed", iteration=request.iteration)
+            log.exception("executor_failed", iteration=request.iteration,
+                          consecutive_failures=self.runner.consecutive_failures)
             await context.abort(grpc.StatusCode.INTERNAL, f"executor failed on iteration {request.iteration}: {exc!r}")
         log.debug("iteration_done", iteration=plan.iteration, chunks=len(plan.chunks), tokens=plan.num_tokens,
                   elapsed_s=round(result.elapsed_s, 6), predicted_s=round(plan.predicted_time_s, 6))
         return result_to_proto(result)
+
+    def _device_failed_on_thread(self) -> None:
+        """Hand the news to the event loop (the runner calls this on the executor thread, even
+        when the plan's caller has already given up)."""
+        if self._loop is not None and self.on_device_failed is not None:
+            self._loop.call_soon_threadsafe(self.on_device_failed)
 
     async def Describe(self, request: worker_pb2.DescribeRequest, context: grpc.aio.ServicerContext) -> common_pb2.WorkerDescription:
         return self.description
@@ -84,14 +155,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.executor.close()
 
 
-def build_server(executor: Executor, host: str, port: int) -> tuple[grpc.aio.Server, health.aio.HealthServicer, WorkerServicer, int]:
+def build_server(executor: Executor, host: str, port: int, max_device_failures: int = 3,
+                 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, WorkerServicer, int]:
     """A Worker server bound to ``host:port`` (0 = a free port chosen by the OS), not started.
 
     Returns the bound port. Health and reflection are registered; the caller marks the health
     status (``accelgen.common.grpc_server.set_serving``) once it is ready.
     """
     server, health_servicer = make_server([WORKER_SERVICE_NAME])
-    servicer = WorkerServicer(executor)
+    servicer = WorkerServicer(executor, max_device_failures)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

@@ -287,12 +287,13 @@ def test_health_serving_then_not_serving_on_stop():
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}")
         health = health_pb2_grpc.HealthStub(channel)
         try:
-            for name in ("", "accelgen.v1.Worker"):
+            # Ready once registered (tests/integration/test_worker_supervision.py: not before).
+            await eventually(lambda: handle.registration.registered.is_set(), what="registration")
+            for name in ("", "accelgen.v1.Worker", "liveness"):
                 resp = await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=2)
                 assert resp.status == health_pb2.HealthCheckResponse.SERVING
             watch = health.Watch(health_pb2.HealthCheckRequest(service="accelgen.v1.Worker"))
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
-            await eventually(lambda: fake.registrations, what="registration")
             stopping = asyncio.create_task(handle.stop())
             assert (await asyncio.wait_for(watch.read(), 2)).status == health_pb2.HealthCheckResponse.NOT_SERVING
             await stopping

@@ -9,6 +9,10 @@ are never below 10, hence never EOS; requests end by length, as in the paper's t
 
 It checks plans like vLLM's runner would (``RequestTable``), so the sim catches the same
 scheduler bugs the real worker would.
+
+``fail_after`` (the worker's ``sim_fail_after``) injects a device failure: after that many
+successful iterations every iteration raises ``SimulatedDeviceError``, so the worker's handling
+of a failed device (answer INTERNAL, then exit with status 4) is tested on a real process.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ DEFAULT_EOS_TOKEN_ID = 2  # OPT's </s>
 FIRST_SAMPLED_TOKEN = 10  # sampled ids start here: never EOS or another special token
 
 
+class SimulatedDeviceError(RuntimeError):
+    """What the sim raises once ``fail_after`` iterations have run: a device that broke."""
+
+
 def sim_token(request_id: str, index: int, vocab_size: int = DEFAULT_VOCAB_SIZE) -> int:
     """The token the sim samples as output number ``index`` of ``request_id``."""
     return FIRST_SAMPLED_TOKEN + zlib.crc32(f"{request_id}:{index}".encode()) % (vocab_size - FIRST_SAMPLED_TOKEN)
@@ -47,6 +55,7 @@ class SimExecutor(Executor):
         time_scale: float = 1.0,
         vocab_size: int = DEFAULT_VOCAB_SIZE,
         eos_token_id: int = DEFAULT_EOS_TOKEN_ID,
+        fail_after: int = 0,
     ) -> None:
         if time_scale < 0:
             raise ValueError(f"time_scale must be >= 0 (0 = no sleep), got {time_scale}")
@@ -56,6 +65,10 @@ class SimExecutor(Executor):
         self.time_scale = time_scale
         self.vocab_size = vocab_size
         self.eos_token_id = eos_token_id
+        if fail_after < 0:
+            raise ValueError(f"fail_after must be >= 0 (0 = never), got {fail_after}")
+        self.fail_after = fail_after
+        self.iterations_run = 0
         self.requests = RequestTable(self.profile.num_blocks, self.profile.block_size,
                                      self.profile.max_model_len, vocab_size)
         self._info = WorkerInfo(
@@ -72,12 +85,14 @@ class SimExecutor(Executor):
     @classmethod
     def from_config(cls, config: "WorkerConfig") -> "SimExecutor":
         return cls(profile=config.profile, time_scale=config.time_scale, vocab_size=config.vocab_size,
-                   eos_token_id=config.eos_token_id)
+                   eos_token_id=config.eos_token_id, fail_after=config.sim_fail_after)
 
     def describe(self) -> WorkerInfo:
         return self._info
 
     def execute(self, plan: WorkerPlan) -> ExecResult:
+        if self.fail_after and self.iterations_run >= self.fail_after:
+            raise SimulatedDeviceError(f"simulated device failure (sim_fail_after={self.fail_after})")
         prepared = self.requests.prepare(plan)  # raises before anything "runs"
         self._check_decode_tokens(plan, prepared.states)
         elapsed = 0.0
@@ -93,6 +108,7 @@ class SimExecutor(Executor):
             if c.samples
         }
         self.requests.commit(prepared)
+        self.iterations_run += 1
         return ExecResult(iteration=plan.iteration, sampled_token_ids=sampled, elapsed_s=elapsed)
 
     def _check_decode_tokens(self, plan: WorkerPlan, states) -> None:
