@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import uuid
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from accelgen.common.config import ConfigLoader
+from accelgen.common.grpc_server import channel_target
 from accelgen.wire.slo import SLOBounds
 
 
@@ -27,7 +29,13 @@ def _f(default: Any, help: str) -> Any:
 class GatewayConfig:
     """Everything a gateway process needs; several gateways may share one scheduler."""
 
-    scheduler_address: str = _f("127.0.0.1:50051", "host:port of the scheduler's gRPC service")
+    scheduler_address: str = _f("127.0.0.1:50051", "host:port of the scheduler's gRPC service, or a comma-separated "
+                                                    "list of IP:PORT (the leader and its standbys: a standby "
+                                                    "listens only once it leads, and the gateway connects to "
+                                                    "whichever does)")
+    instance_id: str = _f("", "this gateway's id, sent with its Submits and WatchMany streams: the scheduler "
+                              "cancels the requests of a gateway gone longer than its owner_gone_cancel_s "
+                              "(default: random per process; a restarted gateway is a new owner)")
     host: str = _f("0.0.0.0", "interface the gRPC and HTTP servers listen on")
     grpc_port: int = _f(50050, "gRPC port of the Gateway service (0 = any free port)")
     http_port: int = _f(8000, "OpenAI-compatible HTTP port (0 = any free port, -1 = no HTTP server)")
@@ -48,14 +56,27 @@ class GatewayConfig:
                                         "meeting its TBT SLO (same rule as the scheduler's metrics)")
     reconnect_timeout_s: float = _f(60.0, "how long a broken token stream is re-watched before the "
                                           "client gets UNAVAILABLE (covers a scheduler restart)")
+    stream_idle_timeout_s: float = _f(30.0, "a watched request that gets no token for this long is checked "
+                                            "with GetRequest: progress the stream did not deliver re-opens the "
+                                            "stream from the delivered index; a request still queued is waited "
+                                            "for; an unreachable scheduler fails it after reconnect_timeout_s")
+    health_check_interval_s: float = _f(2.0, "how often the scheduler is checked for readiness (the gateway "
+                                             "is ready, gRPC health and HTTP /health, only while it answers)")
     submit_timeout_s: float = _f(10.0, "deadline of Submit calls to the scheduler (s)")
     rpc_timeout_s: float = _f(5.0, "deadline of Cancel, GetRequest and GetServerInfo calls (s)")
     server_info_ttl_s: float = _f(30.0, "how long the scheduler's ServerInfo (model, context length) "
                                         "is cached (s)")
     grace_s: float = _f(5.0, "on SIGTERM, how long in-flight requests may finish (s)")
+    max_body_bytes: int = _f(4 << 20, "largest HTTP request body accepted (bytes); a larger one is refused with 413")
     log_level: str = _f("INFO", "DEBUG, INFO, WARNING or ERROR")
 
     def __post_init__(self) -> None:
+        if not self.instance_id:
+            object.__setattr__(self, "instance_id", "gw-" + uuid.uuid4().hex[:12])
+        try:
+            channel_target(self.scheduler_address)
+        except ValueError as exc:
+            raise ValueError(f"scheduler_address: {exc}") from None
         for name in ("grpc_port", "http_port"):
             port = getattr(self, name)
             low = -1 if name == "http_port" else 0

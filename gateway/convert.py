@@ -53,6 +53,18 @@ def resolve_request_id(given: str, names: FieldNames = GRPC_NAMES) -> str:
     return given
 
 
+def check_request_id(given: str, name: str = "request_id") -> str:
+    """The id of an existing request a client names (Cancel, GetRequest, Attach, /v1/requests/ID):
+    refused before any scheduler call when malformed. Unchecked, a 1 MB id came back quoted in the
+    scheduler's NOT_FOUND, past gRPC's metadata limit: RESOURCE_EXHAUSTED, which HTTP clients
+    retry as a 429 (found by bench/fuzz.py)."""
+    if not REQUEST_ID_RE.fullmatch(given):
+        shown = given if len(given) <= 40 else given[:40] + "..."
+        raise invalid(f"{name} must be 1 to 128 characters of [A-Za-z0-9._:-], got {shown!r} "
+                      f"({len(given)} characters)", name)
+    return given
+
+
 def validate_sampling(sp: common_pb2.SamplingParams, names: FieldNames = GRPC_NAMES) -> common_pb2.SamplingParams:
     """The core's range checks (``accelgen.wire.sampling``) under the client's field names; returns
     a copy with top_p's "unset" 0 made explicit (1.0). An unset max_new_tokens stays unset: the

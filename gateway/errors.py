@@ -17,19 +17,28 @@ import grpc
 class GatewayError(Exception):
     """A request failure with the gRPC status code the client should see.
 
-    ``param`` names the offending field (OpenAI's error ``param``) when there is one.
+    ``param`` names the offending field (OpenAI's error ``param``) when there is one;
+    ``http_status`` overrides the HTTP status of ``code`` where HTTP has a more precise one
+    (413 for a body over the limit: gRPC has no such code, and 429 would invite a retry).
     """
 
-    def __init__(self, code: grpc.StatusCode, message: str, param: str | None = None) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, param: str | None = None,
+                 http_status: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.param = param
+        self.http_status = http_status
 
 
 def invalid(message: str, param: str | None = None) -> GatewayError:
     """INVALID_ARGUMENT: the client must change the request."""
     return GatewayError(grpc.StatusCode.INVALID_ARGUMENT, message, param)
+
+
+def too_large(message: str) -> GatewayError:
+    """A request bigger than the gateway accepts: HTTP 413 (RESOURCE_EXHAUSTED over gRPC)."""
+    return GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, http_status=413)
 
 
 RETRY_AFTER_KEY = "retry-after-ms"  # the scheduler's trailing metadata on a retryable refusal
@@ -62,6 +71,12 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the scheduler did not answer in time"
     return grpc.StatusCode.INTERNAL, f"internal gateway error: {type(exc).__name__}: {exc}"
+
+
+def printable(text: str) -> str:
+    """``text`` with what cannot be encoded as UTF-8 (lone surrogates a JSON body may carry)
+    escaped, so a message that quotes a client's value can always be sent back."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # OpenAI-compatible HTTP statuses and error types for each gRPC code (vLLM's server uses the

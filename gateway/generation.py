@@ -8,6 +8,12 @@ same SLO resolution, same resume-after-restart, same cancel-when-abandoned.
 A request whose consumer stops reading before it finished (client disconnected, handler
 cancelled, stream error) is cancelled at the scheduler: nobody will read its tokens, and its
 KV blocks and batch slots belong to requests someone still waits for.
+
+``attach`` re-attaches a client to a request by id (after its gateway died, through any
+gateway): it watches the request from token 0, feeds the tokens before the client's index to the
+detokenizer without sending them, and streams the rest — so chunks carry exactly the tokens from
+that index, and their text is what those tokens add after the output before it, as Generate
+would have sent it.
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ import structlog
 
 from accelgen.v1 import common_pb2, gateway_pb2, scheduler_pb2
 from gateway.config import GatewayConfig
-from gateway.convert import (GRPC_NAMES, FieldNames, catalog_from_info, check_prompt, spec_to_slo, to_submit_request,
-                             validate_request)
+from gateway.convert import (GRPC_NAMES, FieldNames, catalog_from_info, check_prompt, check_request_id,
+                             spec_to_slo, to_submit_request, validate_request)
 from gateway.errors import GatewayError
 from gateway.scheduler_client import SchedulerClient
 from gateway.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -88,6 +94,8 @@ class ActiveRequest:
     _finish_reason: str = ""
     _finish_s: float | None = None
     _detok: IncrementalDetokenizer | None = None
+    emit_from: int = 0             # tokens before this index are applied but not streamed (Attach)
+    cancel_on_abandon: bool = True
 
     def __post_init__(self) -> None:
         if self.prepared.text_output:
@@ -110,12 +118,19 @@ class ActiveRequest:
         try:
             async with contextlib.aclosing(self.client.watch(self.request_id, len(self._output))) as batches:
                 async for batch in batches:
+                    hidden = self.emit_from - len(self._output)
+                    if hidden > 0:  # an attached client has these: only the detokenizer sees them
+                        head, rest = _split(batch, hidden)
+                        self._apply(head)
+                        if rest is None:
+                            continue
+                        batch = rest
                     delta = self._apply(batch)
                     yield delta
                     if delta.finished:
                         return
         finally:
-            if not self.finished:
+            if not self.finished and self.cancel_on_abandon:
                 log.info("request_abandoned", request_id=self.request_id, delivered=len(self._output))
                 self.client.cancel_in_background(self.request_id)
 
@@ -160,6 +175,21 @@ class ActiveRequest:
                                token_times=list(self._times), finish_s=self._finish_s,
                                finish_reason=self._finish_reason)
         return record.attained(self.tbt_tolerance)
+
+
+def _split(batch: scheduler_pb2.TokenBatch, n: int
+           ) -> tuple[scheduler_pb2.TokenBatch, scheduler_pb2.TokenBatch | None]:
+    """``batch``'s first ``n`` tokens (never finished) and the rest (None when nothing is left:
+    a finished batch always leaves a rest, if only an empty one that carries the end)."""
+    ids, times = list(batch.token_ids), list(batch.emitted_at)
+    if len(ids) < n or (len(ids) == n and not batch.finished):
+        return batch, None
+    head = scheduler_pb2.TokenBatch(request_id=batch.request_id, token_ids=ids[:n], start_index=batch.start_index,
+                                    emitted_at=times[:n], prompt_tokens=batch.prompt_tokens)
+    rest = scheduler_pb2.TokenBatch(request_id=batch.request_id, token_ids=ids[n:], start_index=batch.start_index + n,
+                                    emitted_at=times[n:], finished=batch.finished, finish_reason=batch.finish_reason,
+                                    prompt_tokens=batch.prompt_tokens)
+    return head, rest
 
 
 class GenerationService:
@@ -254,3 +284,26 @@ class GenerationService:
                  prompt_tokens=len(prepared.submit.prompt_token_ids), app_class=prepared.submit.app_class)
         return ActiveRequest(prepared=prepared, slo=response.slo, client=self.client, tokenizer=self.tokenizer,
                              tbt_tolerance=self.config.slo_tbt_tolerance)
+
+    async def attach(self, request_id: str, from_token_index: int, keep_running: bool = False) -> ActiveRequest:
+        """A running or finished (still retained) request, to stream from ``from_token_index``.
+
+        NOT_FOUND (the scheduler's) for an unknown or expired id; OUT_OF_RANGE for an index
+        beyond the tokens it has produced (a client was never sent more than the scheduler holds:
+        tokens reach a gateway only once durable)."""
+        check_request_id(request_id)
+        state = await self.client.get_request(request_id, include_prompt=True)
+        produced = len(state.output_ids)
+        if from_token_index > produced:
+            done = " (it has finished)" if state.status in ("finished", "cancelled") else " so far"
+            raise GatewayError(grpc.StatusCode.OUT_OF_RANGE,
+                               f"from_token_index {from_token_index} is beyond the {produced} tokens request "
+                               f"{request_id!r} has produced{done}", "from_token_index")
+        submit = scheduler_pb2.SubmitRequest(request_id=request_id, prompt_token_ids=state.prompt_token_ids,
+                                             app_class=state.app_class, slo=state.slo)
+        prepared = Prepared(submit=submit, text_output=True, arrival_s=state.arrival_s or time.time())
+        log.info("request_attached", request_id=request_id, from_token_index=from_token_index,
+                 status=state.status, produced=produced)
+        return ActiveRequest(prepared=prepared, slo=state.slo, client=self.client, tokenizer=self.tokenizer,
+                             tbt_tolerance=self.config.slo_tbt_tolerance, emit_from=from_token_index,
+                             cancel_on_abandon=not keep_running)

@@ -14,6 +14,7 @@ import grpc
 import structlog
 
 from accelgen.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from gateway.convert import check_request_id
 from gateway.errors import RETRY_AFTER_KEY, retry_after_ms, status_of
 from gateway.generation import ActiveRequest, Delta, GenerationService
 
@@ -66,17 +67,31 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except Exception as exc:  # every failure becomes a status, in one place
             await _abort(context, exc)
 
+    async def Attach(self, request: gateway_pb2.AttachRequest,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        """Generate's stream of a request already submitted, from ``from_token_index`` on."""
+        try:
+            active = await self._service.attach(request.request_id, request.from_token_index,
+                                                request.keep_running)
+            async with contextlib.aclosing(active.deltas()) as deltas:
+                async for delta in deltas:
+                    if delta.token_ids or delta.text:
+                        yield chunk_of(active, delta)
+            yield complete_of(active)
+        except Exception as exc:
+            await _abort(context, exc)
+
     async def Cancel(self, request: common_pb2.CancelRequest,
                      context: grpc.aio.ServicerContext) -> common_pb2.CancelResponse:
         try:
-            return await self._service.client.cancel(request.request_id)
+            return await self._service.client.cancel(check_request_id(request.request_id))
         except Exception as exc:
             await _abort(context, exc)
 
     async def GetRequest(self, request: common_pb2.GetRequestRequest,
                          context: grpc.aio.ServicerContext) -> common_pb2.RequestState:
         try:
-            return await self._service.client.get_request(request.request_id)
+            return await self._service.client.get_request(check_request_id(request.request_id))
         except Exception as exc:
             await _abort(context, exc)
 

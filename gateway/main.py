@@ -4,6 +4,12 @@
 ``python -m gateway.main`` is the process entry point. Shutdown follows the order every
 AccelGen server uses: report NOT_SERVING (and 503 on /health) so load balancers stop sending,
 stop both servers with a grace period for in-flight streams, then close the scheduler channel.
+
+Liveness (``grpc.health.v1`` name ``"liveness"``, HTTP ``/livez``) is SERVING while the process
+runs. Readiness (``""`` and ``accelgen.v1.Gateway``, HTTP ``/health``) follows the scheduler:
+checked every ``health_check_interval_s``, the gateway is ready only while the scheduler answers
+(and says it is ready, where it has a health service) — a load balancer then sends no request
+that could only fail with UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -18,17 +24,57 @@ import grpc
 import structlog
 import uvicorn
 from fastapi import FastAPI
-from grpc_health.v1 import health
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from accelgen.common.grpc_server import install_sigterm, make_server, set_serving
+from accelgen.common.grpc_server import install_sigterm, make_server, set_alive, set_serving
 from gateway.config import LOADER, GatewayConfig
 from gateway.generation import GenerationService
 from gateway.grpc_server import SERVICE_NAME, add_to_server
+from gateway.http_extras import add_routes
 from gateway.openai_http import create_app
-from gateway.scheduler_client import SchedulerClient
+from gateway.scheduler_client import RESUMABLE, SchedulerClient
 from gateway.tokenizer import load_tokenizer
 
 log = structlog.get_logger("gateway")
+
+SCHEDULER_SERVICE = "accelgen.v1.Scheduler"
+
+
+async def scheduler_ready(client: SchedulerClient, timeout_s: float) -> tuple[bool, str]:
+    """Whether the scheduler can take requests: its readiness where it has a health service,
+    else whether it answers GetServerInfo (which also refreshes the cached model and limits)."""
+    try:
+        reply = await health_pb2_grpc.HealthStub(client.channel).Check(
+            health_pb2.HealthCheckRequest(service=SCHEDULER_SERVICE), timeout=timeout_s)
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            return False, "the scheduler reports NOT_SERVING"
+        return True, ""
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() in RESUMABLE:
+            return False, f"{exc.code().name}: {exc.details()}"
+    try:  # no health service (or no such name): answering is enough
+        await client.server_info(refresh=True)
+        return True, ""
+    except grpc.aio.AioRpcError as exc:
+        return False, f"{exc.code().name}: {exc.details()}"
+
+
+async def _readiness_loop(client: SchedulerClient, health_servicer: health.aio.HealthServicer,
+                          app: FastAPI | None, config: GatewayConfig, checked: asyncio.Event) -> None:
+    ready: bool | None = None
+    while True:
+        ok, why = await scheduler_ready(client, min(config.rpc_timeout_s, max(1.0, config.health_check_interval_s)))
+        if ok != ready and not client.draining:
+            ready = ok
+            await set_serving(health_servicer, [SERVICE_NAME], ok)
+            if app is not None:
+                app.state.ready = ok
+            if ok:
+                log.info("gateway_ready", scheduler=config.scheduler_address)
+            else:
+                log.warning("gateway_not_ready", scheduler=config.scheduler_address, reason=why)
+        checked.set()
+        await asyncio.sleep(config.health_check_interval_s)
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -52,6 +98,7 @@ class GatewayHandle:
     _http: _EmbeddedUvicorn | None
     _http_task: asyncio.Task[None] | None
     _app: FastAPI | None
+    _readiness: asyncio.Task[None] | None = None
     _stopped: bool = False
 
     async def stop(self) -> None:
@@ -64,6 +111,8 @@ class GatewayHandle:
             return
         self._stopped = True
         self._client.draining = True
+        if self._readiness is not None:
+            self._readiness.cancel()
         await set_serving(self._health, [SERVICE_NAME], False)
         if self._app is not None:
             self._app.state.draining = True
@@ -73,6 +122,7 @@ class GatewayHandle:
         await asyncio.gather(self._server.stop(self.config.grace_s),
                              *([self._http_task] if self._http_task is not None else []))
         await self._client.close()
+        await set_alive(self._health, False)
         log.info("gateway_stopped")
 
 
@@ -100,12 +150,15 @@ async def start_gateway(config: GatewayConfig) -> GatewayHandle:
     if grpc_port == 0:
         raise RuntimeError(f"cannot listen for gRPC on {config.host}:{config.grpc_port}")
     await server.start()
-    await set_serving(health_servicer, [SERVICE_NAME], True)
+    await set_alive(health_servicer, True)
+    await set_serving(health_servicer, [SERVICE_NAME], False)  # until the scheduler answers
 
     http = http_task = app = None
     http_port: int | None = None
     if config.http_port >= 0:
         app = create_app(service)
+        app.state.ready = False
+        add_routes(app, service)
         sock = _bind(config.host.strip("[]"), config.http_port)
         http_port = int(sock.getsockname()[1])
         http = _EmbeddedUvicorn(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
@@ -117,10 +170,15 @@ async def start_gateway(config: GatewayConfig) -> GatewayHandle:
                 await http_task  # raises the startup failure
                 raise RuntimeError("the HTTP server exited during startup")
             await asyncio.sleep(0.01)
+    checked = asyncio.Event()
+    readiness = asyncio.get_running_loop().create_task(_readiness_loop(client, health_servicer, app, config, checked))
+    with contextlib.suppress(TimeoutError):  # ready at once when the scheduler answers at once
+        await asyncio.wait_for(checked.wait(), 2.0)
     log.info("gateway_started", grpc_port=grpc_port, http_port=http_port, scheduler=config.scheduler_address,
-             tokenizer=config.tokenizer_path or "byte")
+             tokenizer=config.tokenizer_path or "byte", instance_id=config.instance_id)
     return GatewayHandle(grpc_port=grpc_port, http_port=http_port, config=config, _server=server,
-                         _health=health_servicer, _client=client, _http=http, _http_task=http_task, _app=app)
+                         _health=health_servicer, _client=client, _http=http, _http_task=http_task, _app=app,
+                         _readiness=readiness)
 
 
 async def run(config: GatewayConfig) -> None:

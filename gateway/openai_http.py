@@ -20,10 +20,10 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from gateway.errors import GatewayError, http_status_of, invalid, retry_after_ms, status_of
+from gateway.errors import GatewayError, http_status_of, invalid, printable, retry_after_ms, status_of, too_large
 from gateway.generation import ActiveRequest, GenerationService, Outcome
 from gateway.openai_protocol import (Kind, OpenAIRequest, check_model, error_body, full_response, models_body,
-                                     parse_request, response_id, stream_chunk, usage_chunk)
+                                     parse_json, parse_request, response_id, stream_chunk, usage_chunk)
 
 log = structlog.get_logger("gateway.http")
 
@@ -33,6 +33,9 @@ def _error_response(exc: BaseException, param: str | None = None) -> JSONRespons
     status, err_type = http_status_of(code)
     if isinstance(exc, GatewayError):
         param = exc.param
+        if exc.http_status is not None:
+            status, err_type = exc.http_status, "RequestTooLargeError" if exc.http_status == 413 else err_type
+    message = printable(message)
     headers = None
     retry_ms = retry_after_ms(exc)
     if retry_ms is not None:  # HTTP's Retry-After is whole seconds
@@ -44,14 +47,28 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
-async def _read_json(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise invalid(f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise invalid("the request body is nested too deeply") from None
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes: from its
+    Content-Length before reading, or while reading a chunked one, so memory stays bounded."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(f"the request body has {declared} bytes; this gateway accepts at most {limit} "
+                        "(max_body_bytes)")
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise too_large(f"the request body exceeds {limit} bytes, the most this gateway accepts (max_body_bytes)")
+        parts.append(part)
+    return b"".join(parts)
+
+
+_THREAD_PARSE_BYTES = 64 << 10  # parsing a 4 MiB body takes ~0.5 s: off the loop, streams keep flowing
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    raw = await _read_body(request, limit)
+    return await asyncio.to_thread(parse_json, raw) if len(raw) > _THREAD_PARSE_BYTES else parse_json(raw)
 
 
 async def _stream(kind: Kind, parsed: OpenAIRequest, active: ActiveRequest, model: str) -> AsyncIterator[str]:
@@ -70,7 +87,7 @@ async def _stream(kind: Kind, parsed: OpenAIRequest, active: ActiveRequest, mode
         code, message = status_of(exc)
         status, err_type = http_status_of(code)
         log.warning("stream_failed", request_id=active.request_id, code=code.name, message=message)
-        yield _sse(error_body(message, err_type, status))
+        yield _sse(error_body(printable(message), err_type, status))
     yield "data: [DONE]\n\n"
 
 
@@ -117,7 +134,8 @@ def create_app(service: GenerationService) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=503 if app.state.draining else 200)
+        # Readiness: 503 while draining or while the scheduler is unreachable (gateway.main sets ready).
+        return Response(status_code=503 if app.state.draining or not getattr(app.state, "ready", True) else 200)
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
@@ -125,7 +143,7 @@ def create_app(service: GenerationService) -> FastAPI:
         return JSONResponse(models_body(info.model, info.max_model_len, int(time.time())))
 
     async def generate(kind: Kind, request: Request) -> Response:
-        body = await _read_json(request)
+        body = await _read_json(request, max(1, int(getattr(service.config, "max_body_bytes", 4 << 20))))
         parsed = parse_request(kind, body, request.headers)
         if parsed.messages is not None:
             try:

@@ -10,7 +10,9 @@ rather than silently ignored. Response shapes follow vLLM's OpenAI server, so ``
 
 from __future__ import annotations
 
+import json
 import math
+import reprlib
 from array import array
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
@@ -57,6 +59,92 @@ _INT64 = (-(2**63), 2**63 - 1)
 _UNSUPPORTED_HINT = {"stop": "; stop strings are not supported, use stop_token_ids"}
 
 
+# Bounds on what a JSON body may hold, so parsing and every message that quotes a value stay
+# cheap: Python refuses int() of more than 4,300 digits with a ValueError (a 500, before), and
+# repr() of a value nested ~1,000 deep raises RecursionError. No OpenAI field needs more.
+MAX_INT_DIGITS = 64
+MAX_JSON_DEPTH = 64
+_FLOAT32_MAX = 3.4028234663852886e38
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlong = 40
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = 8
+_REPR.maxlevel = 3
+
+
+def _shown(value: Any) -> str:
+    """A client's value quoted in an error message: bounded in size and always encodable."""
+    return _REPR.repr(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class HugeNumber:
+    """An integer literal of more than ``MAX_INT_DIGITS`` digits, kept as its size: converting
+    it could cost quadratic time (or a ValueError past 4,300 digits), and no field takes one,
+    so each field's own check refuses it by name."""
+
+    def __init__(self, text: str) -> None:
+        self.digits = len(text.lstrip("-"))
+        self.head = text[:12]
+
+    def __repr__(self) -> str:
+        return f"{self.head}... (an integer of {self.digits} digits)"
+
+
+def _parse_int(text: str) -> int | HugeNumber:
+    return HugeNumber(text) if len(text.lstrip("-")) > MAX_INT_DIGITS else int(text)
+
+
+def _parse_constant(name: str) -> float:
+    raise invalid(f"the request body contains {name}, which is not valid JSON (numbers must be finite)")
+
+
+def parse_json(raw: bytes) -> Any:
+    """The body as JSON, or INVALID_ARGUMENT saying why not: malformed or not UTF-8, NaN or
+    Infinity, nesting deeper than ``MAX_JSON_DEPTH``, or a string that is no Unicode text (a
+    lone surrogate such as \\ud800). Integers of more than ``MAX_INT_DIGITS`` digits become
+    ``HugeNumber`` and numbers beyond a double's range ``inf``: valid JSON, refused by the
+    field that holds them (so the message names it)."""
+    try:
+        body = json.loads(raw, parse_int=_parse_int, parse_constant=_parse_constant)
+    except RecursionError:
+        raise invalid(f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise invalid(f"the request body is not valid JSON: {_shown(str(exc))}") from None
+    _check_tree(body)
+    return body
+
+
+def _check_tree(body: Any) -> None:
+    """Depth and Unicode of every value, iteratively (a recursive walk is what must not fail).
+    Paths are built only for a message: a 4 MiB body holds up to 2 million values."""
+    stack: list[tuple[Any, Any, int]] = [(body, None, 0)]  # value, where ((parent's where, key) or None), depth
+
+    def path(where: Any) -> str:
+        keys = []
+        while where is not None:
+            where, key = where
+            keys.append(f"[{key}]" if isinstance(key, int) else f".{key}")
+        return "".join(reversed(keys)).lstrip(".") or "the request body"
+
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise invalid(f"the request body is nested too deeply (more than {MAX_JSON_DEPTH} levels at "
+                          f"{_shown(path(where)[:80])})")
+        if isinstance(value, str):
+            if not value.isascii():
+                _unicode(value, path(where))
+        elif isinstance(value, list):
+            stack.extend((v, (where, i), depth + 1) for i, v in enumerate(value) if isinstance(v, (str, list, dict)))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if not k.isascii():
+                    _unicode(k, f"the key {_shown(path((where, k)))}")
+                if isinstance(v, (str, list, dict)):
+                    stack.append((v, (where, k), depth + 1))
+
+
 @dataclass
 class OpenAIRequest:
     """A parsed body: the request for the pipeline plus what shapes the HTTP answer."""
@@ -74,15 +162,17 @@ def _is_int(v: Any) -> bool:
 
 
 def _number(body: Mapping[str, Any], name: str) -> float | None:
+    """A finite number that a protobuf ``float`` (32 bits) carries without becoming infinite."""
     v = body.get(name)
     if v is None:
         return None
     try:
-        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(float(v))
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and abs(float(v)) <= _FLOAT32_MAX
     except OverflowError:  # an integer literal too large for a float
         ok = False
     if not ok:
-        raise invalid(f"{name} must be a finite number, got {v!r}", name)
+        raise invalid(f"{name} must be a finite number (at most {_FLOAT32_MAX:.4g} in size), got {_shown(v)}",
+                      name)
     return float(v)
 
 
@@ -92,8 +182,10 @@ def _int(body: Mapping[str, Any], name: str, bounds: tuple[int, int] = _INT32) -
         return None
     if isinstance(v, float) and v.is_integer():
         v = int(v)
+    if isinstance(v, HugeNumber):
+        raise invalid(f"{name} = {_shown(v)} is out of range (at most {bounds[1]})", name)
     if not _is_int(v):
-        raise invalid(f"{name} must be an integer, got {v!r}", name)
+        raise invalid(f"{name} must be an integer, got {_shown(v)}", name)
     if not bounds[0] <= v <= bounds[1]:
         raise invalid(f"{name} = {v} is out of range (at most {bounds[1]})", name)
     return int(v)
@@ -104,7 +196,7 @@ def _bool(body: Mapping[str, Any], name: str, default: bool = False) -> bool:
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise invalid(f"{name} must be true or false, got {v!r}", name)
+        raise invalid(f"{name} must be true or false, got {_shown(v)}", name)
     return v
 
 
@@ -116,14 +208,14 @@ def _is_default(value: Any, defaults: tuple[Any, ...]) -> bool:
 def _check_unsupported(body: Mapping[str, Any]) -> None:
     for name, defaults in _UNSUPPORTED.items():
         if name in body and not _is_default(body[name], defaults):
-            raise invalid(f"{name} = {body[name]!r} is not supported by this server; remove it"
+            raise invalid(f"{name} = {_shown(body[name])} is not supported by this server; remove it"
                           f"{_UNSUPPORTED_HINT.get(name, '')}", name)
 
 
 def _token_ids(value: list[Any], name: str) -> list[int]:
     for i, t in enumerate(value):
         if not _is_int(t) or not 0 <= t < 2**32:
-            raise invalid(f"{name}[{i}] must be a token id (an integer >= 0), got {t!r}", name)
+            raise invalid(f"{name}[{i}] must be a token id (an integer >= 0), got {_shown(t)}", name)
     return list(value)
 
 
@@ -172,7 +264,8 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
             for j, part in enumerate(content):
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                     kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                    raise invalid(f"messages[{i}].content[{j}] of type {kind!r} is not supported; only text parts",
+                    raise invalid(f"messages[{i}].content[{j}] of type {_shown(kind)} is not supported; "
+                                  "only text parts",
                                   "messages")
                 texts.append(part["text"])
             content = "\n".join(texts)
@@ -192,7 +285,7 @@ def _slo(body: Mapping[str, Any], headers: Mapping[str, str], req: gateway_pb2.G
     app_class, where = value("app_class")
     if app_class is not None:
         if not isinstance(app_class, str):
-            raise invalid(f"{where} must be a string, got {app_class!r}", where)
+            raise invalid(f"{where} must be a string, got {_shown(app_class)}", where)
         req.app_class = app_class.strip()
     for kind in ("ttft", "tbt", "jct"):
         raw, where = value(f"slo_{kind}_ms")
@@ -203,7 +296,7 @@ def _slo(body: Mapping[str, Any], headers: Mapping[str, str], req: gateway_pb2.G
         except (TypeError, ValueError):
             ms = math.nan
         if not math.isfinite(ms):
-            raise invalid(f"{where} must be a number of milliseconds, got {raw!r}", where)
+            raise invalid(f"{where} must be a number of milliseconds, got {_shown(raw)}", where)
         setattr(req.slo, f"{kind}_ms", ms)
 
 
@@ -215,7 +308,7 @@ def _sampling(body: Mapping[str, Any], kind: Kind, names: dict[str, str]) -> com
     # 0 means "unset" in the protobuf, so a 0 (or a value float32 rounds to 0) would silently
     # become 1.0: refused here, as vLLM does.
     if top_p is not None and not (0 < top_p <= 1 and array("f", [top_p])[0] > 0):
-        raise invalid(f"top_p must be in (0, 1], got {top_p!r}", "top_p")
+        raise invalid(f"top_p must be in (0, 1], got {_shown(top_p)}", "top_p")
     sp.top_p = 1.0 if top_p is None else top_p
     top_k = _int(body, "top_k")
     sp.top_k = 0 if top_k in (None, -1) else top_k  # vLLM's -1 and our 0 both mean "disabled"
@@ -233,7 +326,7 @@ def _sampling(body: Mapping[str, Any], kind: Kind, names: dict[str, str]) -> com
     stop_ids = body.get("stop_token_ids")
     if stop_ids is not None:
         if not isinstance(stop_ids, list):
-            raise invalid(f"stop_token_ids must be a list of token ids, got {stop_ids!r}", "stop_token_ids")
+            raise invalid(f"stop_token_ids must be a list of token ids, got {_shown(stop_ids)}", "stop_token_ids")
         sp.stop_token_ids.extend(_token_ids(stop_ids, "stop_token_ids"))
     sp.ignore_eos = _bool(body, "ignore_eos")
     return sp
@@ -245,9 +338,10 @@ def check_model(model: Any, served: set[str]) -> None:
     if model is None:
         return
     if not isinstance(model, str):
-        raise invalid(f"model must be a string, got {model!r}", "model")
+        raise invalid(f"model must be a string, got {_shown(model)}", "model")
     if model not in served:
-        raise GatewayError(grpc.StatusCode.NOT_FOUND, f"The model `{model}` does not exist; this server serves "
+        raise GatewayError(grpc.StatusCode.NOT_FOUND, f"The model `{_shown(model)[1:-1]}` does not exist; "
+                           "this server serves "
                            f"{', '.join(sorted(served))}", "model")
 
 
@@ -268,7 +362,7 @@ def parse_request(kind: Kind, body: Any, headers: Mapping[str, str]) -> OpenAIRe
     stream = _bool(body, "stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
-        raise invalid(f"stream_options must be an object, got {options!r}", "stream_options")
+        raise invalid(f"stream_options must be an object, got {_shown(options)}", "stream_options")
     if options is not None and not stream:
         raise invalid("stream_options can only be set when stream is true", "stream_options")
     include_usage = bool(options and _bool(options, "include_usage"))

@@ -11,6 +11,13 @@ breaks (the scheduler restarting, a network blip) is resumed by watching again f
 number of tokens already delivered. Tokens before that index are dropped if the scheduler
 resends them, so the consumer sees each token exactly once, in order. We keep trying with
 exponential backoff until ``reconnect_timeout_s`` passes without progress.
+
+Silent streams: a request that gets nothing for ``stream_idle_timeout_s`` is checked with
+GetRequest. Progress the stream did not deliver means the shared stream is stuck (open but
+silent): it is re-opened, and every request on it re-subscribes from its delivered index. A
+request still queued or running without new tokens is waited for (a long queue wait is
+legitimate). A scheduler that does not answer the check fails the request with UNAVAILABLE once
+``reconnect_timeout_s`` has passed.
 """
 
 from __future__ import annotations
@@ -22,11 +29,11 @@ from typing import AsyncGenerator
 import grpc
 import structlog
 
-from accelgen.common.grpc_server import CHANNEL_OPTIONS
+from accelgen.common.grpc_server import CHANNEL_OPTIONS, channel_target
 from accelgen.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
-from gateway.watch_hub import WatchHub
+from gateway.watch_hub import IDLE, WatchHub
 
 log = structlog.get_logger("gateway.scheduler_client")
 
@@ -47,15 +54,20 @@ RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, g
 BACKOFF_INITIAL_S = 0.05
 BACKOFF_MAX_S = 1.0
 
+_DONE_STATES = frozenset({"finished", "cancelled"})
+
 
 class SchedulerClient:
-    """Calls to one scheduler address, each with a deadline; ServerInfo cached with a TTL."""
+    """Calls to the scheduler (one address, or a leader and its standbys), each with a deadline;
+    ServerInfo cached with a TTL."""
 
     def __init__(self, config: GatewayConfig) -> None:
         self._config = config
-        self._channel = grpc.aio.insecure_channel(config.scheduler_address, options=GATEWAY_CHANNEL_OPTIONS)
+        self.owner = config.instance_id
+        self._channel = grpc.aio.insecure_channel(channel_target(config.scheduler_address),
+                                                  options=GATEWAY_CHANNEL_OPTIONS)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
-        self._hubs = [WatchHub(self._stub)]  # more only while a request has two watchers
+        self._hubs = [WatchHub(self._stub, self.owner)]  # more only while a request has two watchers
         self._info: scheduler_pb2.ServerInfo | None = None
         self._info_at = -float("inf")
         self._info_lock = asyncio.Lock()
@@ -64,6 +76,10 @@ class SchedulerClient:
         # client's, so their requests keep running (a client can still GetRequest the output).
         self.draining = False
 
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        return self._channel
+
     async def close(self) -> None:
         for hub in self._hubs:
             hub.close()
@@ -71,25 +87,29 @@ class SchedulerClient:
             await asyncio.wait(self._background, timeout=self._config.rpc_timeout_s)
         await self._channel.close()
 
-    async def server_info(self) -> scheduler_pb2.ServerInfo:
-        """The scheduler's model and limits, refreshed at most every ``server_info_ttl_s``."""
+    async def server_info(self, refresh: bool = False) -> scheduler_pb2.ServerInfo:
+        """The scheduler's model and limits, refreshed at most every ``server_info_ttl_s``
+        (or now, with ``refresh``)."""
         async with self._info_lock:  # many requests arriving at once make one call, not many
-            if self._info is None or time.monotonic() - self._info_at > self._config.server_info_ttl_s:
+            if refresh or self._info is None or time.monotonic() - self._info_at > self._config.server_info_ttl_s:
                 self._info = await self._stub.GetServerInfo(scheduler_pb2.GetServerInfoRequest(),
                                                             timeout=self._config.rpc_timeout_s)
                 self._info_at = time.monotonic()
             return self._info
 
     async def submit(self, request: scheduler_pb2.SubmitRequest) -> scheduler_pb2.SubmitResponse:
-        """Hand the request to the scheduler; once this returns it is durable there."""
+        """Hand the request to the scheduler; once this returns it is durable there. It carries
+        this gateway's id as its owner (cancelled by the scheduler if this gateway dies)."""
+        request.owner = self.owner
         return await self._stub.Submit(request, timeout=self._config.submit_timeout_s)
 
     async def cancel(self, request_id: str) -> common_pb2.CancelResponse:
         return await self._stub.Cancel(common_pb2.CancelRequest(request_id=request_id),
                                        timeout=self._config.rpc_timeout_s)
 
-    async def get_request(self, request_id: str) -> common_pb2.RequestState:
-        return await self._stub.GetRequest(common_pb2.GetRequestRequest(request_id=request_id),
+    async def get_request(self, request_id: str, include_prompt: bool = False) -> common_pb2.RequestState:
+        return await self._stub.GetRequest(common_pb2.GetRequestRequest(request_id=request_id,
+                                                                        include_prompt=include_prompt),
                                            timeout=self._config.rpc_timeout_s)
 
     def cancel_in_background(self, request_id: str) -> None:
@@ -113,17 +133,35 @@ class SchedulerClient:
         """Batches of new tokens from ``start_index`` on, each token once, until one is finished.
 
         Re-watches after a resumable break; raises UNAVAILABLE once ``reconnect_timeout_s`` has
-        passed since the stream broke without a token arriving, and passes any other scheduler
-        error through.
+        passed since the stream broke (or went silent with the scheduler unreachable) without a
+        token arriving, and passes any other scheduler error through.
         """
         next_index = start_index
         broken_since: float | None = None
         backoff = BACKOFF_INITIAL_S
         while True:
-            stream = self._watch_from(request_id, next_index)
+            hub = self._hub_for(request_id)
+            stream = hub.watch(request_id, next_index, self._config.stream_idle_timeout_s)
             reason = "stream ended before the request finished"
             try:
                 async for batch in stream:
+                    if batch is IDLE:
+                        action, why = await self._check_silent(request_id, next_index)
+                        if action == "wait":  # queued or running without new tokens: legitimate
+                            broken_since = None
+                            continue
+                        reason = why
+                        if action == "unreachable":
+                            broken_since = time.monotonic() if broken_since is None else broken_since
+                            if time.monotonic() - broken_since < self._config.reconnect_timeout_s:
+                                continue
+                            break
+                        if (action == "restart" and hub.silent_for() >= self._config.stream_idle_timeout_s
+                                and hub.restart(f"request {request_id}: {why}")):
+                            # The whole shared stream is stuck: every request on it re-subscribes
+                            # (this one gets the restart as UNAVAILABLE on its next read).
+                            continue
+                        break  # only this request is silent: re-watch it from its index
                     fresh = _trim(batch, next_index)
                     if fresh is None:  # a gap: the stream skipped tokens; re-watch from ours
                         reason = f"gap: expected token {next_index}, stream sent {batch.start_index}"
@@ -149,20 +187,38 @@ class SchedulerClient:
                     grpc.StatusCode.UNAVAILABLE,
                     f"lost the token stream of request {request_id} after {next_index} tokens and could not "
                     f"resume it for {waited:.0f} s ({reason}); the request may still finish: GetRequest "
-                    f"{request_id} returns its output")
+                    f"{request_id} returns its output, Attach resumes it from token {next_index}")
             log.info("watch_resume", request_id=request_id, from_index=next_index, reason=reason,
                      backoff_s=backoff)
             await asyncio.sleep(min(backoff, self._config.reconnect_timeout_s - waited))
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    def _watch_from(self, request_id: str, start_index: int) -> AsyncGenerator[scheduler_pb2.TokenBatch, None]:
-        """One attempt, on the gateway's shared WatchMany stream; a request already watched
-        there (a second watcher) goes on another hub's stream."""
+    async def _check_silent(self, request_id: str, next_index: int) -> tuple[str, str]:
+        """What to do about a request whose stream said nothing for ``stream_idle_timeout_s``:
+        ``wait`` (nothing new at the scheduler), ``restart`` (it has progress the stream did not
+        deliver), ``unreachable`` (the check failed: retried until ``reconnect_timeout_s``) or
+        ``rewatch`` (another answer: watching again surfaces it)."""
+        try:
+            state = await self.get_request(request_id)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("watch_silent_check_failed", request_id=request_id, code=exc.code().name)
+            action = "unreachable" if exc.code() in RESUMABLE else "rewatch"
+            return action, f"the stream is silent and GetRequest failed: {exc.code().name}: {exc.details()}"
+        if len(state.output_ids) > next_index or state.status in _DONE_STATES:
+            log.warning("watch_silent", request_id=request_id, delivered=next_index,
+                        scheduler_tokens=len(state.output_ids), status=state.status)
+            return "restart", (f"silent for {self._config.stream_idle_timeout_s:g} s while the scheduler has "
+                               f"{len(state.output_ids)} tokens (status {state.status}), {next_index} delivered")
+        return "wait", ""
+
+    def _hub_for(self, request_id: str) -> WatchHub:
+        """The gateway's shared WatchMany stream; a request already watched there (a second
+        watcher) goes on another hub's stream."""
         hub = next((h for h in self._hubs if h.can_watch(request_id)), None)
         if hub is None:
-            hub = WatchHub(self._stub)
+            hub = WatchHub(self._stub, self.owner)
             self._hubs.append(hub)
-        return hub.watch(request_id, start_index)
+        return hub
 
 
 def _trim(batch: scheduler_pb2.TokenBatch, next_index: int) -> scheduler_pb2.TokenBatch | None:

@@ -8,12 +8,18 @@ the hub hands each request its batches through its own queue.
 
 The hub does not resume anything itself. When the stream breaks (scheduler restart, network),
 every subscriber gets the error, and ``SchedulerClient.watch`` resumes each request from the
-tokens it already has; the first resubscription opens a new stream.
+tokens it already has; the first resubscription opens a new stream. A stream that stays open but
+goes silent while the scheduler shows progress is broken on purpose (``restart``), with the same
+effect: every request re-subscribes from its delivered index.
+
+Every message names the gateway (``owner``): the scheduler cancels the requests of a gateway
+whose streams have all been gone for its ``owner_gone_cancel_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import AsyncGenerator, AsyncIterator
 
 import grpc
@@ -26,6 +32,9 @@ log = structlog.get_logger("gateway.watch_hub")
 
 Item = scheduler_pb2.TokenBatch | grpc.aio.AioRpcError | GatewayError
 
+IDLE = None
+"""What ``watch`` yields when nothing came for ``idle_s``: the caller checks the request."""
+
 
 def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     """An error shaped like a failed call, so one request's failure on the shared stream is
@@ -34,21 +43,26 @@ def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
 
 
 class WatchHub:
-    def __init__(self, stub: scheduler_pb2_grpc.SchedulerStub) -> None:
+    def __init__(self, stub: scheduler_pb2_grpc.SchedulerStub, owner: str = "") -> None:
         self._stub = stub
+        self._owner = owner
         self._subs: dict[str, asyncio.Queue[Item]] = {}
         self._outbox: asyncio.Queue[scheduler_pb2.WatchManyRequest] | None = None
         self._call: grpc.aio.StreamStreamCall | None = None
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
+        self._restart_reason = ""
+        self._last_message_at = time.monotonic()
 
     def can_watch(self, request_id: str) -> bool:
         """False when the hub already streams this request (one index per request and stream)."""
         return request_id not in self._subs
 
-    async def watch(self, request_id: str, start_index: int) -> AsyncGenerator[scheduler_pb2.TokenBatch, None]:
+    async def watch(self, request_id: str, start_index: int, idle_s: float | None = None
+                    ) -> AsyncGenerator[scheduler_pb2.TokenBatch | None, None]:
         """Batches of ``request_id`` from ``start_index`` on until it finishes; raises the
-        request's error (or the stream's) as ``grpc.aio.AioRpcError``."""
+        request's error (or the stream's) as ``grpc.aio.AioRpcError``. With ``idle_s``, yields
+        ``IDLE`` (None) after every ``idle_s`` without news, the subscription staying in place."""
         queue: asyncio.Queue[Item] = asyncio.Queue()
         self._subs[request_id] = queue
         finished = False
@@ -56,7 +70,14 @@ class WatchHub:
             self._send(scheduler_pb2.WatchManyRequest(
                 watch=[scheduler_pb2.WatchRequest(request_id=request_id, start_index=start_index)]))
             while True:
-                item = await queue.get()
+                if idle_s is None:
+                    item = await queue.get()
+                else:
+                    try:
+                        item = await asyncio.wait_for(queue.get(), idle_s)
+                    except TimeoutError:
+                        yield IDLE
+                        continue
                 if isinstance(item, Exception):
                     raise item
                 finished = item.finished
@@ -68,6 +89,22 @@ class WatchHub:
                 del self._subs[request_id]
                 if not finished and self._outbox is not None and not self._closed:  # the client left
                     self._send(scheduler_pb2.WatchManyRequest(unwatch=[request_id]))
+
+    def silent_for(self) -> float:
+        """Seconds since the shared stream last delivered anything (or was opened)."""
+        return time.monotonic() - self._last_message_at
+
+    def restart(self, reason: str) -> bool:
+        """Break the shared stream on purpose (it went silent although the scheduler shows
+        progress): every subscriber gets UNAVAILABLE and re-subscribes from its delivered index
+        on a new stream."""
+        call = self._call
+        if call is not None and not self._closed:
+            log.warning("watch_many_restart", reason=reason, requests=len(self._subs))
+            self._restart_reason = reason
+            call.cancel()
+            return True
+        return False
 
     def close(self) -> None:
         """The gateway is shutting down: end every stream here, and open no new one (the
@@ -87,14 +124,16 @@ class WatchHub:
 
     def _open(self) -> None:
         outbox: asyncio.Queue[scheduler_pb2.WatchManyRequest] = asyncio.Queue()
-        call = self._stub.WatchMany(_requests(outbox))  # first: it raises on a closed channel
+        call = self._stub.WatchMany(_requests(outbox, self._owner))  # first: it raises on a closed channel
         self._outbox, self._call = outbox, call
+        self._last_message_at = time.monotonic()
         self._reader = asyncio.get_running_loop().create_task(self._read(call, outbox))
 
     async def _read(self, call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue) -> None:
         code, details = grpc.StatusCode.UNAVAILABLE, "the WatchMany stream ended"
         try:
             async for resp in call:
+                self._last_message_at = time.monotonic()
                 subs = self._subs
                 for batch in resp.batches:
                     queue = subs.get(batch.request_id)
@@ -109,7 +148,9 @@ class WatchHub:
             # comes as a WatchError): one bad stream must not fail every request on the gateway.
             details = f"the WatchMany stream broke: {exc.code().name}: {exc.details()}"
         except asyncio.CancelledError:
-            details = "the gateway closed the WatchMany stream"
+            details = (f"the gateway re-opens the WatchMany stream: {self._restart_reason}" if self._restart_reason
+                       else "the gateway closed the WatchMany stream")
+            self._restart_reason = ""
         except Exception:  # noqa: BLE001 - a bug here must reach the log and the waiting requests
             log.exception("watch_many_reader_failed")
             details = "the gateway's WatchMany reader failed"
@@ -121,7 +162,7 @@ class WatchHub:
             self._subs.clear()
 
 
-async def _requests(outbox: asyncio.Queue[scheduler_pb2.WatchManyRequest]
+async def _requests(outbox: asyncio.Queue[scheduler_pb2.WatchManyRequest], owner: str = ""
                     ) -> AsyncIterator[scheduler_pb2.WatchManyRequest]:
     """The request side of the stream: whatever queued up since the last write, as one message.
 
@@ -140,7 +181,7 @@ async def _requests(outbox: asyncio.Queue[scheduler_pb2.WatchManyRequest]
             if outbox.empty():
                 break
         yield scheduler_pb2.WatchManyRequest(watch=[w for w in last.values() if w is not None],
-                                             unwatch=[rid for rid, w in last.items() if w is None])
+                                             unwatch=[rid for rid, w in last.items() if w is None], owner=owner)
 
 
 def _shutting_down() -> GatewayError:

@@ -3,8 +3,9 @@
 ``FakeScheduler`` implements the scheduler API the gateway uses (Submit, WatchMany, Cancel,
 GetRequest, GetServerInfo) over real gRPC, with knobs for the failures the gateway must
 survive: a Submit error, a WatchMany stream that breaks after N tokens of a request (a
-scheduler restart), a resume that resends tokens the gateway already has. It records every
-call so tests can assert what reached the scheduler — and what did not.
+scheduler restart), a resume that resends tokens the gateway already has, a stream that goes
+silent without closing (``hold_at``). It records every call so tests can assert what reached the
+scheduler — and what did not.
 
 ``LoopThread`` runs an asyncio loop in a daemon thread so synchronous tests (no pytest-asyncio)
 can host aio servers and call them with ordinary blocking clients.
@@ -58,6 +59,8 @@ class _Record:
     tokens: list[int]
     broken: bool = False
     cancelled: bool = False
+    held: bool = False
+    sent: int = 0                        # tokens the fake has sent of it so far (its "progress")
 
 
 @dataclass
@@ -78,6 +81,12 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     vocab_size: int = 0                  # reported in ServerInfo (0 = unknown)
     break_after: int | None = None       # the stream breaks (UNAVAILABLE) at this index of a request's first watch
     rewind_on_resume: int = 0            # a re-watch resends this many tokens before start_index
+    hold_at: int | None = None           # a request's first watch goes silent (stream open) at this index
+    released: bool = False               # ... until this is set (then it goes on, on the same stream)
+    get_request_status: str | None = None  # GetRequest says this, with the tokens sent so far (None:
+                                           # "finished" with every token)
+    get_request_error: tuple[grpc.StatusCode, str] | None = None
+    get_requests: list[common_pb2.GetRequestRequest] = field(default_factory=list)
     submits: list[scheduler_pb2.SubmitRequest] = field(default_factory=list)
     watches: list[tuple[str, int]] = field(default_factory=list)  # (request id, start index) of every watch
     watch_many_messages: list[scheduler_pb2.WatchManyRequest] = field(default_factory=list)
@@ -172,9 +181,14 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
             if self.break_after is not None and not rec.broken and i >= self.break_after:
                 rec.broken = True
                 raise _Refused(grpc.StatusCode.UNAVAILABLE, "scheduler restarting")
+            if self.hold_at is not None and not rec.held and i >= self.hold_at:
+                rec.held = True  # silent, the stream open, until released (or this watch ends)
+                while not self.released:
+                    await asyncio.sleep(0.01)
             await asyncio.sleep(self.token_delay_s)
             ids = rec.tokens[i:i + self.batch_size]
             end = i + len(ids)
+            rec.sent = max(rec.sent, end)
             yield scheduler_pb2.TokenBatch(token_ids=ids, start_index=i, emitted_at=[time.time()] * len(ids),
                                            finished=end >= n, finish_reason=self.finish_reason if end >= n else "",
                                            prompt_tokens=prompt)
@@ -191,11 +205,18 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
 
     async def GetRequest(self, request: common_pb2.GetRequestRequest,
                          context: grpc.aio.ServicerContext) -> common_pb2.RequestState:
+        self.get_requests.append(request)
+        if self.get_request_error is not None:
+            await context.abort(*self.get_request_error)
         rec = await self._record(request.request_id, context)
-        return common_pb2.RequestState(request_id=request.request_id, status="finished",
-                                        output_ids=rec.tokens, finish_reason=self.finish_reason,
+        status = self.get_request_status or "finished"
+        output = rec.tokens if self.get_request_status is None else rec.tokens[:rec.sent]
+        prompt = rec.submit.prompt_token_ids
+        return common_pb2.RequestState(request_id=request.request_id, status=status, output_ids=output,
+                                        finish_reason=self.finish_reason if status == "finished" else "",
                                         app_class=rec.submit.app_class, slo=rec.submit.slo,
-                                        prompt_tokens=len(rec.submit.prompt_token_ids))
+                                        prompt_tokens=len(prompt), arrival_s=time.time(),
+                                        prompt_token_ids=prompt if request.include_prompt else ())
 
 
 async def start_fake_scheduler(fake: FakeScheduler, port: int = 0) -> tuple[grpc.aio.Server, int]:
