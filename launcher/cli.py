@@ -16,11 +16,12 @@ from launcher.test_model import default_model
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """The whole stack in one process tree, on embedded defaults; Ctrl-C stops it all."""
+    """The whole stack in one process tree, on embedded defaults, supervised: a service that
+    exits is restarted with backoff while the rest keep running; Ctrl-C stops it all."""
     import signal
     import threading
 
-    from launcher.stack import start_stack
+    from launcher.stack import Supervisor, start_stack
 
     worker_args = ["--time-scale", str(args.time_scale)]
     if args.executor == "vllm" and not args.model:
@@ -31,23 +32,21 @@ def cmd_up(args: argparse.Namespace) -> int:
     stack = start_stack(workers=args.workers, executor=args.executor, worker_args=worker_args,
                         gateway_args=(["--model", args.model] if args.model else []),
                         scheduler_args=["--policy", args.policy], http_port=args.http_port or None,
-                        grpc_port=args.grpc_port or None, log_dir=Path(args.log_dir) if args.log_dir else None)
+                        grpc_port=args.grpc_port or None, log_dir=Path(args.log_dir) if args.log_dir else None,
+                        redis_appendfsync="always")
     print(f"AccelGen is up: gateway gRPC {stack.gateway_address}, OpenAI HTTP http://127.0.0.1:{stack.http_port}/v1, "
-          f"scheduler {stack.scheduler_address}, Redis {stack.redis_url}, {args.workers} {args.executor} worker(s). "
-          "Ctrl-C stops everything.", flush=True)
+          f"scheduler {stack.scheduler_address}, Redis {stack.redis_url} (AOF in {stack.redis_dir}), "
+          f"{args.workers} {args.executor} worker(s). A service that exits is restarted; Ctrl-C stops everything.",
+          flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     try:
-        while not done.wait(0.5):
-            dead = [p.name for p in stack.procs if not p.alive()]
-            if dead:
-                print(f"{', '.join(dead)} exited; stopping", file=sys.stderr)
-                break
+        code = Supervisor(stack).run(done)
     finally:
         stack.stop()
         print("stopped", flush=True)
-    return 0
+    return code
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -130,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         ap.epilog = str(exc)
     else:
         research.add_commands(sub)
-    up = sub.add_parser("up", help="start Redis, the scheduler, N workers and the gateway; Ctrl-C stops all")
+    up = sub.add_parser("up", help="start Redis, the scheduler, N workers and the gateway, restart any that "
+                                   "exits; Ctrl-C stops all")
     up.add_argument("--workers", type=int, default=1)
     up.add_argument("--executor", default="vllm", help="vllm (vLLM's model runner; CPU or GPU) or sim (cost model)")
     up.add_argument("--model", default=None, help="model path or name for vllm workers and the gateway tokenizer")

@@ -2,7 +2,8 @@
 
 Every process is started in its own process group and stopped with SIGTERM first (so services
 run their clean shutdown), then SIGKILL after a grace period. Readiness is the service's own
-``grpc.health.v1`` answer, not a sleep.
+``grpc.health.v1`` answer, not a sleep. ``start_stack`` starts a stack and leaves it alone;
+``Supervisor`` (what ``accelgen up`` runs) restarts whichever of its processes exits.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,6 +31,16 @@ class Proc:
     name: str
     popen: subprocess.Popen
     log_path: Path | None = None
+    argv: list[str] = field(default_factory=list)  # what ``spawn`` ran: ``respawn`` runs it again
+    env: dict[str, str] | None = None
+    log_dir: Path | None = None
+    started_at: float = field(default_factory=time.monotonic)
+
+    def respawn(self) -> "Proc":
+        """The same command, environment and log file, as a new process (ports are in argv)."""
+        if not self.argv:
+            raise RuntimeError(f"{self.name} was not started by spawn(): nothing to restart")
+        return spawn(self.name, self.argv, self.log_dir, self.env)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -58,11 +70,15 @@ def spawn(name: str, argv: Sequence[str], log_dir: Path | None = None, env: dict
     out = None
     if log_dir is not None:
         log_path = log_dir / f"{name}.log"
-        out = open(log_path, "ab")
+        out = open(log_path, "ab")  # appended to: a restarted service continues its log
     full_env = {**os.environ, **(env or {})}
-    popen = subprocess.Popen(list(argv), stdout=out or subprocess.DEVNULL, stderr=subprocess.STDOUT if out else None,
-                             env=full_env, start_new_session=True)
-    return Proc(name, popen, log_path)
+    try:
+        popen = subprocess.Popen(list(argv), stdout=out or subprocess.DEVNULL,
+                                 stderr=subprocess.STDOUT if out else None, env=full_env, start_new_session=True)
+    finally:
+        if out is not None:
+            out.close()  # the child has its own copy
+    return Proc(name, popen, log_path, argv=list(argv), env=env, log_dir=log_dir)
 
 
 def wait_healthy(address: str, service: str = "", timeout_s: float = 60.0, proc: Proc | None = None) -> None:
@@ -85,14 +101,22 @@ def wait_healthy(address: str, service: str = "", timeout_s: float = 60.0, proc:
             time.sleep(0.1)
 
 
-def start_redis(port: int | None = None, workdir: Path | None = None, log_dir: Path | None = None) -> tuple[Proc, str]:
-    """A private redis-server on a free loopback port, no persistence (tests, ``accelgen up``)."""
+def start_redis(port: int | None = None, workdir: Path | None = None, log_dir: Path | None = None,
+                appendfsync: str | None = None) -> tuple[Proc, str]:
+    """A private redis-server on a free loopback port (tests, ``accelgen up``).
+
+    No persistence unless ``appendfsync`` is given ("always", "everysec"): then AOF is on in
+    ``workdir``, so the same command restarted (``Proc.respawn``) reloads what was acknowledged.
+    """
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server not found: apt-get install -y redis-server (make install does this)")
+    if appendfsync not in (None, "always", "everysec", "no"):
+        raise ValueError(f"appendfsync must be always, everysec or no, got {appendfsync!r}")
     port = port or free_port()
     workdir = workdir or Path(tempfile.mkdtemp(prefix="accelgen-redis-"))
-    proc = spawn("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+    aof = ["--appendonly", "yes", "--appendfsync", appendfsync] if appendfsync else ["--appendonly", "no"]
+    proc = spawn("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *aof,
                            "--dir", str(workdir), "--protected-mode", "yes"], log_dir)
     import redis
 
@@ -120,6 +144,7 @@ class Stack:
     gateway_address: str = ""
     http_port: int = 0
     log_dir: Path | None = None
+    redis_dir: Path | None = None  # Redis's working directory (its AOF, when on)
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -147,10 +172,16 @@ def start_worker_proc(stack: Stack, name: str, extra: Sequence[str] = ()) -> Pro
 
 def start_stack(workers: int = 1, executor: str = "sim", scheduler_args: Sequence[str] = (),
                 worker_args: Sequence[str] = (), gateway_args: Sequence[str] = (), log_dir: Path | None = None,
-                http_port: int | None = None, grpc_port: int | None = None, worker_timeout_s: float = 120.0) -> Stack:
+                http_port: int | None = None, grpc_port: int | None = None, worker_timeout_s: float = 120.0,
+                redis_appendfsync: str | None = None) -> Stack:
+    """Redis, the scheduler, ``workers`` workers and the gateway, each waited for; nothing
+    restarts them (wrap the stack in a ``Supervisor`` for that). ``redis_appendfsync`` turns
+    Redis's AOF on (see ``start_redis``)."""
     stack = Stack(log_dir=log_dir)
     try:
-        redis_proc, stack.redis_url = start_redis(log_dir=log_dir)
+        stack.redis_dir = Path(tempfile.mkdtemp(prefix="accelgen-redis-"))
+        redis_proc, stack.redis_url = start_redis(workdir=stack.redis_dir, log_dir=log_dir,
+                                                  appendfsync=redis_appendfsync)
         stack.procs.append(redis_proc)
         sched_port = free_port()
         stack.scheduler_address = f"127.0.0.1:{sched_port}"
@@ -186,3 +217,122 @@ def _wait_workers(address: str, n: int, timeout_s: float, stack: Stack) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {info.live_workers} of {n} workers registered after {timeout_s:.0f} s")
             time.sleep(0.1)
+
+
+# -- supervision (``accelgen up``) ---------------------------------------------------------------
+EXIT_MEANINGS = {2: "configuration error", 3: "lost the leader lease", 4: "device failed"}
+
+
+def describe_exit(code: int | None) -> str:
+    """``status 4 (device failed)``, ``killed by SIGKILL``: what an exit status means here."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    meaning = EXIT_MEANINGS.get(code)
+    return f"status {code}" + (f" ({meaning})" if meaning else "")
+
+
+@dataclass
+class Restart:
+    """One restart the supervisor made (or gave up on: ``delay_s`` is None)."""
+
+    name: str
+    exit_code: int
+    delay_s: float | None
+    at: float  # time.monotonic() when the exit was seen
+
+
+class Supervisor:
+    """Keeps a ``Stack``'s processes running: one that exits is restarted with the same command
+    (same ports, same Redis data directory) after an exponential backoff — ``backoff_initial_s``
+    doubling to ``backoff_max_s``, back to the start once a process stayed up ``stable_after_s``
+    — while the others keep running. Exit status 2 (a configuration error; systemd's
+    ``RestartPreventExitStatus=2``) is not retried: the supervisor gives up and ``run`` returns.
+
+    ``run(stop)`` supervises on the calling thread until ``stop`` is set (``accelgen up``);
+    ``start()``/``stop()`` do the same on a thread (tests, the fault campaign). Stopping the
+    stack itself is the caller's (``Stack.stop``), after supervision ended.
+    """
+
+    def __init__(self, stack: Stack, backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0,
+                 stable_after_s: float = 60.0, give_up_codes: Sequence[int] = (2,), poll_s: float = 0.1,
+                 say: Callable[[str], None] | None = None) -> None:
+        self.stack = stack
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.stable_after_s = stable_after_s
+        self.give_up_codes = frozenset(give_up_codes)
+        self.poll_s = poll_s
+        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.restarts: list[Restart] = []
+        self.gave_up: Restart | None = None
+        self._next_delay: dict[str, float] = {}
+        self._due: dict[str, tuple[float, int]] = {}  # name -> (monotonic time to restart, exit code)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run(self, stop: threading.Event | None = None) -> int:
+        """Supervise until ``stop`` (or ``self.stop()``); 0, or 1 after giving up on a service."""
+        stop = stop or self._stop
+        while not (stop.wait(self.poll_s) or self._stop.is_set()):
+            if not self.check():
+                return 1
+        return 0
+
+    def check(self, now: float | None = None) -> bool:
+        """One round: notice exits, restart what is due. False once it gave up on a service."""
+        now = time.monotonic() if now is None else now
+        for i, proc in enumerate(self.stack.procs):
+            if proc.alive():
+                continue
+            if proc.name not in self._due:
+                code = proc.popen.returncode
+                if code in self.give_up_codes:
+                    self.gave_up = Restart(proc.name, code, None, now)
+                    self.say(f"accelgen up: {proc.name} exited: {describe_exit(code)}; not restarting it")
+                    return False
+                _kill_leftovers(proc)
+                delay = self._delay(proc, now)
+                self._due[proc.name] = (now + delay, code)
+                self.restarts.append(Restart(proc.name, code, delay, now))
+                self.say(f"accelgen up: {proc.name} exited: {describe_exit(code)}; restarting in {delay:.1f} s")
+            due, _ = self._due[proc.name]
+            if now >= due and not self._stop.is_set():
+                del self._due[proc.name]
+                self.stack.procs[i] = proc.respawn()
+                self.say(f"accelgen up: {proc.name} restarted (pid {self.stack.procs[i].popen.pid})")
+        return True
+
+    def _delay(self, proc: Proc, now: float) -> float:
+        """This restart's wait: the initial one after a stable run, else double the last one."""
+        if now - proc.started_at >= self.stable_after_s or proc.name not in self._next_delay:
+            delay = self.backoff_initial_s
+        else:
+            delay = self._next_delay[proc.name]
+        self._next_delay[proc.name] = min(delay * 2, self.backoff_max_s)
+        return delay
+
+    def start(self) -> "Supervisor":
+        """Supervise on a daemon thread until ``stop()``."""
+        self._thread = threading.Thread(target=self.run, name="accelgen-supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """End supervision (no restart after this returns); the processes keep running."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def _kill_leftovers(proc: Proc) -> None:
+    """A service's own children (vLLM's engine processes) can outlive it when it is killed;
+    they share its process group, which is killed before the service starts again."""
+    try:
+        os.killpg(proc.popen.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
