@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo results service-results bench protos clean
+.PHONY: install test demo results service-results bench faults protos clean
 
 $(STAMP): pyproject.toml
 	bash scripts/install_system_deps.sh
@@ -37,6 +37,10 @@ service-results: install
 
 bench: install
 	$(BIN)/python -m bench.overhead --json bench/out/overhead.json
+
+# The fault + fuzz campaign (~25 min, sim executor): docs/reliability.md and docs/reliability.json.
+faults: install
+	$(BIN)/python scripts/make_faults.py
 
 protos: install
 	$(BIN)/python scripts/gen_protos.py
