@@ -64,6 +64,10 @@ async def _readiness_loop(client: SchedulerClient, health_servicer: health.aio.H
     ready: bool | None = None
     while True:
         ok, why = await scheduler_ready(client, min(config.rpc_timeout_s, max(1.0, config.health_check_interval_s)))
+        if ok:
+            client.scheduler_answered()
+        elif why.startswith(("DEADLINE_EXCEEDED", "UNAVAILABLE")):
+            client.scheduler_unreachable()
         if ok != ready and not client.draining:
             ready = ok
             await set_serving(health_servicer, [SERVICE_NAME], ok)

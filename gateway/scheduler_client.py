@@ -29,7 +29,7 @@ from typing import AsyncGenerator
 import grpc
 import structlog
 
-from accelgen.common.grpc_server import CHANNEL_OPTIONS, channel_target
+from accelgen.common.grpc_server import CHANNEL_OPTIONS, FailoverChannel
 from accelgen.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
@@ -64,10 +64,10 @@ class SchedulerClient:
     def __init__(self, config: GatewayConfig) -> None:
         self._config = config
         self.owner = config.instance_id
-        self._channel = grpc.aio.insecure_channel(channel_target(config.scheduler_address),
-                                                  options=GATEWAY_CHANNEL_OPTIONS)
-        self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
-        self._hubs = [WatchHub(self._stub, self.owner)]  # more only while a request has two watchers
+        self._failover = FailoverChannel(config.scheduler_address, GATEWAY_CHANNEL_OPTIONS)
+        self._stub_generation = self._failover.generation
+        self._current_stub = scheduler_pb2_grpc.SchedulerStub(self._failover.channel)
+        self._hubs = [WatchHub(lambda: self._stub, self.owner)]  # more only while a request has two watchers
         self._info: scheduler_pb2.ServerInfo | None = None
         self._info_at = -float("inf")
         self._info_lock = asyncio.Lock()
@@ -78,14 +78,32 @@ class SchedulerClient:
 
     @property
     def channel(self) -> grpc.aio.Channel:
-        return self._channel
+        return self._failover.channel
+
+    @property
+    def _stub(self) -> scheduler_pb2_grpc.SchedulerStub:
+        """A stub on the current channel (a new one after ``scheduler_unreachable`` replaced it)."""
+        if self._stub_generation != self._failover.generation:
+            self._stub_generation = self._failover.generation
+            self._current_stub = scheduler_pb2_grpc.SchedulerStub(self._failover.channel)
+        return self._current_stub
+
+    def scheduler_answered(self) -> None:
+        self._failover.succeeded()
+
+    def scheduler_unreachable(self) -> None:
+        """A readiness check got no answer. Twice in a row with several scheduler addresses, the
+        channel is replaced, trying the next address first (a wedged leader keeps a connection
+        alive at the TCP level); watch streams on the old channel break and resume on the new."""
+        if self._failover.failed():
+            log.warning("scheduler_channel_rotated", generation=self._failover.generation)
 
     async def close(self) -> None:
         for hub in self._hubs:
             hub.close()
         if self._background:
             await asyncio.wait(self._background, timeout=self._config.rpc_timeout_s)
-        await self._channel.close()
+        await self._failover.close()
 
     async def server_info(self, refresh: bool = False) -> scheduler_pb2.ServerInfo:
         """The scheduler's model and limits, refreshed at most every ``server_info_ttl_s``
@@ -216,7 +234,7 @@ class SchedulerClient:
         watcher) goes on another hub's stream."""
         hub = next((h for h in self._hubs if h.can_watch(request_id)), None)
         if hub is None:
-            hub = WatchHub(self._stub, self.owner)
+            hub = WatchHub(lambda: self._stub, self.owner)
             self._hubs.append(hub)
         return hub
 

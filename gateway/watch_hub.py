@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncGenerator, AsyncIterator
+from typing import AsyncGenerator, AsyncIterator, Callable
 
 import grpc
 import structlog
@@ -43,8 +43,8 @@ def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
 
 
 class WatchHub:
-    def __init__(self, stub: scheduler_pb2_grpc.SchedulerStub, owner: str = "") -> None:
-        self._stub = stub
+    def __init__(self, stub_of: Callable[[], scheduler_pb2_grpc.SchedulerStub], owner: str = "") -> None:
+        self._stub_of = stub_of  # the current stub: the channel is replaced when its address stops answering
         self._owner = owner
         self._subs: dict[str, asyncio.Queue[Item]] = {}
         self._outbox: asyncio.Queue[scheduler_pb2.WatchManyRequest] | None = None
@@ -124,7 +124,7 @@ class WatchHub:
 
     def _open(self) -> None:
         outbox: asyncio.Queue[scheduler_pb2.WatchManyRequest] = asyncio.Queue()
-        call = self._stub.WatchMany(_requests(outbox, self._owner))  # first: it raises on a closed channel
+        call = self._stub_of().WatchMany(_requests(outbox, self._owner))  # first: it raises on a closed channel
         self._outbox, self._call = outbox, call
         self._last_message_at = time.monotonic()
         self._reader = asyncio.get_running_loop().create_task(self._read(call, outbox))

@@ -50,8 +50,8 @@ class SchedulerConfig:
     worker_rpc_timeout_s: float = field(default=60.0, metadata={"help": "deadline of one ExecuteIteration call"})
     finished_ttl_s: int = field(default=3600, metadata={"help": "how long finished requests stay queryable"})
     redis_retry_s: float = field(default=2.0, metadata={"help": "how long one Redis command is retried on a fresh connection (restart, failover, LOADING, READONLY) before the caller sees UNAVAILABLE; iteration commits are retried for ever"})
-    submit_min_replicas: int = field(default=0, metadata={"help": "replicas that must confirm a Submit's record (Redis WAIT) before it is acknowledged; >= 1 makes an acknowledged Submit survive a Sentinel failover; too few in time -> UNAVAILABLE"})
-    submit_replica_timeout_ms: int = field(default=1000, metadata={"help": "how long a Submit waits for submit_min_replicas (1..4000 ms)"})
+    redis_min_replicas: int = field(default=0, metadata={"help": "replicas that must confirm every durable write (Redis WAIT, in the write's round trip): a Submit is acknowledged, and an iteration's tokens delivered, only once on that many replicas, so a Sentinel failover loses neither; too few in time -> Submit UNAVAILABLE, tokens wait"})
+    redis_replica_timeout_ms: int = field(default=1000, metadata={"help": "how long a write waits for redis_min_replicas (1..4000 ms)"})
     grace_s: float = field(default=5.0, metadata={"help": "SIGTERM: time for in-flight calls to finish"})
     instance_id: str = field(default="", metadata={"help": "this scheduler's id (default: random)"})
     owner_gone_cancel_s: float = field(default=30.0, metadata={"help": "cancel the unfinished requests of a gateway that has had no WatchMany stream open this long (it died), unless another gateway watches them; 0 = never. After a scheduler restart every gateway gets this long again"})
@@ -76,10 +76,10 @@ class SchedulerConfig:
                              f"(the oracle needs output lengths and runs only in the simulator), got {self.policy!r}")
         if not 0 <= self.owner_gone_cancel_s < float("inf"):
             raise ValueError(f"owner_gone_cancel_s must be >= 0 (0 = never), got {self.owner_gone_cancel_s}")
-        if not 0 < self.redis_retry_s <= 60 or self.submit_min_replicas < 0 or not 0 < self.submit_replica_timeout_ms <= 4000:
-            raise ValueError(f"redis_retry_s must be in (0, 60], submit_min_replicas >= 0 and submit_replica_timeout_ms "
+        if not 0 < self.redis_retry_s <= 60 or self.redis_min_replicas < 0 or not 0 < self.redis_replica_timeout_ms <= 4000:
+            raise ValueError(f"redis_retry_s must be in (0, 60], redis_min_replicas >= 0 and redis_replica_timeout_ms "
                              f"in [1, 4000] (below the 5 s socket timeout), got {self.redis_retry_s}, "
-                             f"{self.submit_min_replicas}, {self.submit_replica_timeout_ms}")
+                             f"{self.redis_min_replicas}, {self.redis_replica_timeout_ms}")
         if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_ttl_s must exceed heartbeat_interval_s")
         self.catalog()  # validate classes early

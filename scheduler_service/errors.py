@@ -10,7 +10,7 @@ A failed Redis call maps by what retrying would do (``redis_conn.is_transient``)
   UNAVAILABLE "Redis unavailable, retry";
 - the scheduler lost its leader lease (``LeaseLost``, raised by a fenced write): UNAVAILABLE too,
   since another scheduler serves; clients configured with several scheduler addresses reconnect;
-- fewer replicas than ``submit_min_replicas`` confirmed a Submit: UNAVAILABLE, saying so;
+- fewer replicas than ``redis_min_replicas`` confirmed a Submit: UNAVAILABLE, saying so;
 - anything else Redis refused (WRONGTYPE, NOPERM, a script error): INTERNAL with Redis's own
   text; retrying the same call would fail the same way, and an operator has to look.
 """

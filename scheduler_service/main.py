@@ -58,7 +58,7 @@ async def start_scheduler(config: SchedulerConfig) -> SchedulerHandle:
     """Wait for the lease, recover from Redis, then bind and serve. Tests bind port 0.
     RuntimeError: could not start (nothing held); ``LeaseLost``: deposed while recovering."""
     store = RedisStore(config.redis_url, config.redis_prefix, config.finished_ttl_s, retry_s=config.redis_retry_s,
-                       min_replicas=config.submit_min_replicas, replica_timeout_ms=config.submit_replica_timeout_ms)
+                       min_replicas=config.redis_min_replicas, replica_timeout_ms=config.redis_replica_timeout_ms)
     app = SchedulerApp(config, store)
     try:
         await app.start()

@@ -29,7 +29,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health as grpc_health
 
-from accelgen.common.grpc_server import (CHANNEL_OPTIONS, channel_target, install_sigterm, serve_until_stopped,
+from accelgen.common.grpc_server import (CHANNEL_OPTIONS, FailoverChannel, install_sigterm, serve_until_stopped,
                                          set_alive, set_serving)
 from accelgen.common.logs import setup_logging
 from accelgen.v1 import scheduler_pb2_grpc
@@ -57,7 +57,7 @@ class WorkerHandle:
     health: grpc_health.aio.HealthServicer
     servicer: WorkerServicer
     registration: Registration
-    channel: grpc.aio.Channel
+    channel: FailoverChannel  # to the scheduler (a leader among standbys)
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     exit_code: int = 0  # what the process exits with once stopped (EXIT_DEVICE_FAILED, or 0)
@@ -141,10 +141,10 @@ async def start_worker(config: WorkerConfig, executor: Executor | None = None) -
     await set_alive(health_servicer, True)
     await set_serving(health_servicer, [WORKER_SERVICE_NAME], False)  # ready once registered
     address = config.advertised_address(port)
-    channel = grpc.aio.insecure_channel(channel_target(config.scheduler), options=scheduler_channel_options(config))
+    channel = FailoverChannel(config.scheduler, scheduler_channel_options(config))
     registration = Registration(
-        scheduler_pb2_grpc.SchedulerStub(channel), config.worker_id, address, servicer.description,
-        rpc_timeout_s=config.rpc_timeout_s, backoff_max_s=config.register_backoff_max_s,
+        scheduler_pb2_grpc.SchedulerStub(channel.channel), config.worker_id, address, servicer.description,
+        rpc_timeout_s=config.rpc_timeout_s, backoff_max_s=config.register_backoff_max_s, failover=channel,
     )
     handle = WorkerHandle(config, port, address, server, health_servicer, servicer, registration, channel)
     registration.on_change = handle._on_registration

@@ -27,6 +27,7 @@ from typing import Awaitable, Callable
 import grpc
 import structlog
 
+from accelgen.common.grpc_server import FailoverChannel
 from accelgen.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = structlog.get_logger(service="worker")
@@ -47,8 +48,10 @@ class Registration:
         rpc_timeout_s: float = 2.0,
         backoff_max_s: float = 5.0,
         on_change: Callable[[bool], Awaitable[None]] | None = None,
+        failover: FailoverChannel | None = None,
     ) -> None:
         self._stub = stub
+        self._failover = failover  # several scheduler addresses: move on from one that stops answering
         self.worker_id = worker_id
         self.address = address
         self.description = description
@@ -100,6 +103,7 @@ class Registration:
             response = await self._stub.RegisterWorker(request, timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.warning("register_failed", worker=self.worker_id, code=exc.code().name, error=exc.details())
+            self._call_failed(exc)
             return False
         if response.heartbeat_interval_s > 0:
             self.heartbeat_interval_s = response.heartbeat_interval_s
@@ -107,6 +111,8 @@ class Registration:
             log.warning("heartbeat_slower_than_ttl", interval_s=self.heartbeat_interval_s,
                         ttl_s=response.heartbeat_ttl_s)
         self.num_registrations += 1
+        if self._failover is not None:
+            self._failover.succeeded()
         await self._set_registered(True)
         log.info("registered", worker=self.worker_id, address=self.address,
                  heartbeat_interval_s=self.heartbeat_interval_s, ttl_s=response.heartbeat_ttl_s)
@@ -118,8 +124,11 @@ class Registration:
                                                   timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.warning("heartbeat_failed", worker=self.worker_id, code=exc.code().name, error=exc.details())
+            self._call_failed(exc)
             await self._set_registered(False)  # it may come back without us (or a standby took over)
             return
+        if self._failover is not None:
+            self._failover.succeeded()
         if not response.known:
             log.info("scheduler_forgot_worker", worker=self.worker_id)
             await self._set_registered(False)
@@ -135,6 +144,13 @@ class Registration:
             await self.on_change(registered)
         if registered:
             self.registered.set()
+
+    def _call_failed(self, exc: grpc.aio.AioRpcError) -> None:
+        if self._failover is None or exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+            return
+        if self._failover.failed():
+            self._stub = scheduler_pb2_grpc.SchedulerStub(self._failover.channel)
+            log.warning("scheduler_channel_rotated", worker=self.worker_id, generation=self._failover.generation)
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep, waking early on stop; True if stopping."""

@@ -17,7 +17,7 @@ import asyncio
 import ipaddress
 import signal
 import socket
-from typing import Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -151,3 +151,53 @@ async def serve_until_stopped(
     await server.stop(grace_s)
     if on_stop is not None:
         await on_stop()
+
+
+class FailoverChannel:
+    """A client channel to a leader among several addresses that moves on when the address it
+    is connected to stops answering.
+
+    pick_first keeps a connection to a process that is alive at the TCP level but answers
+    nothing (a SIGSTOPped or wedged scheduler) until keepalive gives up on it, and then tries the
+    addresses again in the same order, first the same wedged one: the campaign measured a minute
+    before workers reached the new leader. After ``failures_to_rotate`` failed calls in a row the
+    caller reports, a new channel is opened on the list rotated by one (the old one is closed),
+    so the next connection attempt starts at the next address. Stubs must be made from
+    ``channel`` after every ``failed()`` that returns True (``generation`` counts them)."""
+
+    def __init__(self, addresses: str, options: list[tuple[str, Any]], failures_to_rotate: int = 2) -> None:
+        self._addresses = [a.strip() for a in addresses.split(",") if a.strip()]
+        channel_target(addresses)  # validates the list
+        self._options = options
+        self._failures_to_rotate = failures_to_rotate
+        self._failures = 0
+        self._offset = 0
+        self.generation = 0
+        self.channel = self._open()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def _open(self) -> grpc.aio.Channel:
+        rotated = self._addresses[self._offset:] + self._addresses[:self._offset]
+        return grpc.aio.insecure_channel(channel_target(",".join(rotated)), options=self._options)
+
+    def succeeded(self) -> None:
+        self._failures = 0
+
+    def failed(self) -> bool:
+        """A call failed (deadline, unavailable). True when the channel was replaced."""
+        self._failures += 1
+        if self._failures < self._failures_to_rotate or len(self._addresses) < 2:
+            return False
+        self._failures = 0
+        self._offset = (self._offset + 1) % len(self._addresses)
+        old, self.channel = self.channel, self._open()
+        self.generation += 1
+        task = asyncio.get_running_loop().create_task(old.close(grace=None))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        return True
+
+    async def close(self) -> None:
+        await self.channel.close()
+        if self._closing:
+            await asyncio.wait(self._closing, timeout=5.0)

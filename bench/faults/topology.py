@@ -100,6 +100,8 @@ class Topology:
         try:
             self._start_redis()
             sched_common = ["--redis-url", self.redis_url, "--log-level", c.log_level, *c.scheduler_args]
+            if c.sentinel:  # as deploy/sentinel.conf says: every write on a replica before it counts
+                sched_common += ["--redis-min-replicas", "1"]
             if c.standby and "lease_wait_s" in SCHEDULER_FIELDS:
                 sched_common += ["--lease-wait-s", "0"]
             for i, port in enumerate(self.scheduler_ports):

@@ -62,12 +62,12 @@ _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("redis_
 
 
 class NotReplicated(Exception):
-    """Fewer replicas than ``submit_min_replicas`` confirmed a Submit's write in time."""
+    """Fewer replicas than ``redis_min_replicas`` confirmed a write in time."""
 
     def __init__(self, acked: int, wanted: int, timeout_ms: int) -> None:
-        super().__init__(f"the request was written to the Redis master but only {acked} of {wanted} replica(s) "
-                         f"confirmed it within {timeout_ms} ms, so it might not survive a failover; it was not "
-                         f"accepted: retry")
+        super().__init__(f"the write reached the Redis master but only {acked} of {wanted} replica(s) "
+                         f"confirmed it within {timeout_ms} ms, so it might not survive a failover; a Submit is "
+                         f"not accepted (retry), an iteration's tokens wait")
         self.acked, self.wanted = acked, wanted
 
 
@@ -89,7 +89,7 @@ def is_transient(exc: BaseException) -> bool:
                         asyncio.TimeoutError, OSError)):
         return True
     if isinstance(exc, (rx.ReadOnlyError, rx.TryAgainError, rx.ClusterDownError, rx.OutOfMemoryError,
-                        rx.NoScriptError)):
+                        rx.NoScriptError, NotReplicated)):
         return True
     if isinstance(exc, rx.ResponseError):  # an error reply redis-py has no class for ("BUSY ...")
         return reply_code(exc) in _TRANSIENT_REPLIES
@@ -256,13 +256,13 @@ async def durability(client: aioredis.Redis, sentinel: bool, min_replicas: int) 
         replicas = -1
     return {
         "appendonly": aof, "appendfsync": fsync, "connected_replicas": replicas, "sentinel": sentinel,
-        "submit_min_replicas": min_replicas, "waitaof": "not used (Redis < 7.2 has no WAITAOF)",
+        "redis_min_replicas": min_replicas, "waitaof": "not used (Redis < 7.2 has no WAITAOF)",
         "survives_redis_kill": "yes" if aof == "yes" else ("no" if aof == "no" else "unknown"),
         "survives_machine_crash": ("yes" if aof == "yes" and fsync == "always" else
                                    "up to ~1 s of writes lost" if aof == "yes" and fsync == "everysec" else
                                    "unknown" if "unknown" in (aof, fsync) else "no"),
         "survives_failover": ("yes (replicated to >= %d replica(s) before the ack)" % min_replicas if min_replicas
-                              else "no guarantee (asynchronous replication; set submit_min_replicas >= 1)"),
+                              else "no guarantee (asynchronous replication; set redis_min_replicas >= 1)"),
     }
 
 

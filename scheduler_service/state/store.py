@@ -151,6 +151,15 @@ redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
 return 1
 """
 
+# A Submit whose record was not confirmed by enough replicas is not accepted: its record goes.
+# KEYS[3..6] = live, req, out, tim; ARGV[4] = request id.
+_WITHDRAW = _HOLDS + """
+if not holds() then return 0 end
+redis.call('ZREM', KEYS[3], ARGV[4])
+redis.call('DEL', KEYS[4], KEYS[5], KEYS[6])
+return 1
+"""
+
 # One iteration, one script (a pipeline of hundreds of APPENDs cost more in client-side command
 # packing than the Redis work itself). KEYS[3] = live, then the keys of each section in order;
 # ARGV[4] = finished TTL, ARGV[5..8] = the sections' sizes (appends, statuses, preemption counts,
@@ -217,7 +226,7 @@ class RedisStore:
         # retried on a fresh connection (to the current master) for up to retry_s: see redis_conn.
         self.redis = redis_conn.connect(url, max_connections=max_connections, retry_s=retry_s)
         self.sentinel = url.startswith(redis_conn.SENTINEL_SCHEME + "://")
-        self.min_replicas = min_replicas  # wait_durable: replicas that must confirm a Submit's write
+        self.min_replicas = min_replicas  # replicas that must confirm every durable write (WAIT)
         self.replica_timeout_ms = replica_timeout_ms
         self.p = prefix
         self.finished_ttl_s = finished_ttl_s
@@ -227,6 +236,7 @@ class RedisStore:
         self._add = self.redis.register_script(_ADD_REQUEST)
         self._commit = self.redis.register_script(_COMMIT)
         self._restore = self.redis.register_script(_RESTORE_OUTPUT)
+        self._withdraw = self.redis.register_script(_WITHDRAW)
         # The lease this store holds ("{instance}:{fence}"; '' = none: writes are not fenced).
         self.lease_value = ""
         self.fence = 0  # sent with every plan: workers refuse plans from a deposed scheduler
@@ -238,23 +248,20 @@ class RedisStore:
     async def close(self) -> None:
         await self.redis.aclose()
 
-    async def wait_durable(self) -> None:
-        """After a Submit's write: with ``min_replicas`` > 0, wait (up to ``replica_timeout_ms``) until
-        that many replicas have it, or raise ``redis_conn.NotReplicated`` (the Submit then fails
-        UNAVAILABLE: the record is on the master but might not survive a failover).
-
-        WAIT counts the replicas that have everything *its own connection* wrote, and the pool may
-        hand us another connection than the write's: a tiny write first, on the WAIT's connection,
-        puts the Submit's record (written earlier, on the same master) before the offset waited for.
-        A failover between the two round trips can still confirm a write the new master lacks."""
+    async def _write(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run a fenced write script. With ``min_replicas`` > 0, a WAIT follows it in the same round
+        trip, on the same connection (so it counts exactly this write): the caller hears of the
+        write only once that many replicas have it (up to ``replica_timeout_ms``), else
+        ``redis_conn.NotReplicated`` (transient: every write is idempotent, so it is retried)."""
         if self.min_replicas <= 0:
-            return
+            return await script(keys=keys, args=args)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.incr(self.p + "durable")
+            await script(keys=keys, args=args, client=pipe)
             pipe.execute_command("WAIT", self.min_replicas, self.replica_timeout_ms)
-            _, acked = await pipe.execute()
-        if int(acked) < self.min_replicas:
+            result, acked = await pipe.execute()
+        if result and int(acked) < self.min_replicas:  # (a fenced-off write wrote nothing: no wait)
             raise redis_conn.NotReplicated(int(acked), self.min_replicas, self.replica_timeout_ms)
+        return result
 
     # -- leader lease ------------------------------------------------------------------------
     def _lease_keys(self) -> list[str]:
@@ -313,9 +320,18 @@ class RedisStore:
         args = [*self._lease_args(), rid, repr(request.arrival_s)]
         for name, value in fields.items():
             args += (name, value)
-        if not await self._add(keys=keys, args=args):  # one round trip, fenced (see _ADD_REQUEST)
+        try:
+            written = await self._write(self._add, keys, args)  # one round trip, fenced (see _ADD_REQUEST)
+        except redis_conn.NotReplicated:
+            # The client is told UNAVAILABLE (not accepted): a record left in ``live`` would be run
+            # by the next scheduler to recover it. Best effort: if this fails too, it is recovered.
+            try:
+                await self._withdraw(keys=keys[:6], args=[*self._lease_args(), rid])
+            except Exception:  # noqa: BLE001 - Redis failing over; the caller's error stands
+                pass
+            raise
+        if not written:
             raise self._lost(f"the record of request {rid!r}")
-        await self.wait_durable()
 
     async def load_request(self, request_id: str) -> StoredRequest | None:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -374,7 +390,7 @@ class RedisStore:
         args: list[Any] = [*self._lease_args(), self.finished_ttl_s, len(ch.tokens), len(ch.status),
                            len(ch.preemptions), len(ch.finished), *appends, *statuses,
                            *(str(n) for n in ch.preemptions.values()), *ch.finished]
-        result = await self._commit(keys=keys, args=args)
+        result = await self._write(self._commit, keys, args)
         if isinstance(result, list):
             prefix = len(p + "out:")
             raise OutputGap([key.decode()[prefix:] if isinstance(key, bytes) else key[prefix:] for key in result])
@@ -387,7 +403,7 @@ class RedisStore:
         p = self.p
         keys = [*self._lease_keys(), p + f"out:{request_id}", p + f"tim:{request_id}"]
         args = [*self._lease_args(), pack_u32(tokens), array("d", times).tobytes()]
-        if not await self._restore(keys=keys, args=args):
+        if not await self._write(self._restore, keys, args):
             raise self._lost(f"restoring the output of request {request_id!r}")
 
     # -- workers -------------------------------------------------------------------------------

@@ -155,7 +155,9 @@ def test_a_sentinel_failover_is_followed_and_waits_for_a_replica(tmp_path: Path)
                             replica_timeout_ms=100)
         with pytest.raises(NotReplicated, match="0 of 1 replica"):
             await lonely.add_request(_request("alone"), "w0")
-        assert await lonely.redis.zscore("x:live", "alone") is not None  # written, just not confirmed
+        # Not accepted, so not left behind: a record in ``live`` would be run by the next scheduler.
+        assert await lonely.redis.zscore("x:live", "alone") is None
+        assert not await lonely.redis.exists("x:req:alone")
         await lonely.close()
 
     extra: list[Proc] = []

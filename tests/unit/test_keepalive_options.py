@@ -43,7 +43,7 @@ def test_every_gateway_channel_uses_the_shared_options() -> None:
     found = 0
     for path in sorted((REPO / "gateway").glob("*.py")):
         text = path.read_text()
-        for m in re.finditer(r"secure_channel\(", text):
+        for m in re.finditer(r"secure_channel\(|FailoverChannel\(", text):
             call = text[m.start():text.find(")\n", m.start()) + 1]  # the call, across its lines
             assert "GATEWAY_CHANNEL_OPTIONS" in call, f"{path.name}: a channel without the shared options: {call}"
             found += 1
