@@ -39,8 +39,12 @@ bench: install
 	$(BIN)/python -m bench.overhead --json bench/out/overhead.json
 
 # The fault + fuzz campaign (~25 min, sim executor): docs/reliability.md and docs/reliability.json.
+# The fault campaign (sim workers, every fault class, and the fuzz campaign) -> docs/reliability.md,
+# then a smaller set on vLLM CPU workers -> docs/reliability_vllm/reliability.md.
 faults: install
 	$(BIN)/python scripts/make_faults.py
+	$(BIN)/python scripts/make_test_model.py --out .cache/test-model
+	$(BIN)/python scripts/make_faults.py --executor vllm --fuzz 0 --out docs/reliability_vllm --work bench/out/faults-vllm
 
 protos: install
 	$(BIN)/python scripts/gen_protos.py

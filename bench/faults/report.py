@@ -1,7 +1,8 @@
 """docs/reliability.md from the campaign's summary (and the fuzz campaign's, when there is one).
 
-Everything between the generated tables is prose about what the numbers mean; a ``TODO(lead)``
-marks a statement about semantics the campaign cannot establish by itself.
+Everything between the generated tables is prose about what the numbers mean, written here:
+the guarantees the tables measure, and what the campaign cannot establish by itself (what
+Redis's own settings promise, what cannot be survived).
 """
 
 from __future__ import annotations
@@ -149,28 +150,46 @@ GUARANTEES = """## What an operator can rely on
 - **Accepted means durable.** A request is accepted when `Submit` returns; its record is in
   Redis then, and every token reaches a client only after it is durable in Redis, so a restarted
   scheduler (or a standby taking over) never contradicts what a client has seen and re-runs
-  unfinished requests from their record. The table above is the measurement of this claim.
-  TODO(lead): state the AOF policy the deployment must use (`appendfsync always` here) and what
-  a Sentinel failover can lose (asynchronous replication; `WAIT`/`WAITAOF` or not).
+  unfinished requests from their record. The tables above measure this claim. What "durable"
+  covers depends on Redis's settings (the scheduler logs a `durability` line at start):
+  a Redis process killed and restarted loses nothing acknowledged with `appendonly yes` (the
+  write is in the kernel before Redis answers); a machine crash loses nothing with
+  `appendfsync always` (used here) and up to a second of writes with `everysec`; a Sentinel
+  failover loses nothing acknowledged with the scheduler's `redis_min_replicas = 1` (every
+  durable write waits for a replica with `WAIT`, in the same round trip; used here). Redis 7.0
+  has no `WAITAOF`, so no per-write fsync is waited for. Iteration commits are idempotent (a
+  re-sent commit appends nothing twice), and an output Redis lost is restored from what clients
+  were delivered.
 - **Greedy outputs are identical** across every fault class that ran: a request recomputed on
   another worker, or after a restart, produces the same tokens.
 - **A worker's death or silence** costs its requests a recomputation on another worker; they are
   re-routed when its call fails or after the heartbeat TTL.
 - **A scheduler's loss** (crash, or a stall past the lease) stops admission until a restart or a
   standby takes the lease (`ready` for `kill_scheduler` and `stop_scheduler`). A deposed
-  leader exits with status 3 and its supervisor restarts it as a standby.
-  TODO(lead): the fencing guarantee (a deposed scheduler's writes are refused) in one sentence.
-- **A gateway's death** breaks its open streams. gRPC clients re-attach through any gateway;
-  HTTP clients see their stream end and can read the request's result by id.
-  TODO(lead): the HTTP client's recovery path (`GET` by id or `Attach` through gRPC), and the
-  `owner_gone_cancel_s` rule for requests nobody re-attaches to.
+  leader exits with status 3 and its supervisor restarts it as a standby. **Fencing:** every
+  durable write checks the lease inside Redis and every plan carries the lease's fencing token,
+  which workers compare with the highest they have seen, so a deposed scheduler that wakes up
+  can neither write nor drive a worker. Clients and workers given every scheduler's address
+  (`ip:port,ip:port`) move to the new leader.
+- **A gateway's death** breaks its open streams. gRPC clients re-attach through any gateway with
+  `Attach(request_id, from_token_index)` and get each token exactly once. HTTP clients see their
+  stream end and can, through any gateway, read the request by id (`GET /v1/requests/{id}`) and
+  stream the rest (`GET /v1/requests/{id}/events?from_token=N`); the id is in the response's
+  `x-request-id` header. The requests of a gateway gone `owner_gone_cancel_s` (30 s) that nobody
+  re-attached to are cancelled, so they stop holding the queue.
 
 ## What cannot be survived, and the recovery path
 
-- TODO(lead): Redis lost with its AOF (disk gone) and no replica: accepted requests are gone;
-  recovery = restore from a replica or backup, restart the scheduler.
-- TODO(lead): every scheduler down: no admission and no progress; requests resume from Redis
-  when one comes back (the `kill_scheduler` rows measure that restart).
-- Requests refused before acceptance (`UNAVAILABLE` while Redis or the scheduler is down,
-  `RESOURCE_EXHAUSTED` from SLO admission) are the client's to retry: nothing was promised.
+- **Redis lost with its data** (the disk gone) and no replica: accepted requests are gone. The
+  scheduler starts empty once Redis is back; recovery is restoring Redis from a replica or a
+  backup before restarting the scheduler. Run Sentinel with a replica to avoid this.
+- **Every scheduler down**: no admission and no progress; nothing is lost, requests resume from
+  Redis when one comes back (the `kill_scheduler` rows measure that restart).
+- **A Redis outage longer than the lease** ends the leader (status 3: it cannot know whether a
+  standby reached Redis meanwhile); its supervisor restarts it and it recovers from Redis.
+- **HTTP streams** of a dead gateway end for their clients; the request goes on (see above) but
+  an OpenAI client library does not resume by itself.
+- Requests refused before acceptance (`UNAVAILABLE` while Redis, the scheduler, or enough Redis
+  replicas are missing; `RESOURCE_EXHAUSTED` from SLO admission) are the client's to retry:
+  nothing was promised.
 """

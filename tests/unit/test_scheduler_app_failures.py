@@ -391,3 +391,25 @@ def test_a_request_watchmany_cannot_watch_gets_the_status_a_call_would() -> None
         assert down.message.startswith("the state store (Redis) is unavailable: ")
 
     _run(scenario)
+
+
+def test_a_lane_whose_loop_crashes_is_dropped_and_its_requests_finish_elsewhere() -> None:
+    """A bug in a lane's loop (not a worker's error) used to end the task silently while heartbeats
+    kept its worker registered, so its requests hung: now the registry sees the task end."""
+    async def scenario(app: SchedulerApp, store: ScriptedStore) -> None:
+        await app.intake.submit(_submit("r1", 30))
+        lane = app.workers.lane_of("r1")
+        assert lane is not None
+        await _until(lambda: len(app.delivery.channels["r1"].tokens) >= 3, "first tokens")
+
+        def crash(now: float):
+            raise RuntimeError("a bug in the lane's loop")
+
+        lane.core.step = crash  # type: ignore[method-assign]
+        await _until(lambda: lane.worker_id not in app.workers.lanes, "the crashed lane to be dropped")
+        await _until(lambda: app.delivery.channels["r1"].finished, "r1 to finish on the other worker")
+        channel = app.delivery.channels["r1"]
+        assert channel.finish_reason == "length" and len(channel.tokens) == 30
+        assert store.status["r1"] == "finished"
+
+    _run(scenario, workers=("w0", "w1"))
