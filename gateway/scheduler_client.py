@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncGenerator
+from typing import AsyncGenerator, Awaitable, TypeVar
 
 import grpc
 import structlog
@@ -36,6 +36,7 @@ from gateway.errors import GatewayError
 from gateway.watch_hub import IDLE, WatchHub
 
 log = structlog.get_logger("gateway.scheduler_client")
+T = TypeVar("T")
 
 # gRPC's default reconnect backoff grows to 120 s: after a minute-long scheduler restart the
 # channel could sit idle for another minute. Cap it so a restarted scheduler is found quickly.
@@ -110,8 +111,8 @@ class SchedulerClient:
         (or now, with ``refresh``)."""
         async with self._info_lock:  # many requests arriving at once make one call, not many
             if refresh or self._info is None or time.monotonic() - self._info_at > self._config.server_info_ttl_s:
-                self._info = await self._stub.GetServerInfo(scheduler_pb2.GetServerInfoRequest(),
-                                                            timeout=self._config.rpc_timeout_s)
+                self._info = await _survive_channel_change(self._stub.GetServerInfo(
+                    scheduler_pb2.GetServerInfoRequest(), timeout=self._config.rpc_timeout_s))
                 self._info_at = time.monotonic()
             return self._info
 
@@ -119,16 +120,16 @@ class SchedulerClient:
         """Hand the request to the scheduler; once this returns it is durable there. It carries
         this gateway's id as its owner (cancelled by the scheduler if this gateway dies)."""
         request.owner = self.owner
-        return await self._stub.Submit(request, timeout=self._config.submit_timeout_s)
+        return await _survive_channel_change(self._stub.Submit(request, timeout=self._config.submit_timeout_s))
 
     async def cancel(self, request_id: str) -> common_pb2.CancelResponse:
-        return await self._stub.Cancel(common_pb2.CancelRequest(request_id=request_id),
-                                       timeout=self._config.rpc_timeout_s)
+        return await _survive_channel_change(self._stub.Cancel(common_pb2.CancelRequest(request_id=request_id),
+                                                               timeout=self._config.rpc_timeout_s))
 
     async def get_request(self, request_id: str, include_prompt: bool = False) -> common_pb2.RequestState:
-        return await self._stub.GetRequest(common_pb2.GetRequestRequest(request_id=request_id,
-                                                                        include_prompt=include_prompt),
-                                           timeout=self._config.rpc_timeout_s)
+        return await _survive_channel_change(self._stub.GetRequest(
+            common_pb2.GetRequestRequest(request_id=request_id, include_prompt=include_prompt),
+            timeout=self._config.rpc_timeout_s))
 
     def cancel_in_background(self, request_id: str) -> None:
         """Cancel an abandoned request without blocking (the caller is usually being cancelled)."""
@@ -237,6 +238,21 @@ class SchedulerClient:
             hub = WatchHub(lambda: self._stub, self.owner)
             self._hubs.append(hub)
         return hub
+
+
+async def _survive_channel_change(call: Awaitable[T]) -> T:
+    """A call in flight on a channel that ``scheduler_unreachable`` replaced ends with the channel:
+    grpc.aio raises CancelledError in the caller, which is not being cancelled. That is the
+    scheduler being unreachable (UNAVAILABLE, retryable), not a gateway error (it was an HTTP 500)."""
+    try:
+        return await call
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # our caller is really being cancelled
+        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                   details="the scheduler stopped answering and its channel was replaced; retry"
+                                   ) from None
 
 
 def _trim(batch: scheduler_pb2.TokenBatch, next_index: int) -> scheduler_pb2.TokenBatch | None:

@@ -175,6 +175,10 @@ class SchedulerApp:
         while not self._stopping and not self.lease_lost.is_set():
             # While renewals fail, wake no later than the lease's end: then it is lost.
             await asyncio.sleep(max(0.0, min(period_s, self._lease_valid_until - time.monotonic())))
+            if time.monotonic() >= self._lease_valid_until:
+                # Woken past the lease (a stall, SIGSTOP): not ready until Redis says it is still
+                # ours, or a deposed leader answers SERVING while another leads (campaign: once).
+                await self._set_ready(False)
             await self._renew(period_s)
             if not self.lease_lost.is_set():
                 self.workers.drop_silent(time.monotonic())
