@@ -29,7 +29,9 @@ Then every request sent is run once more on a fault-free stack (the reference), 
 are compared token for token, both the scheduler's record and what the client received.
 
 Executor: **{executor}**. Scheduler: heartbeat TTL {heartbeat_ttl_s:g} s, leader lease
-{lease_ttl_s:g} s. Campaign wall time {wall_min:.1f} min (reference run {ref_s:.0f} s).
+{lease_ttl_s:g} s. Campaign wall time {wall_min:.1f} min (reference run {ref_s:.0f} s). `make faults`
+writes the sim-worker campaign to `docs/reliability.md` and a smaller set on vLLM CPU workers
+(the test model) to `docs/reliability_vllm/reliability.md`.
 
 Definitions: *accepted* = the scheduler knows the request at the end, or its client saw a token;
 *finished* = the scheduler's record is finished with every requested token; *lost* = accepted
