@@ -118,20 +118,31 @@ def start_redis(port: int | None = None, workdir: Path | None = None, log_dir: P
     aof = ["--appendonly", "yes", "--appendfsync", appendfsync] if appendfsync else ["--appendonly", "no"]
     proc = spawn("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *aof,
                            "--dir", str(workdir), "--protected-mode", "yes"], log_dir)
+    if not wait_redis(port, proc=proc):
+        raise RuntimeError("redis-server did not start")
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def wait_redis(port: int, timeout_s: float = 20.0, proc: Proc | None = None) -> bool:
+    """Poll until the redis-server on ``port`` answers PING; False once ``timeout_s`` has passed or
+    ``proc`` (the server, if ours) has exited. Refused connections and LOADING (an AOF being read
+    after a restart) are waited through."""
     import redis
 
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if client.ping():
-                break
-        except redis.exceptions.ConnectionError:
-            if not proc.alive() or time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start") from None
+    client = redis.Redis(port=port, socket_timeout=1)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                if client.ping():
+                    return True
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):  # incl. BusyLoadingError
+                pass
+            if (proc is not None and not proc.alive()) or time.monotonic() > deadline:
+                return False
             time.sleep(0.05)
-    client.close()
-    return proc, f"redis://127.0.0.1:{port}/0"
+    finally:
+        client.close()
 
 
 @dataclass

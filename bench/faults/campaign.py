@@ -145,9 +145,6 @@ def grep_logs(log_dir: Path) -> dict[str, dict[str, int]]:
 
 
 def run_phase(fc: FaultClass, n: int, s: Settings) -> dict[str, Any]:
-    reason = fc.unavailable()
-    if reason:
-        return {"class": fc.name, "title": fc.title, "status": "not run", "reason": reason}
     rng = random.Random(f"{s.seed}:{fc.name}")
     log_dir = s.out_dir / "logs" / fc.name
     topo = Topology(s.topology(fc.topology), log_dir)

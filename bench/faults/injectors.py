@@ -1,10 +1,8 @@
 """The fault classes: what each breaks, what it needs from the stack, and when it counts as recovered.
 
 Each class names the topology it needs (a standby scheduler, Sentinel, link proxies, more than
-one gateway) and a probe of the code for the features it relies on; a class whose feature is
-missing is reported as "not run: <reason>" instead of failing the campaign, so enabling it later
-is a matter of the probe passing. ``inject`` does one fault and blocks until the broken part is
-back (or a timeout), returning the time that took (``ready_s``) and what it saw.
+one gateway). ``inject`` does one fault and blocks until the broken part is back (or a timeout),
+returning the time that took (``ready_s``) and what it saw.
 """
 
 from __future__ import annotations
@@ -13,14 +11,12 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import redis
 
 from bench.faults.topology import SENTINEL_NAME, Topology, health_status
 
-REPO = Path(__file__).resolve().parents[2]
 RECOVERY_TIMEOUT_S = 60.0
 
 
@@ -41,20 +37,12 @@ def _until(predicate: Callable[[], bool], timeout_s: float = RECOVERY_TIMEOUT_S)
     return None
 
 
-def _source_has(pattern: str, *dirs: str) -> bool:
-    return any(pattern in p.read_text(errors="replace") for d in dirs for p in (REPO / d).rglob("*.py"))
-
-
 @dataclass
 class FaultClass:
     name: str
     title: str
     weight: int  # share of the campaign's faults
     topology: dict = field(default_factory=dict)  # TopologyConfig overrides
-
-    def unavailable(self) -> str | None:
-        """Why this class cannot run against the code as it is (None: it can)."""
-        return None
 
     def inject(self, topo: Topology, rng: random.Random, timing: Timing) -> dict:
         raise NotImplementedError
@@ -107,11 +95,6 @@ class KillRedis(FaultClass):
 
 
 class RedisFailover(FaultClass):
-    def unavailable(self):
-        if not _source_has("sentinel", "scheduler_service"):
-            return "the scheduler does not accept a redis+sentinel:// URL yet (scheduler_service has no Sentinel client)"
-        return None
-
     def inject(self, topo, rng, timing):
         old = topo.master_port()
         _until(topo.sentinel_sees_replica, 30.0)  # sentinel learns replicas from INFO, every 10 s
@@ -134,18 +117,8 @@ def _synced_replica(port: int | None) -> bool:
         return False
 
 
-def _multi_address_missing() -> str | None:
-    missing = [d for d in ("gateway", "worker_service") if not _source_has("channel_target", d)]
-    if missing:
-        return f"{' and '.join(missing)} do not take a list of scheduler addresses yet (no channel_target)"
-    return None
-
-
 class StopScheduler(FaultClass):
     """SIGSTOP the leader past its lease with a standby running; SIGCONT once the standby leads."""
-
-    def unavailable(self):
-        return _multi_address_missing()
 
     def inject(self, topo, rng, timing):
         i = topo.leader()

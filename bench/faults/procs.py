@@ -94,21 +94,6 @@ class Supervised:
             self.proc.stop(grace_s=5.0)
 
 
-def wait_redis(port: int, timeout_s: float = 20.0) -> bool:
-    client = redis.Redis(port=port, socket_timeout=1)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            try:
-                if client.ping():
-                    return True
-            except redis.exceptions.RedisError:
-                time.sleep(0.05)
-        return False
-    finally:
-        client.close()
-
-
 def redis_argv(port: int, data_dir: Path, replica_of: int | None = None) -> list[str]:
     """redis-server with AOF on, fsync on every write, its own data directory."""
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"

@@ -8,7 +8,6 @@ peers expect it. Where the phase cuts links, each worker's traffic crosses two `
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,12 +19,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from accelgen.common.grpc_server import free_port
 from accelgen.v1 import scheduler_pb2, scheduler_pb2_grpc
-from bench.faults.procs import Supervised, redis_argv, sentinel_argv, sentinel_master, wait_redis
+from bench.faults.procs import Supervised, redis_argv, sentinel_argv, sentinel_master
+from launcher.stack import wait_redis
 from bench.faults.proxy import TcpProxy
-from scheduler_service.config import SchedulerConfig
 
 SENTINEL_NAME = "accelgen"
-SCHEDULER_FIELDS = {f.name for f in dataclasses.fields(SchedulerConfig)}
 
 
 @dataclass
@@ -102,8 +100,6 @@ class Topology:
             sched_common = ["--redis-url", self.redis_url, "--log-level", c.log_level, *c.scheduler_args]
             if c.sentinel:  # as deploy/sentinel.conf says: every write on a replica before it counts
                 sched_common += ["--redis-min-replicas", "1"]
-            if c.standby and "lease_wait_s" in SCHEDULER_FIELDS:
-                sched_common += ["--lease-wait-s", "0"]
             for i, port in enumerate(self.scheduler_ports):
                 argv = _py("scheduler_service.main", "--port", str(port), "--instance-id", f"sched-{i}", *sched_common)
                 self.schedulers.append(Supervised(f"scheduler-{i}", lambda a=argv: a, logs).start())

@@ -14,7 +14,7 @@ import redis
 from accelgen.common.grpc_server import free_port
 from accelgen.core.request import Request, SamplingParams
 from accelgen.core.slo import SLO
-from launcher.stack import Proc, spawn
+from launcher.stack import Proc, spawn, wait_redis
 from scheduler_service.state.redis_conn import NotReplicated, durability
 from scheduler_service.state.store import RedisStore
 
@@ -31,17 +31,8 @@ def _redis(port: int, workdir: Path, *args: str, sentinel_conf: Path | None = No
     else:
         argv = [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir), *args]
     proc = spawn(f"redis-{port}", argv, workdir)
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if client.ping():
-                break
-        except (redis.exceptions.ConnectionError, redis.exceptions.BusyLoadingError):
-            if not proc.alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"redis on {port} did not start: {(workdir / f'redis-{port}.log').read_text()}")
-            time.sleep(0.02)
-    client.close()
+    if not wait_redis(port, proc=proc):
+        raise RuntimeError(f"redis on {port} did not start: {(workdir / f'redis-{port}.log').read_text()}")
     return proc
 
 
