@@ -166,15 +166,13 @@ class OwnerBook:
 
     async def _load(self) -> bool:
         """The owners of the recovered requests, each with a fresh grace period."""
-        key = self.store.p + "owner"
         try:
-            raw = await self.store.redis.hgetall(key)
+            raw = await self.store.load_owners()
         except Exception as exc:  # noqa: BLE001 - Redis away: try again next tick
             log.warning("owners_load_failed", error=str(exc))
             return False
         now = time.monotonic()
-        for rid_b, owner_b in raw.items():
-            rid, owner = rid_b.decode(), owner_b.decode()
+        for rid, owner in raw.items():
             ch = self.channels.get(rid)
             if ch is None or ch.finished:
                 self._to_forget.add(rid)
@@ -193,12 +191,7 @@ class OwnerBook:
         write, forget = self._to_write, self._to_forget
         self._to_write, self._to_forget = {}, set()
         try:
-            async with self.store.redis.pipeline(transaction=False) as pipe:
-                if write:
-                    pipe.hset(self.store.p + "owner", mapping=write)
-                if forget:
-                    pipe.hdel(self.store.p + "owner", *forget)
-                await pipe.execute()
+            await self.store.write_owners(write, forget)
         except Exception as exc:  # noqa: BLE001 - Redis away: keep them for the next tick
             log.warning("owners_write_failed", error=str(exc))
             self._to_write = {**write, **self._to_write}

@@ -12,6 +12,8 @@ Layout (every key under a configurable prefix, default ``accelgen:``):
 - ``alive:{worker}``  string with a TTL, refreshed by heartbeats
 - ``leader``          the scheduler's lease: ``"{instance}:{fence}"`` with a TTL
 - ``fence``           counter: INCR'd by each scheduler that takes the lease (its fencing token)
+- ``owner``           hash: request id -> the gateway that submitted or now watches it
+                      (``scheduler_service.owners``; written in the background, not fenced)
 
 Block tables are not stored: a restarted scheduler starts a new epoch, every worker drops its
 KV cache on seeing it, and every live request is recomputed from its record.
@@ -405,6 +407,21 @@ class RedisStore:
         args = [*self._lease_args(), pack_u32(tokens), array("d", times).tobytes()]
         if not await self._write(self._restore, keys, args):
             raise self._lost(f"restoring the output of request {request_id!r}")
+
+    # -- owners --------------------------------------------------------------------------------
+    async def load_owners(self) -> dict[str, str]:
+        """Request id -> owning gateway, as last written."""
+        raw = await self.redis.hgetall(self.p + "owner")
+        return {rid.decode(): owner.decode() for rid, owner in raw.items()}
+
+    async def write_owners(self, owners: dict[str, str], forget: set[str]) -> None:
+        """Record ``owners`` (request id -> gateway) and drop the ids in ``forget``, one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if owners:
+                pipe.hset(self.p + "owner", mapping=owners)
+            if forget:
+                pipe.hdel(self.p + "owner", *forget)
+            await pipe.execute()
 
     # -- workers -------------------------------------------------------------------------------
     async def register_worker(self, worker_id: str, address: str, info: WorkerInfo, ttl_s: float) -> None:
