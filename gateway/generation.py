@@ -32,7 +32,7 @@ from gateway.config import GatewayConfig
 from gateway.convert import (GRPC_NAMES, FieldNames, catalog_from_info, check_prompt, check_request_id,
                              spec_to_slo, to_submit_request, validate_request)
 from gateway.errors import GatewayError
-from gateway.scheduler_client import SchedulerClient
+from gateway.scheduler_client import DONE_STATES, SchedulerClient
 from gateway.tokenizer import IncrementalDetokenizer, Tokenizer
 from accelgen.core.metrics import RequestRecord
 from accelgen.core.slo import SLOCatalog
@@ -295,7 +295,7 @@ class GenerationService:
         state = await self.client.get_request(request_id, include_prompt=True)
         produced = len(state.output_ids)
         if from_token_index > produced:
-            done = " (it has finished)" if state.status in ("finished", "cancelled") else " so far"
+            done = " (it has finished)" if state.status in DONE_STATES else " so far"
             raise GatewayError(grpc.StatusCode.OUT_OF_RANGE,
                                f"from_token_index {from_token_index} is beyond the {produced} tokens request "
                                f"{request_id!r} has produced{done}", "from_token_index")

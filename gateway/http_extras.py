@@ -27,18 +27,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from gateway.convert import check_request_id
 from gateway.errors import http_status_of, status_of
 from gateway.generation import ActiveRequest, GenerationService
+from gateway.openai_protocol import request_id_of
+from gateway.scheduler_client import DONE_STATES
 from gateway.tokenizer import IncrementalDetokenizer
-
-_PREFIXES = ("chatcmpl-", "cmpl-")
-
-
-def request_id_of(value: str) -> str:
-    """The request id in an OpenAI response id (or the id itself)."""
-    for prefix in _PREFIXES:
-        if value.startswith(prefix):
-            return value[len(prefix):]
-    return value
-
 
 def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
@@ -68,7 +59,7 @@ def add_routes(app: FastAPI, service: GenerationService) -> None:
         state = await service.client.get_request(rid, include_prompt=True)
         detok = IncrementalDetokenizer(service.tokenizer, list(state.prompt_token_ids))
         text = detok.add(list(state.output_ids))
-        if state.status in ("finished", "cancelled"):
+        if state.status in DONE_STATES:
             text += detok.flush()
         return JSONResponse({"id": rid, "status": state.status, "finish_reason": state.finish_reason or None,
                              "text": text, "token_ids": list(state.output_ids),

@@ -42,21 +42,30 @@ SCHEDULER_SERVICE = "accelgen.v1.Scheduler"
 
 async def scheduler_ready(client: SchedulerClient, timeout_s: float) -> tuple[bool, str]:
     """Whether the scheduler can take requests: its readiness where it has a health service,
-    else whether it answers GetServerInfo (which also refreshes the cached model and limits)."""
+    else whether it answers GetServerInfo (which also refreshes the cached model and limits).
+    Tells ``client`` whether the scheduler answered, so it can leave one that stopped answering."""
     try:
         reply = await health_pb2_grpc.HealthStub(client.channel).Check(
             health_pb2.HealthCheckRequest(service=SCHEDULER_SERVICE), timeout=timeout_s)
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
             return False, "the scheduler reports NOT_SERVING"
+        client.scheduler_answered()
         return True, ""
     except grpc.aio.AioRpcError as exc:
         if exc.code() in RESUMABLE:
-            return False, f"{exc.code().name}: {exc.details()}"
+            return _not_answered(client, exc)
     try:  # no health service (or no such name): answering is enough
         await client.server_info(refresh=True)
-        return True, ""
     except grpc.aio.AioRpcError as exc:
-        return False, f"{exc.code().name}: {exc.details()}"
+        return _not_answered(client, exc)
+    client.scheduler_answered()
+    return True, ""
+
+
+def _not_answered(client: SchedulerClient, exc: grpc.aio.AioRpcError) -> tuple[bool, str]:
+    if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+        client.scheduler_unreachable()
+    return False, f"{exc.code().name}: {exc.details()}"
 
 
 async def _readiness_loop(client: SchedulerClient, health_servicer: health.aio.HealthServicer,
@@ -64,10 +73,6 @@ async def _readiness_loop(client: SchedulerClient, health_servicer: health.aio.H
     ready: bool | None = None
     while True:
         ok, why = await scheduler_ready(client, min(config.rpc_timeout_s, max(1.0, config.health_check_interval_s)))
-        if ok:
-            client.scheduler_answered()
-        elif why.startswith(("DEADLINE_EXCEEDED", "UNAVAILABLE")):
-            client.scheduler_unreachable()
         if ok != ready and not client.draining:
             ready = ok
             await set_serving(health_servicer, [SERVICE_NAME], ok)

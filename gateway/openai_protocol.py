@@ -373,8 +373,19 @@ def parse_request(kind: Kind, body: Any, headers: Mapping[str, str]) -> OpenAIRe
 
 # ---- responses (vLLM's OpenAI server shapes) ------------------------------------------------
 
+_ID_PREFIXES: dict[Kind, str] = {"completion": "cmpl-", "chat": "chatcmpl-"}
+
+
 def response_id(kind: Kind, request_id: str) -> str:
-    return ("cmpl-" if kind == "completion" else "chatcmpl-") + request_id
+    return _ID_PREFIXES[kind] + request_id
+
+
+def request_id_of(value: str) -> str:
+    """The request id in an OpenAI response id (``response_id``'s inverse), or the id itself."""
+    for prefix in _ID_PREFIXES.values():
+        if value.startswith(prefix):
+            return value[len(prefix):]
+    return value
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -55,7 +55,7 @@ RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, g
 BACKOFF_INITIAL_S = 0.05
 BACKOFF_MAX_S = 1.0
 
-_DONE_STATES = frozenset({"finished", "cancelled"})
+DONE_STATES = frozenset({"finished", "cancelled"})  # a request's status once it is over
 
 
 class SchedulerClient:
@@ -223,7 +223,7 @@ class SchedulerClient:
             log.warning("watch_silent_check_failed", request_id=request_id, code=exc.code().name)
             action = "unreachable" if exc.code() in RESUMABLE else "rewatch"
             return action, f"the stream is silent and GetRequest failed: {exc.code().name}: {exc.details()}"
-        if len(state.output_ids) > next_index or state.status in _DONE_STATES:
+        if len(state.output_ids) > next_index or state.status in DONE_STATES:
             log.warning("watch_silent", request_id=request_id, delivered=next_index,
                         scheduler_tokens=len(state.output_ids), status=state.status)
             return "restart", (f"silent for {self._config.stream_idle_timeout_s:g} s while the scheduler has "
