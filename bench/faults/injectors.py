@@ -8,6 +8,7 @@ returning the time that took (``ready_s``) and what it saw.
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 import signal
 import time
 from dataclasses import dataclass, field
@@ -38,14 +39,15 @@ def _until(predicate: Callable[[], bool], timeout_s: float = RECOVERY_TIMEOUT_S)
 
 
 @dataclass
-class FaultClass:
+class FaultClass(ABC):
     name: str
     title: str
     weight: int  # share of the campaign's faults
     topology: dict = field(default_factory=dict)  # TopologyConfig overrides
 
+    @abstractmethod
     def inject(self, topo: Topology, rng: random.Random, timing: Timing) -> dict:
-        raise NotImplementedError
+        """Inject one fault and wait for recovery: ``{"target", "ready_s", ...}``."""
 
 
 def _worker_ready(topo: Topology, i: int) -> bool:
