@@ -69,7 +69,7 @@ class GetRequestRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., include_prompt: _Optional[bool] = ...) -> None: ...
 
 class RequestState(_message.Message):
-    __slots__ = ("request_id", "status", "output_ids", "finish_reason", "app_class", "slo", "prompt_tokens", "num_preemptions", "prompt_token_ids", "arrival_s")
+    __slots__ = ("request_id", "status", "output_ids", "finish_reason", "app_class", "slo", "prompt_tokens", "num_preemptions", "prompt_token_ids", "arrival_s", "tenant", "label")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,8 @@ class RequestState(_message.Message):
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ARRIVAL_S_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     status: str
     output_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -90,7 +92,9 @@ class RequestState(_message.Message):
     num_preemptions: int
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     arrival_s: float
-    def __init__(self, request_id: _Optional[str] = ..., status: _Optional[str] = ..., output_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., app_class: _Optional[str] = ..., slo: _Optional[_Union[SLOSpec, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., arrival_s: _Optional[float] = ...) -> None: ...
+    tenant: str
+    label: str
+    def __init__(self, request_id: _Optional[str] = ..., status: _Optional[str] = ..., output_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., app_class: _Optional[str] = ..., slo: _Optional[_Union[SLOSpec, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., arrival_s: _Optional[float] = ..., tenant: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
 
 class WorkerDescription(_message.Message):
     __slots__ = ("model", "executor", "block_size", "num_blocks", "max_model_len", "profile_json", "eos_token_id", "vocab_size", "max_num_batched_tokens", "max_num_seqs")

@@ -27,7 +27,12 @@ if _version_not_supported:
 
 
 class GatewayStub:
-    """Missing associated documentation comment in .proto file."""
+    """Authentication: with API keys configured, every call carries `authorization: Bearer KEY`
+    metadata (UNAUTHENTICATED otherwise). A request belongs to the key that made it: Cancel,
+    GetRequest and Attach of another key's request are NOT_FOUND, as for an unknown id. Per-key
+    limits answer RESOURCE_EXHAUSTED with a `retry-after-ms` trailer; a class or SLO the key may
+    not use is PERMISSION_DENIED.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -58,7 +63,12 @@ class GatewayStub:
 
 
 class GatewayServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Authentication: with API keys configured, every call carries `authorization: Bearer KEY`
+    metadata (UNAUTHENTICATED otherwise). A request belongs to the key that made it: Cancel,
+    GetRequest and Attach of another key's request are NOT_FOUND, as for an unknown id. Per-key
+    limits answer RESOURCE_EXHAUSTED with a `retry-after-ms` trailer; a class or SLO the key may
+    not use is PERMISSION_DENIED.
+    """
 
     def Generate(self, request, context):
         """Submit a request and stream its tokens back as they are generated.
@@ -129,7 +139,12 @@ def add_GatewayServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Gateway:
-    """Missing associated documentation comment in .proto file."""
+    """Authentication: with API keys configured, every call carries `authorization: Bearer KEY`
+    metadata (UNAUTHENTICATED otherwise). A request belongs to the key that made it: Cancel,
+    GetRequest and Attach of another key's request are NOT_FOUND, as for an unknown id. Per-key
+    limits answer RESOURCE_EXHAUSTED with a `retry-after-ms` trailer; a class or SLO the key may
+    not use is PERMISSION_DENIED.
+    """
 
     @staticmethod
     def Generate(request,
