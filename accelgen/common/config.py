@@ -11,13 +11,17 @@ same way for every service. Precedence, lowest first:
 
 Field types: ``bool`` (true/false, yes/no, on/off, 1/0), ``int``, ``float``, ``str``, ``X | None``
 (``none`` or an empty value is None), ``dict`` (a table in the file, a JSON object in the
-environment and on the command line) and nested dataclasses. A nested dataclass is a *section*:
-a table in the file (``[budget]``, or the dotted path in the field's metadata ``"table"``) whose
-environment and flag names join the field names: ``ACCELGEN_<SERVICE>_BUDGET_SAFETY_MARGIN``,
-``--budget-safety-margin``.
+environment and on the command line), ``list[str]`` (an array of strings in the file, a
+comma-separated list in the environment, and a flag given once per item: ``--api-key A
+--api-key B``; a source that gives the list replaces it whole) and nested dataclasses. A nested
+dataclass is a *section*: a table in the file (``[budget]``, or the dotted path in the field's
+metadata ``"table"``) whose environment and flag names join the field names:
+``ACCELGEN_<SERVICE>_BUDGET_SAFETY_MARGIN``, ``--budget-safety-margin``.
 
 Field metadata: ``"help"`` (else the attribute's docstring is the help), ``"file"`` (the dotted
-key in the file, or a tuple of accepted keys, instead of the field name), ``"table"`` (sections).
+key in the file, or a tuple of accepted keys, instead of the field name), ``"table"`` (sections),
+``"env"`` (other environment variables read when ``ACCELGEN_<SERVICE>_<FIELD>`` is unset: a
+shorter name a document promised, such as ``ACCELGEN_API_KEY``).
 
 Every mistake is a ``ConfigError`` (a ``ValueError``) with one line saying what and where; the
 services' ``main()`` calls ``loader.main_config(argv)``, which prints
@@ -68,7 +72,7 @@ class Setting:
     """One leaf of a configuration: where it lives in the object, the file, the env and argv."""
 
     path: tuple[str, ...]  # field names from the root: ("policy_accelgen", "budget", "safety_margin")
-    kind: type  # bool, int, float, str or dict
+    kind: type  # bool, int, float, str, dict or list (of str)
     optional: bool  # X | None
     files: tuple[str, ...]  # dotted keys accepted in the file
     table: str  # the file table it sits in ("" = top level)
@@ -76,6 +80,7 @@ class Setting:
     default: Any  # dataclasses.MISSING: computed (a default_factory)
     env: str
     flag: str
+    env_aliases: tuple[str, ...] = ()  # read when ``env`` is unset, in this order
 
     @property
     def name(self) -> str:
@@ -84,7 +89,7 @@ class Setting:
 
     @property
     def type_name(self) -> str:
-        return self.kind.__name__
+        return "list of str" if self.kind is list else self.kind.__name__
 
     def parse(self, raw: str) -> Any:
         """A value from the environment or the command line (always a string)."""
@@ -97,6 +102,8 @@ class Setting:
             if not isinstance(value, dict):
                 raise ValueError("not a JSON object")
             return value
+        if self.kind is list:  # comma-separated (the environment); blanks dropped
+            return [item.strip() for item in raw.split(",") if item.strip()]
         return self.kind(raw)
 
     def check(self, value: Any) -> Any:
@@ -109,11 +116,18 @@ class Setting:
             raise ValueError(self.type_name)
         if self.kind is float and isinstance(value, int):
             return float(value)
+        if self.kind is list:
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                raise ValueError(self.type_name)
+            return list(value)
         if not isinstance(value, self.kind):
             raise ValueError(self.type_name)
         return value
 
     def argparse_type(self) -> Callable[[str], Any]:
+        if self.kind is list:  # one item per flag (argparse's append action collects them)
+            return str
+
         def parse(raw: str) -> Any:
             return self.parse(raw)
 
@@ -129,6 +143,8 @@ class Setting:
             return repr(self.default)
         if isinstance(self.default, dict):
             return json.dumps(self.default)
+        if isinstance(self.default, list):
+            return ",".join(self.default) or "none"
         return str(self.default)
 
 
@@ -197,9 +213,11 @@ class ConfigLoader(Generic[T]):
             else:
                 default = dataclasses.MISSING
             name = "_".join(path + (f.name,))
+            aliases = f.metadata.get("env", ())
             yield Setting(path=path + (f.name,), kind=kind, optional=optional,
                           files=tuple(_join(table, key) for key in files), table=table, help=doc,
-                          default=default, env=self.env_prefix + name.upper(), flag="--" + name.replace("_", "-"))
+                          default=default, env=self.env_prefix + name.upper(), flag="--" + name.replace("_", "-"),
+                          env_aliases=(aliases,) if isinstance(aliases, str) else tuple(aliases))
 
     def setting(self, name: str) -> Setting:
         return self._by_name[name]
@@ -243,12 +261,13 @@ class ConfigLoader(Generic[T]):
     def read_env(self, env: Mapping[str, str]) -> dict[str, Any]:
         values: dict[str, Any] = {}
         for s in self.settings:
-            raw = env.get(s.env)
+            name = next((n for n in (s.env, *s.env_aliases) if env.get(n) is not None), s.env)
+            raw = env.get(name)
             if raw is not None:
                 try:
                     values[s.name] = s.parse(raw)
                 except ValueError:
-                    raise ConfigError(f"{s.env}={raw!r} is not a valid {s.type_name}") from None
+                    raise ConfigError(f"{name}={raw!r} is not a valid {s.type_name}") from None
         return values
 
     # -- putting them together ----------------------------------------------------------------
@@ -311,10 +330,14 @@ class ConfigLoader(Generic[T]):
                 section = next(sec for sec in self.sections.values() if sec.table == s.table)
                 groups[s.table] = parser.add_argument_group(f"[{s.table}]", _escape(section.help) or None)
             shown = f"; default {s.shown_default()}" if s.default is not dataclasses.MISSING else ""
-            text = f"{s.help} (env {s.env}{shown})".strip()
+            env = " or ".join((s.env, *s.env_aliases)) + (", comma-separated" if s.kind is list else "")
+            text = f"{s.help} (env {env}{shown})".strip()
+            extra: dict[str, Any] = {"action": "append"} if s.kind is list else {}
+            if s.kind is bool:  # a bare --insecure means true; --admission false still works
+                extra = {"nargs": "?", "const": True}
+            metavar = {dict: "JSON", list: "STR"}.get(s.kind, s.type_name.upper())
             groups[s.table].add_argument(s.flag, dest=s.name, type=s.argparse_type(), default=argparse.SUPPRESS,
-                                         metavar="JSON" if s.kind is dict else s.type_name.upper(),
-                                         help=_escape(text))
+                                         metavar=metavar, help=_escape(text), **extra)
 
     def parser(self, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(prog=prog or f"accelgen {self.service}", description=description,
@@ -399,6 +422,8 @@ def _kind_of(hint: Any, where: str) -> tuple[type, bool]:
         origin = typing.get_origin(hint)
     if hint is dict or origin is dict:
         return dict, optional
+    if origin is list and typing.get_args(hint) == (str,):
+        return list, optional
     if hint in _SCALARS:
         return hint, optional
     raise TypeError(f"{where}: unsupported config type {hint!r}")

@@ -74,8 +74,9 @@ def test_env_and_flag_names_are_the_field_names() -> None:
         port = loader.setting(PORT[service])
         assert f"(env {port.env}; default {port.default})" in help_text
     # The ones deploy/, launcher/stack.py and the tests pass keep working.
-    assert WORKER.parse(["--scheduler", "s:1", "--worker-id", "w", "--time-scale", "0"], {}).worker_id == "w"
-    assert GATEWAY.parse(["--scheduler-address", "s:2"], {"ACCELGEN_GATEWAY_HTTP_PORT": "-1"}).http_port == -1
+    assert WORKER.parse(["--scheduler", "s:1", "--worker-id", "w", "--time-scale", "0", "--insecure",
+                         "--host", "0.0.0.0"], {}).worker_id == "w"
+    assert GATEWAY.parse(["--scheduler-address", "s:2", "--insecure"], {"ACCELGEN_GATEWAY_HTTP_PORT": "-1"}).http_port == -1
     assert SCHEDULER.parse(["--redis-url", "redis://r/1", "--policy", "vllm@512"], {}).policy == "vllm@512"
 
 
