@@ -26,11 +26,14 @@ import uvicorn
 from fastapi import FastAPI
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from accelgen.common.grpc_server import install_sigterm, make_server, set_alive, set_serving
+from accelgen.common.config import ConfigError
+from accelgen.common.grpc_server import CannotListen, install_sigterm, listen, make_server, set_alive, set_serving
+from accelgen.common.tls import is_loopback, read_certificates
 from gateway.config import LOADER, GatewayConfig
 from gateway.generation import GenerationService
 from gateway.grpc_server import SERVICE_NAME, add_to_server
 from gateway.http_extras import add_routes
+from gateway.limits import server_options
 from gateway.openai_http import create_app
 from gateway.scheduler_client import RESUMABLE, SchedulerClient
 from gateway.tokenizer import load_tokenizer
@@ -38,6 +41,7 @@ from gateway.tokenizer import load_tokenizer
 log = structlog.get_logger("gateway")
 
 SCHEDULER_SERVICE = "accelgen.v1.Scheduler"
+EXIT_CANNOT_START = 2  # a port taken: not worth restarting (systemd's RestartPreventExitStatus=2)
 
 
 async def scheduler_ready(client: SchedulerClient, timeout_s: float) -> tuple[bool, str]:
@@ -148,16 +152,21 @@ def _bind(host: str, port: int) -> socket.socket:
 
 async def start_gateway(config: GatewayConfig) -> GatewayHandle:
     """Start both servers; returns once they accept connections (ports resolved when 0)."""
+    identity = config.client_identity  # read first: a bad client certificate leaves nothing started
     tokenizer = load_tokenizer(config.tokenizer_path)
     client = SchedulerClient(config)
     service = GenerationService(client, tokenizer, config)
 
-    server, health_servicer = make_server([SERVICE_NAME])
+    # Client-facing: no client certificates, no roles; gRPC refuses a message over max_message_bytes.
+    server, health_servicer = make_server([SERVICE_NAME], options=server_options(config.max_message_bytes))
     add_to_server(server, service)
-    host = f"[{config.host}]" if ":" in config.host and not config.host.startswith("[") else config.host
-    grpc_port = server.add_insecure_port(f"{host}:{config.grpc_port}")
-    if grpc_port == 0:
-        raise RuntimeError(f"cannot listen for gRPC on {config.host}:{config.grpc_port}")
+    transport = config.transport
+    try:
+        grpc_port = listen(server, config.host, config.grpc_port,
+                           identity.grpc_credentials() if identity is not None else None)
+    except CannotListen:
+        await client.close()
+        raise
     await server.start()
     await set_alive(health_servicer, True)
     await set_serving(health_servicer, [SERVICE_NAME], False)  # until the scheduler answers
@@ -168,11 +177,22 @@ async def start_gateway(config: GatewayConfig) -> GatewayHandle:
         app = create_app(service)
         app.state.ready = False
         add_routes(app, service)
-        sock = _bind(config.host.strip("[]"), config.http_port)
+        try:
+            sock = _bind(config.host.strip("[]"), config.http_port)
+        except OSError as exc:
+            await server.stop(None)
+            await client.close()
+            raise CannotListen(f"cannot listen for HTTP on {config.host}:{config.http_port}: "
+                               f"{exc.strerror or exc}") from None
         http_port = int(sock.getsockname()[1])
+        tls = identity.uvicorn_options() if identity is not None else {}
+        # h11, not httptools (picked when installed): httptools bounds no header block (100,000
+        # headers, 3 MB, were read before the API key was checked); h11 refuses a head over
+        # max_header_bytes with 400 and closes the connection (as vLLM does, GHSA-rxc4-3w6r-4v47).
         http = _EmbeddedUvicorn(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
+                                               http="h11", h11_max_incomplete_event_size=config.max_header_bytes,
                                                timeout_graceful_shutdown=int(max(1, config.grace_s)),
-                                               log_level=config.log_level.lower()))
+                                               log_level=config.log_level.lower(), **tls))
         http_task = asyncio.get_running_loop().create_task(http.serve(sockets=[sock]))
         while not http.started:
             if http_task.done():
@@ -184,29 +204,45 @@ async def start_gateway(config: GatewayConfig) -> GatewayHandle:
     with contextlib.suppress(TimeoutError):  # ready at once when the scheduler answers at once
         await asyncio.wait_for(checked.wait(), 2.0)
     log.info("gateway_started", grpc_port=grpc_port, http_port=http_port, scheduler=config.scheduler_address,
-             tokenizer=config.tokenizer_path or "byte", instance_id=config.instance_id)
+             tokenizer=config.tokenizer_path or "byte", instance_id=config.instance_id,
+             scheduler_tls=transport.secure, client_tls=config.client_tls,
+             client_cert=str(identity.cert_path) if identity is not None else None)
+    if not config.client_tls and not is_loopback(config.host):
+        log.warning("gateway_clients_in_plaintext", host=config.host,
+                    hint="prompts and outputs cross the network unencrypted; set client_tls (with client_cert and "
+                         "client_key, or tls_dir) or terminate TLS in front of the gateway")
     return GatewayHandle(grpc_port=grpc_port, http_port=http_port, config=config, _server=server,
                          _health=health_servicer, _client=client, _http=http, _http_task=http_task, _app=app,
                          _readiness=readiness)
 
 
-async def run(config: GatewayConfig) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+async def run(config: GatewayConfig) -> int:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully (0); 2 if it could not start (a
+    port taken)."""
     stop = asyncio.Event()
     install_sigterm(stop)
-    handle = await start_gateway(config)
+    try:
+        handle = await start_gateway(config)
+    except CannotListen as exc:
+        log.error("gateway_cannot_start", error=str(exc), exit_code=EXIT_CANNOT_START)
+        return EXIT_CANNOT_START
     await stop.wait()
     log.info("gateway_stopping", grace_s=config.grace_s)
     await handle.stop()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from accelgen.common.logs import setup_logging
 
     config = LOADER.main_config(argv, prog="accelgen gateway", description=__doc__.splitlines()[0])
+    read_certificates(LOADER, config)
+    try:
+        config.client_identity  # client_tls's certificate: a bad one is a config error, before anything starts
+    except ValueError as exc:
+        LOADER.exit(ConfigError(str(exc)))
     setup_logging("gateway", config.log_level)
-    asyncio.run(run(config))
-    return 0
+    return asyncio.run(run(config))
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ class SchedulerClient:
     def __init__(self, config: GatewayConfig) -> None:
         self._config = config
         self.owner = config.instance_id
-        self._failover = FailoverChannel(config.scheduler_address, GATEWAY_CHANNEL_OPTIONS)
+        self._failover = FailoverChannel(config.scheduler_address, GATEWAY_CHANNEL_OPTIONS, transport=config.transport,
+                                         peer_role="scheduler")
         self._stub_generation = self._failover.generation
         self._current_stub = scheduler_pb2_grpc.SchedulerStub(self._failover.channel)
         self._hubs = [WatchHub(lambda: self._stub, self.owner)]  # more only while a request has two watchers

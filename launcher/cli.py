@@ -21,7 +21,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from launcher.stack import Supervisor, start_stack
+    from launcher.stack import RunCertificates, Supervisor, start_stack
+    from scheduler_service.state.redis_conn import redact_url
 
     worker_args = ["--time-scale", str(args.time_scale)]
     if args.executor == "vllm" and not args.model:
@@ -29,14 +30,22 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"no --model given: serving the seeded test model {args.model}", flush=True)
     if args.model:
         worker_args += ["--model", args.model]
+    if args.tls_dir and args.insecure:
+        print("accelgen up: --tls-dir and --insecure exclude each other", file=sys.stderr)
+        return 2
+    run_certs = None if args.insecure or args.tls_dir else RunCertificates()
+    tls_dir = Path(args.tls_dir) if args.tls_dir else run_certs.tls_dir if run_certs else None
     stack = start_stack(workers=args.workers, executor=args.executor, worker_args=worker_args,
                         gateway_args=(["--model", args.model] if args.model else []),
                         scheduler_args=["--policy", args.policy], http_port=args.http_port or None,
                         grpc_port=args.grpc_port or None, log_dir=Path(args.log_dir) if args.log_dir else None,
-                        redis_appendfsync="always")
+                        redis_appendfsync="always", tls_dir=tls_dir)
+    internal = f"mutual TLS (certificates in {tls_dir})" if tls_dir else "plaintext (--insecure)"
     print(f"AccelGen is up: gateway gRPC {stack.gateway_address}, OpenAI HTTP http://127.0.0.1:{stack.http_port}/v1, "
-          f"scheduler {stack.scheduler_address}, Redis {stack.redis_url} (AOF in {stack.redis_dir}), "
-          f"{args.workers} {args.executor} worker(s). A service that exits is restarted; Ctrl-C stops everything.",
+          f"scheduler {stack.scheduler_address}, Redis {redact_url(stack.redis_url)} (AOF and the password, in "
+          f"redis-users.conf, in {stack.redis_dir}), "
+          f"{args.workers} {args.executor} worker(s); between the services: {internal}. "
+          "A service that exits is restarted; Ctrl-C stops everything.",
           flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -45,11 +54,38 @@ def cmd_up(args: argparse.Namespace) -> int:
         code = Supervisor(stack).run(done)
     finally:
         stack.stop()
+        if run_certs is not None:
+            run_certs.remove()
         print("stopped", flush=True)
     return code
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    """Make a CA and a certificate per service role for mutual TLS (``--tls-dir`` on each service);
+    with ``--issue ROLE --name NAME``, one more certificate from the CA already in ``--out``."""
+    from accelgen.common.certs import CertsError, CertsRequest, issue_certificate, make_certs
+
+    try:
+        if args.issue:
+            if not args.name:
+                raise CertsError("--issue needs --name (the host the certificate is for)")
+            out = issue_certificate(Path(args.out), args.issue, args.name, hosts=tuple(args.host), days=args.days)
+            print(f"wrote {out}: ca.crt, {args.issue}.crt and {args.issue}.key, signed by the CA in {args.out}; "
+                  f"use it as that host's --tls-dir")
+            return 0
+        written = make_certs(CertsRequest(Path(args.out), hosts=tuple(args.host), days=args.days, force=args.force))
+    except CertsError as exc:
+        print(f"accelgen certs: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(written)} files to {args.out}: ca.crt and, per role (scheduler, worker, gateway), "
+          "ROLE.crt and ROLE.key. Give each host ca.crt and its roles' files (--tls-dir); keep ca.key off "
+          "the service hosts. One certificate per worker node: accelgen certs --out DIR --issue worker --name NODE.")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    import os
+
     import grpc
 
     from accelgen.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -58,10 +94,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     req = gateway_pb2.GenerateRequest(text=args.prompt, sampling_params=sp, app_class=args.app_class, stream=True)
     if args.tbt_ms:
         req.slo.CopyFrom(common_pb2.SLOSpec(ttft_ms=args.ttft_ms, tbt_ms=args.tbt_ms))
-    with grpc.insecure_channel(args.gateway) as ch:
+    if args.ca:  # a gateway with client_tls
+        creds = grpc.ssl_channel_credentials(root_certificates=Path(args.ca).read_bytes())
+        ch = grpc.secure_channel(args.gateway, creds, options=[("grpc.ssl_target_name_override", args.server_name)])
+    else:
+        ch = grpc.insecure_channel(args.gateway)
+    api_key = args.api_key or os.environ.get("ACCELGEN_API_KEY", "")
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+    with ch:
         stub = gateway_pb2_grpc.GatewayStub(ch)
         try:
-            for resp in stub.Generate(req, timeout=args.timeout):
+            for resp in stub.Generate(req, timeout=args.timeout, metadata=metadata):
                 if resp.HasField("chunk"):
                     print(resp.chunk.text or "".join(f"{t} " for t in resp.chunk.token_ids), end="", flush=True)
                 else:
@@ -139,7 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--grpc-port", type=int, default=50050)
     up.add_argument("--http-port", type=int, default=8000)
     up.add_argument("--log-dir", default=None, help="write each service's log here")
+    up.add_argument("--tls-dir", default=None, help="mutual TLS between the services with these certificates "
+                                                   "(`accelgen certs`); default: a CA made for this run")
+    up.add_argument("--insecure", action="store_true", help="plaintext between the services (all on loopback)")
     up.set_defaults(func=cmd_up)
+
+    certs = sub.add_parser("certs", help="make a CA and a certificate per service for mutual TLS (--tls-dir)",
+                           description=cmd_certs.__doc__)
+    certs.add_argument("--out", required=True, help="directory to write ca.crt, ca.key and ROLE.crt/ROLE.key to")
+    certs.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP",
+                       help="a host name or IP address added to every certificate (repeatable)")
+    certs.add_argument("--days", type=int, default=365, help="validity in days")
+    certs.add_argument("--force", action="store_true", help="replace an existing CA in --out")
+    certs.add_argument("--issue", choices=["scheduler", "worker", "gateway"], default=None,
+                       help="instead: one more certificate for this role from the CA in --out, into --out/NAME/ "
+                            "(a worker id is bound to the certificate that registered it: one per worker node)")
+    certs.add_argument("--name", default=None, help="with --issue: the host it is for (the directory's name)")
+    certs.set_defaults(func=cmd_certs)
 
     gen = sub.add_parser("generate", help="send one request to a gateway and stream the answer")
     gen.add_argument("prompt")
@@ -150,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ttft-ms", type=float, default=0.0)
     gen.add_argument("--tbt-ms", type=float, default=0.0)
     gen.add_argument("--timeout", type=float, default=600.0)
+    gen.add_argument("--ca", default=None, help="a gateway with client_tls: the CA certificate to verify it with")
+    gen.add_argument("--server-name", default="gateway.accelgen", help="with --ca: the name the gateway's "
+                                                                         "certificate must carry")
+    gen.add_argument("--api-key", default=None, help="the gateway's API key, sent as `authorization: Bearer KEY` "
+                                                     "(default: $ACCELGEN_API_KEY; prefer it: a flag shows in `ps`)")
     gen.set_defaults(func=cmd_generate)
 
     sub.add_parser("profile", help="measure a worker's iteration time and write a device profile "

@@ -23,6 +23,7 @@ from bench.compare import (DEFAULT_TIME_NOISE, RunSpec, WorkloadSpec, format_tab
                            plot_policies, plot_sweep, run_many)
 from bench.workloads import CLASS_MODES, SHORT_DATA, WORKLOAD_NAMES, parse_slo_mix  # noqa: E402
 from launcher.test_model import default_model  # noqa: E402
+from scheduler_service.state.redis_conn import redact_url  # noqa: E402
 
 def _policies(text: str) -> list[str]:
     """Comma-separated policy specs, ``NAME[@BUDGET][+admission]``, each checked here."""
@@ -163,7 +164,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     the simulator's prediction for the same workload (the same scheduling core, so they agree).
     """
     from bench.loadgen import run_load
-    from launcher.stack import start_stack
+    from launcher.stack import RunCertificates, start_stack
     from accelgen.core.slo import SLOCatalog
     from accelgen.profiles import load_profile
 
@@ -179,14 +180,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"AccelGen demo: {len(workload)} mixed-SLO requests (paper-mix, {args.rate} req/s for {args.duration:g} s; "
           f"chat 50 ms / code 187.5 ms / summarization 500 ms TBT) through the gateway -> scheduler -> "
           f"{args.workers} {what}\n", flush=True)
-    stack = start_stack(workers=args.workers, executor=args.executor, scheduler_args=["--log-level", "WARNING"],
-                        worker_args=worker_args, gateway_args=["--log-level", "WARNING"], worker_timeout_s=300)
+    certs = RunCertificates()  # the services talk mutual TLS, as `accelgen up` and a deployment do
+    try:
+        stack = start_stack(workers=args.workers, executor=args.executor, scheduler_args=["--log-level", "WARNING"],
+                            worker_args=worker_args, gateway_args=["--log-level", "WARNING"], worker_timeout_s=300,
+                            tls_dir=certs.tls_dir)
+    except BaseException:
+        certs.remove()
+        raise
     try:
         print(f"stack up: gateway {stack.gateway_address}, OpenAI HTTP :{stack.http_port}, scheduler "
-              f"{stack.scheduler_address}, Redis {stack.redis_url}", flush=True)
+              f"{stack.scheduler_address}, Redis {redact_url(stack.redis_url)}; mutual TLS between the services", flush=True)
         result = run_load(stack.gateway_address, workload, SLOCatalog(), profile.s_pf)
     finally:
         stack.stop()
+        certs.remove()
     rows = _service_rows(result)
     if args.executor == "sim":
         rows["simulator (predicted)"] = run_many([RunSpec(spec, "accelgen", time_noise=0.0)])[0]  # as the sim worker

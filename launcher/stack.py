@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from accelgen.common.grpc_server import free_port
+from accelgen.common.tls import Transport, open_sync_channel
 
 
 @dataclass
@@ -81,10 +82,13 @@ def spawn(name: str, argv: Sequence[str], log_dir: Path | None = None, env: dict
     return Proc(name, popen, log_path, argv=list(argv), env=env, log_dir=log_dir)
 
 
-def wait_healthy(address: str, service: str = "", timeout_s: float = 60.0, proc: Proc | None = None) -> None:
-    """Block until the server at ``address`` answers SERVING for ``service``."""
+def wait_healthy(address: str, service: str = "", timeout_s: float = 60.0, proc: Proc | None = None,
+                 transport: Transport | None = None, peer_role: str = "scheduler") -> None:
+    """Block until the server at ``address`` answers SERVING for ``service``. With mutual TLS the
+    probe presents ``transport``'s certificate (health is open to any from the CA) and checks that
+    the server is ``peer_role``."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as ch:
+    with open_sync_channel(address, transport, peer_role) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
             if proc is not None and not proc.alive():
@@ -102,12 +106,27 @@ def wait_healthy(address: str, service: str = "", timeout_s: float = 60.0, proc:
 
 
 def start_redis(port: int | None = None, workdir: Path | None = None, log_dir: Path | None = None,
-                appendfsync: str | None = None) -> tuple[Proc, str]:
-    """A private redis-server on a free loopback port (tests, ``accelgen up``).
+                appendfsync: str | None = None, *, password: str | None = None,
+                key_prefix: str | None = "accelgen:") -> tuple[Proc, str]:
+    """A private redis-server on a free loopback port (tests, ``accelgen up``), and the URL to
+    reach it: ``redis://accelgen:PASSWORD@127.0.0.1:PORT/0``.
+
+    Like a deployment (``deploy/users.acl``): the default user is off, and the one user,
+    ``accelgen``, has a random ``password`` (or the one given: restarting Redis on the same port
+    for a scheduler that already has the URL) and the scheduler's ACL rules for keys under
+    ``key_prefix`` (``scheduler_service.state.redis_acl``); ``key_prefix=None`` allows every key
+    and command (tests and benchmarks that use several prefixes and inspect Redis directly). The
+    users are in a 0600 file in ``workdir``, not on the command line, where any local user could
+    read the password; ``Proc.respawn`` reuses the file, hence the password.
 
     No persistence unless ``appendfsync`` is given ("always", "everysec"): then AOF is on in
     ``workdir``, so the same command restarted (``Proc.respawn``) reloads what was acknowledged.
     """
+    import secrets
+    from urllib.parse import quote
+
+    from scheduler_service.state.redis_acl import SCHEDULER_USER, user_line
+
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server not found: apt-get install -y redis-server (make install does this)")
@@ -115,21 +134,29 @@ def start_redis(port: int | None = None, workdir: Path | None = None, log_dir: P
         raise ValueError(f"appendfsync must be always, everysec or no, got {appendfsync!r}")
     port = port or free_port()
     workdir = workdir or Path(tempfile.mkdtemp(prefix="accelgen-redis-"))
+    password = password or secrets.token_urlsafe(24)
+    users = workdir / "redis-users.conf"
+    fd = os.open(users, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # also when the file was there with other modes
+        f.write("# Written by launcher.stack.start_redis: no default user, one ACL user.\n"
+                f"user default off\n{user_line([password], key_prefix)}\n")
     aof = ["--appendonly", "yes", "--appendfsync", appendfsync] if appendfsync else ["--appendonly", "no"]
-    proc = spawn("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *aof,
+    proc = spawn("redis", [binary, str(users), "--port", str(port), "--bind", "127.0.0.1", "--save", "", *aof,
                            "--dir", str(workdir), "--protected-mode", "yes"], log_dir)
-    if not wait_redis(port, proc=proc):
-        raise RuntimeError("redis-server did not start")
-    return proc, f"redis://127.0.0.1:{port}/0"
+    if not wait_redis(port, proc=proc, username=SCHEDULER_USER, password=password):
+        raise RuntimeError("redis-server did not start" + (f"; see {proc.log_path}" if proc.log_path else ""))
+    return proc, f"redis://{SCHEDULER_USER}:{quote(password, safe='')}@127.0.0.1:{port}/0"
 
 
-def wait_redis(port: int, timeout_s: float = 20.0, proc: Proc | None = None) -> bool:
-    """Poll until the redis-server on ``port`` answers PING; False once ``timeout_s`` has passed or
-    ``proc`` (the server, if ours) has exited. Refused connections and LOADING (an AOF being read
-    after a restart) are waited through."""
+def wait_redis(port: int, timeout_s: float = 20.0, proc: Proc | None = None, *, username: str | None = None,
+               password: str | None = None) -> bool:
+    """Poll until the redis-server on ``port`` answers PING (as ``username``/``password`` where it
+    has ACL users); False once ``timeout_s`` has passed or ``proc`` (the server, if ours) has
+    exited. Refused connections and LOADING (an AOF being read after a restart) are waited through."""
     import redis
 
-    client = redis.Redis(port=port, socket_timeout=1)
+    client = redis.Redis(port=port, socket_timeout=1, username=username, password=password)
     deadline = time.monotonic() + timeout_s
     try:
         while True:
@@ -156,6 +183,15 @@ class Stack:
     http_port: int = 0
     log_dir: Path | None = None
     redis_dir: Path | None = None  # Redis's working directory (its AOF, when on)
+    tls_dir: Path | None = None  # mutual TLS between the services (certificates from `accelgen certs`)
+
+    @property
+    def probe(self) -> Transport | None:
+        """How the launcher calls the services: as a gateway (GetServerInfo, health)."""
+        return Transport.load("gateway", self.tls_dir) if self.tls_dir is not None else None
+
+    def tls_args(self) -> list[str]:
+        return ["--tls-dir", str(self.tls_dir)] if self.tls_dir is not None else []
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -165,30 +201,48 @@ class Stack:
         return next(p for p in self.procs if p.name == name)
 
 
+class RunCertificates:
+    """A CA and certificates made for one local run (``accelgen up``, the demo) in a fresh 0700
+    directory, removed with ``remove()``: the run's internal traffic is mutual TLS like a
+    deployment's, with nothing to set up."""
+
+    def __init__(self) -> None:
+        from accelgen.common.certs import CertsRequest, make_certs
+
+        self.run_dir = Path(tempfile.mkdtemp(prefix="accelgen-run-"))
+        self.tls_dir = self.run_dir / "tls"
+        make_certs(CertsRequest(self.tls_dir, hosts=("127.0.0.1", "localhost")))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
 def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
 def start_scheduler_proc(stack: Stack, port: int, extra: Sequence[str] = (), name: str = "scheduler") -> Proc:
-    proc = spawn(name, python_module("scheduler_service.main", "--port", str(port), "--redis-url", stack.redis_url,
-                                     *extra), stack.log_dir)
-    wait_healthy(f"127.0.0.1:{port}", "accelgen.v1.Scheduler", proc=proc)
+    # The Redis URL holds the password: in the environment, not on a command line every local user can read.
+    proc = spawn(name, python_module("scheduler_service.main", "--port", str(port), *stack.tls_args(), *extra),
+                 stack.log_dir, env={"ACCELGEN_SCHEDULER_REDIS_URL": stack.redis_url})
+    wait_healthy(f"127.0.0.1:{port}", "accelgen.v1.Scheduler", proc=proc, transport=stack.probe)
     return proc
 
 
 def start_worker_proc(stack: Stack, name: str, extra: Sequence[str] = ()) -> Proc:
     return spawn(name, python_module("worker_service.main", "--scheduler", stack.scheduler_address,
-                                     "--worker-id", name, *extra), stack.log_dir)
+                                     "--worker-id", name, *stack.tls_args(), *extra), stack.log_dir)
 
 
 def start_stack(workers: int = 1, executor: str = "sim", scheduler_args: Sequence[str] = (),
                 worker_args: Sequence[str] = (), gateway_args: Sequence[str] = (), log_dir: Path | None = None,
                 http_port: int | None = None, grpc_port: int | None = None, worker_timeout_s: float = 120.0,
-                redis_appendfsync: str | None = None) -> Stack:
+                redis_appendfsync: str | None = None, tls_dir: Path | None = None) -> Stack:
     """Redis, the scheduler, ``workers`` workers and the gateway, each waited for; nothing
     restarts them (wrap the stack in a ``Supervisor`` for that). ``redis_appendfsync`` turns
-    Redis's AOF on (see ``start_redis``)."""
-    stack = Stack(log_dir=log_dir)
+    Redis's AOF on (see ``start_redis``). ``tls_dir``: mutual TLS between the services with those
+    certificates; None: plaintext (every service is on loopback)."""
+    stack = Stack(log_dir=log_dir, tls_dir=tls_dir)
     try:
         stack.redis_dir = Path(tempfile.mkdtemp(prefix="accelgen-redis-"))
         redis_proc, stack.redis_url = start_redis(workdir=stack.redis_dir, log_dir=log_dir,
@@ -203,7 +257,8 @@ def start_stack(workers: int = 1, executor: str = "sim", scheduler_args: Sequenc
         gport, stack.http_port = grpc_port or free_port(), http_port or free_port()
         stack.gateway_address = f"127.0.0.1:{gport}"
         gw = spawn("gateway", python_module("gateway.main", "--scheduler-address", stack.scheduler_address, "--grpc-port",
-                                            str(gport), "--http-port", str(stack.http_port), *gateway_args), log_dir)
+                                            str(gport), "--http-port", str(stack.http_port), *stack.tls_args(),
+                                            *gateway_args), log_dir)
         stack.procs.append(gw)
         wait_healthy(stack.gateway_address, "accelgen.v1.Gateway", proc=gw)
     except BaseException:
@@ -216,7 +271,7 @@ def _wait_workers(address: str, n: int, timeout_s: float, stack: Stack) -> None:
     from accelgen.v1 import scheduler_pb2, scheduler_pb2_grpc
 
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as ch:
+    with open_sync_channel(address, stack.probe, "scheduler") as ch:
         stub = scheduler_pb2_grpc.SchedulerStub(ch)
         while True:
             info = stub.GetServerInfo(scheduler_pb2.GetServerInfoRequest(), timeout=5)

@@ -21,6 +21,7 @@ import grpc
 import structlog
 
 from accelgen.common.grpc_server import CHANNEL_OPTIONS
+from accelgen.common.tls import open_channel
 from accelgen.core.kv_blocks import KVBlockManager
 from accelgen.core.plan import BatchPlan
 from accelgen.core.profile import DeviceProfile
@@ -76,7 +77,7 @@ class WorkerLane:
                                   kv=KVBlockManager(info.num_blocks, info.block_size),
                                   config=CoreConfig(max_num_seqs=max_seqs,
                                                     max_num_batched_tokens=info.max_num_batched_tokens or None))
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = open_channel(address, CHANNEL_OPTIONS, config.transport, peer_role="worker")
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.wakeup = asyncio.Event()
         self.stats = LaneStats()

@@ -15,8 +15,10 @@ import asyncio
 from dataclasses import dataclass
 from typing import Sequence
 
-from accelgen.common.grpc_server import install_sigterm, make_server, set_alive, set_serving
+from accelgen.common.authz import method_rules
+from accelgen.common.grpc_server import install_sigterm, listen, make_server, set_alive, set_serving
 from accelgen.common.logs import setup_logging
+from accelgen.common.tls import read_certificates
 from accelgen.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_service.app import SchedulerApp
 from scheduler_service.config import LOADER, SchedulerConfig
@@ -27,6 +29,13 @@ from scheduler_service.state.store import LeaseLost, RedisStore
 SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
 
 EXIT_OK, EXIT_CANNOT_START, EXIT_LEASE_LOST = 0, 2, 3
+# Who may call what, with mutual TLS (accelgen.common.authz): gateways submit and read requests,
+# workers register. Every method of the service is named here; one left out is refused to all.
+ROLES = method_rules(SERVICE, {
+    "Submit": "gateway", "WatchMany": "gateway", "Cancel": "gateway", "GetRequest": "gateway",
+    "GetServerInfo": "gateway",
+    "RegisterWorker": "worker", "Heartbeat": "worker", "DeregisterWorker": "worker",
+})
 DEPOSED_GRACE_S = 0.5  # a deposed scheduler's in-flight calls get this long, not grace_s
 
 
@@ -63,14 +72,11 @@ async def start_scheduler(config: SchedulerConfig) -> SchedulerHandle:
     try:
         await app.start()
         await redis_conn.log_durability(store.redis, store.sentinel, store.min_replicas)
-        server, health = make_server([SERVICE])
+        transport = config.transport
+        server, health = make_server([SERVICE], transport, ROLES,
+                                     options=[("grpc.max_receive_message_length", config.max_message_bytes)])
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(app), server)
-        try:
-            port = server.add_insecure_port(f"{config.host}:{config.port}")
-        except RuntimeError as exc:  # grpc raises when the address cannot be bound
-            raise RuntimeError(f"cannot listen on {config.host}:{config.port}: {exc}") from None
-        if port == 0:
-            raise RuntimeError(f"cannot listen on {config.host}:{config.port}")
+        port = listen(server, config.host, config.port, transport.server_credentials())
         await server.start()
     except BaseException:
         await app.stop()  # hands the lease back if it was taken
@@ -101,8 +107,8 @@ async def run(config: SchedulerConfig) -> int:
     except RuntimeError as exc:
         log.error("scheduler_cannot_start", error=str(exc))
         return EXIT_CANNOT_START
-    log.info("scheduler_serving", port=handle.port, policy=config.policy, redis=config.redis_url,
-             fence=handle.app.store.fence)
+    log.info("scheduler_serving", port=handle.port, policy=config.policy, redis=redis_conn.redact_url(config.redis_url),
+             fence=handle.app.store.fence, tls=config.transport.secure)
     lost = asyncio.create_task(handle.lease_lost.wait())
     await asyncio.wait({stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
@@ -117,6 +123,7 @@ async def run(config: SchedulerConfig) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = LOADER.main_config(argv, prog="accelgen scheduler", description="AccelGen scheduler service")
+    read_certificates(LOADER, config)
     return asyncio.run(run(config))
 
 

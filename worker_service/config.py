@@ -8,6 +8,7 @@ nowhere else.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from accelgen.common.config import ConfigLoader
 from accelgen.common.grpc_server import channel_target
+from accelgen.common.tls import Transport, address_hosts, check_transport, is_loopback
 from accelgen.profiles import DEFAULT_PROFILE
 
 ENV_PREFIX = "ACCELGEN_WORKER_"
@@ -50,8 +52,11 @@ class WorkerConfig:
     scheduler: str = _doc("host:port of the scheduler's gRPC service, where the worker registers; or a "
                           "comma-separated list ip:port,ip:port (the leader and its standbys: the worker "
                           "reaches whichever holds the lease)", default="127.0.0.1:50051")
-    host: str = _doc("interface the Worker service binds to", default="0.0.0.0")
+    host: str = _doc("interface the Worker service binds to (loopback by default: a worker on another host "
+                     "than its scheduler binds its address or 0.0.0.0, with --tls-dir)", default="127.0.0.1")
     port: int = _doc("port the Worker service binds to; 0 picks a free port", default=0)
+    port_offset: int = _doc("added to port: several workers on one host share one setting (the systemd unit "
+                            "passes --port-offset %i, so accelgen-worker@1 listens on port + 1)", default=0)
     advertise_host: str = _doc("host the scheduler dials back; empty = --host, or, when --host is a "
                                "wildcard, this machine's address on the route to the scheduler", default="")
     worker_id: str = _doc("stable name of this worker in the scheduler's registry (default hostname-pid)",
@@ -74,6 +79,10 @@ class WorkerConfig:
     grace_s: float = _doc("on SIGTERM, how long in-flight iterations may finish before the server stops",
                           default=5.0)
     log_level: str = _doc("DEBUG, INFO, WARNING or ERROR", default="INFO")
+    tls_dir: str | None = _doc("mutual TLS with the scheduler: a directory with ca.crt, worker.crt and worker.key "
+                               "(`accelgen certs`); only the scheduler's certificate may send plans", default=None)
+    insecure: bool = _doc("plaintext gRPC even where host or the scheduler is not loopback: anyone who reaches "
+                          "the port can send plans and read prompts", default=False)
     model: str = _doc("vllm: model to serve, a Hugging Face id or a local model directory (required "
                       "with --executor vllm)", default="")
     dtype: str = _doc("vllm: weight and activation dtype: auto, float32, bfloat16 or float16", default="auto")
@@ -95,6 +104,10 @@ class WorkerConfig:
         channel_target(self.scheduler)  # a list must be IP literals of one family: ValueError says so
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.port_offset < 0 or (self.port_offset and not self.port) or self.listen_port > 65535:
+            raise ValueError(f"port_offset must be >= 0, with a port (not 0), and port + port_offset at most "
+                             f"65535, got port {self.port} and port_offset {self.port_offset}")
+        self._check_transport()
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")
         if self.time_scale < 0:
@@ -116,6 +129,24 @@ class WorkerConfig:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+
+    def _check_transport(self) -> None:
+        binds = [("host", self.host)] + ([("advertise_host", self.advertise_host)] if self.advertise_host else [])
+        check_transport("worker", self.tls_dir, self.insecure, binds=binds, dials=[("scheduler", self.scheduler)])
+        if (is_loopback(self.host) and not self.advertise_host
+                and not all(is_loopback(h) for h in address_hosts(self.scheduler))):
+            raise ValueError(f"host {self.host} is loopback, so the scheduler at {self.scheduler} could not dial this "
+                             "worker back: set host to this machine's address (or 0.0.0.0) or set advertise_host")
+
+    @property
+    def listen_port(self) -> int:
+        """The port the Worker service binds: ``port + port_offset`` (0: a free one)."""
+        return self.port + self.port_offset
+
+    @functools.cached_property
+    def transport(self) -> Transport:
+        """This worker's certificates (read once) for its server and its channel to the scheduler."""
+        return Transport.load("worker", self.tls_dir)
 
     def advertised_address(self, port: int) -> str:
         """The host:port the scheduler should dial for the Worker service bound at ``port``."""

@@ -9,9 +9,9 @@ executor.
 Health: liveness (``"liveness"``) is SERVING while the process runs; readiness (``""`` and
 ``accelgen.v1.Worker``) only while a scheduler knows this worker (registered, heartbeats
 answered). Exit status: 0 after SIGTERM/SIGINT, 2 for a configuration error (bad settings, an
-executor that cannot be built from them), 4 when the device failed ``max_device_failures`` times
-in a row (NOT_SERVING, deregister best-effort, exit: systemd restarts it or an operator replaces
-the device).
+executor that cannot be built from them, a port another process holds), 4 when the device failed
+``max_device_failures`` times in a row (NOT_SERVING, deregister best-effort, exit: systemd
+restarts it or an operator replaces the device).
 
     python -m worker_service.main --scheduler 127.0.0.1:50051 --executor sim
 """
@@ -29,9 +29,10 @@ import grpc
 import structlog
 from grpc_health.v1 import health as grpc_health
 
-from accelgen.common.grpc_server import (CHANNEL_OPTIONS, FailoverChannel, install_sigterm, serve_until_stopped,
-                                         set_alive, set_serving)
+from accelgen.common.grpc_server import (CHANNEL_OPTIONS, CannotListen, FailoverChannel, install_sigterm,
+                                         serve_until_stopped, set_alive, set_serving)
 from accelgen.common.logs import setup_logging
+from accelgen.common.tls import read_certificates
 from accelgen.v1 import scheduler_pb2_grpc
 from worker_service.config import LOADER, WorkerConfig
 from worker_service.executors.base import Executor
@@ -135,13 +136,14 @@ async def start_worker(config: WorkerConfig, executor: Executor | None = None) -
     reports ready (health SERVING) once registered.
     """
     executor = executor if executor is not None else await asyncio.to_thread(executor_from_config, config)
-    server, health_servicer, servicer, port = build_server(executor, config.host, config.port,
-                                                           config.max_device_failures)
+    server, health_servicer, servicer, port = build_server(executor, config.host, config.listen_port,
+                                                           config.max_device_failures, config.transport)
     await server.start()
     await set_alive(health_servicer, True)
     await set_serving(health_servicer, [WORKER_SERVICE_NAME], False)  # ready once registered
     address = config.advertised_address(port)
-    channel = FailoverChannel(config.scheduler, scheduler_channel_options(config))
+    channel = FailoverChannel(config.scheduler, scheduler_channel_options(config), transport=config.transport,
+                              peer_role="scheduler")
     registration = Registration(
         scheduler_pb2_grpc.SchedulerStub(channel.channel), config.worker_id, address, servicer.description,
         rpc_timeout_s=config.rpc_timeout_s, backoff_max_s=config.register_backoff_max_s, failover=channel,
@@ -156,6 +158,7 @@ async def start_worker(config: WorkerConfig, executor: Executor | None = None) -
     registration.start()
     info = servicer.info
     log.info("worker_started", worker=config.worker_id, address=address, bound=f"{config.host}:{port}",
+             tls=config.transport.secure,
              scheduler=config.scheduler, executor=info.executor, model=info.model, num_blocks=info.num_blocks,
              block_size=info.block_size)
     return handle
@@ -166,7 +169,7 @@ async def run(config: WorkerConfig) -> int:
     returns the exit status."""
     try:
         handle = await start_worker(config)
-    except ValueError as exc:  # the settings name an executor/model/profile that cannot be built
+    except (ValueError, CannotListen) as exc:  # an executor/model/profile that cannot be built; a taken port
         log.error("worker_could_not_start", error=str(exc), exit_code=EXIT_CONFIG)
         return EXIT_CONFIG
     install_sigterm(handle.stop_event)
@@ -177,6 +180,7 @@ async def run(config: WorkerConfig) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     config = LOADER.main_config(argv, prog="accelgen worker",
                                 description="AccelGen worker: runs the scheduler's batch plans")
+    read_certificates(LOADER, config)
     setup_logging("worker", config.log_level)
     code = asyncio.run(run(config))
     if code == EXIT_DEVICE_FAILED:

@@ -25,7 +25,9 @@ import grpc
 import structlog
 from grpc_health.v1 import health
 
-from accelgen.common.grpc_server import make_server
+from accelgen.common.authz import method_rules
+from accelgen.common.grpc_server import listen, make_server
+from accelgen.common.tls import Transport
 from accelgen.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from accelgen.wire.worker_info import worker_info_to_proto
 from worker_service.convert import plan_from_proto, result_to_proto
@@ -35,6 +37,8 @@ from worker_service.plan import ExecResult, WorkerPlan
 log = structlog.get_logger(service="worker")
 
 WORKER_SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+# With mutual TLS, plans and descriptions are for the scheduler's certificate only.
+ROLES = method_rules(WORKER_SERVICE_NAME, {"ExecuteIteration": "scheduler", "Describe": "scheduler"})
 
 
 class StalePlan(Exception):
@@ -156,16 +160,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
 
 def build_server(executor: Executor, host: str, port: int, max_device_failures: int = 3,
+                 transport: Transport | None = None,
                  ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, WorkerServicer, int]:
     """A Worker server bound to ``host:port`` (0 = a free port chosen by the OS), not started.
 
-    Returns the bound port. Health and reflection are registered; the caller marks the health
-    status (``accelgen.common.grpc_server.set_serving``) once it is ready.
+    Returns the bound port; ``CannotListen`` if the port is taken. Health and reflection are
+    registered; the caller marks the health status (``accelgen.common.grpc_server.set_serving``)
+    once it is ready. With a secure ``transport`` only the scheduler's certificate may send plans
+    (``ROLES``).
     """
-    server, health_servicer = make_server([WORKER_SERVICE_NAME])
+    server, health_servicer = make_server([WORKER_SERVICE_NAME], transport, ROLES)
     servicer = WorkerServicer(executor, max_device_failures)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"could not bind the Worker service to {host}:{port}")
+    bound = listen(server, host, port, transport.server_credentials() if transport is not None else None)
     return server, health_servicer, servicer, bound

@@ -1,4 +1,6 @@
-"""What every AccelGen gRPC server shares: health checking, reflection, keepalive, graceful SIGTERM.
+"""What every AccelGen gRPC server shares: health checking, reflection, keepalive, graceful SIGTERM,
+binding (``listen``: TLS or plaintext; a taken port fails, SO_REUSEPORT being off) and, with
+mutual TLS, the per-method role check (``accelgen.common.authz``).
 
 On SIGTERM a server first reports NOT_SERVING (load balancers stop sending), then stops with
 a grace period so in-flight calls finish, then runs its own clean-up (deregister, hand back
@@ -17,13 +19,15 @@ import asyncio
 import ipaddress
 import signal
 import socket
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from accelgen.common.authz import RoleGuard
 from accelgen.common.decode_guard import DecodeGuard
+from accelgen.common.tls import Transport, open_channel
 
 LIVENESS = "liveness"  # the health name a supervisor asks; the others are readiness
 
@@ -54,6 +58,10 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
     ("grpc.http2.max_ping_strikes", 0),  # 0: never GOAWAY a client for pinging
     ("grpc.http2.max_pings_without_data", 0),
+    # gRPC sets SO_REUSEPORT by default: a second server on a taken port binds beside the first
+    # and the kernel splits connections between them (two workers silently sharing 50061).
+    # Off, a taken port fails at start.
+    ("grpc.so_reuseport", 0),
     *_MESSAGE_LIMITS,
 ]
 
@@ -96,15 +104,43 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def make_server(service_names: Iterable[str]) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """An aio server with health and reflection registered for ``service_names``."""
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[DecodeGuard()])  # bad bytes: INVALID_ARGUMENT
+def make_server(service_names: Iterable[str], transport: Transport | None = None,
+                roles: Mapping[str, str] | None = None, options: Sequence[tuple[str, Any]] = (),
+                ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """An aio server with health and reflection registered for ``service_names``. With a secure
+    ``transport`` and a ``roles`` table (full method name -> role, ``accelgen.common.authz``)
+    every call is authorised by the role in the caller's certificate. ``options`` override
+    ``SERVER_OPTIONS`` by key."""
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if transport is not None and transport.secure and roles is not None:
+        interceptors.append(RoleGuard(roles))  # first: a caller without the role learns nothing more
+    interceptors.append(DecodeGuard())  # bad bytes: INVALID_ARGUMENT
+    merged = {**dict(SERVER_OPTIONS), **dict(options)}
+    server = grpc.aio.server(options=list(merged.items()), interceptors=interceptors)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
     reflection.enable_server_reflection(names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                                  reflection.SERVICE_NAME], server)
     return server, health_servicer
+
+
+class CannotListen(RuntimeError):
+    """The server's address cannot be bound (a start-up failure: exit status 2)."""
+
+
+def listen(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind ``host:port`` (TLS with ``credentials``, else plaintext); the bound port. CannotListen
+    naming the address when it cannot be bound (taken: SO_REUSEPORT is off; not this machine's)."""
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    try:
+        bound = (server.add_secure_port(address, credentials) if credentials is not None
+                 else server.add_insecure_port(address))
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise CannotListen(f"cannot listen on {address}: the port is taken or the address is not this machine's")
+    return bound
 
 
 async def set_serving(health_servicer: health.aio.HealthServicer, names: Iterable[str], serving: bool) -> None:
@@ -165,10 +201,13 @@ class FailoverChannel:
     so the next connection attempt starts at the next address. Stubs must be made from
     ``channel`` after every ``failed()`` that returns True (``generation`` counts them)."""
 
-    def __init__(self, addresses: str, options: list[tuple[str, Any]], failures_to_rotate: int = 2) -> None:
+    def __init__(self, addresses: str, options: list[tuple[str, Any]], failures_to_rotate: int = 2,
+                 transport: Transport | None = None, peer_role: str = "scheduler") -> None:
         self._addresses = [a.strip() for a in addresses.split(",") if a.strip()]
         channel_target(addresses)  # validates the list
         self._options = options
+        self._transport = transport  # None or plaintext: an insecure channel
+        self._peer_role = peer_role  # who the server must prove to be (with TLS)
         self._failures_to_rotate = failures_to_rotate
         self._failures = 0
         self._offset = 0
@@ -178,7 +217,7 @@ class FailoverChannel:
 
     def _open(self) -> grpc.aio.Channel:
         rotated = self._addresses[self._offset:] + self._addresses[:self._offset]
-        return grpc.aio.insecure_channel(channel_target(",".join(rotated)), options=self._options)
+        return open_channel(channel_target(",".join(rotated)), self._options, self._transport, self._peer_role)
 
     def succeeded(self) -> None:
         self._failures = 0

@@ -33,7 +33,7 @@ def test_env_overrides_then_cli(tmp_path) -> None:
     assert (cfg.grpc_port, cfg.model, cfg.reconnect_timeout_s) == (7000, "/models/x", 5.5)
     with pytest.raises(ValueError, match="ACCELGEN_GATEWAY_GRPC_PORT='many' is not a valid int"):
         LOADER.load(env={"ACCELGEN_GATEWAY_GRPC_PORT": "many"})
-    out = LOADER.parse(["--http-port", "-1", "--scheduler-address", "s:1"], env)
+    out = LOADER.parse(["--http-port", "-1", "--scheduler-address", "s:1", "--insecure"], env)
     assert (out.grpc_port, out.http_port, out.scheduler_address, out.model) == (7000, -1, "s:1", "/models/x")
     assert "reconnect" in LOADER.parser().format_help()
     # A config file (new for the gateway) sits below the environment.
@@ -112,3 +112,21 @@ def test_no_cancel_while_draining() -> None:
         return draining, live
 
     assert asyncio.run(check()) == (0, 1)
+
+
+def test_client_certificate_settings_go_together_and_need_client_tls() -> None:
+    """client_cert/client_key: a pair, served only with client_tls, and enough for it without
+    tls_dir (a gateway whose scheduler is on loopback needs no deployment certificates)."""
+    for bad, message in ((dict(client_tls=True, client_cert="c.pem"), "go together"),
+                         (dict(client_tls=True, client_key="k.pem"), "go together"),
+                         (dict(client_cert="c.pem", client_key="k.pem"), "only with client_tls"),
+                         (dict(client_tls=True), "client_tls needs client_cert and client_key, or tls_dir"),
+                         (dict(max_header_bytes=100), "max_header_bytes must be at least 1024")):
+        with pytest.raises(ValueError, match=message):
+            GatewayConfig(**bad)
+    cfg = GatewayConfig(client_tls=True, client_cert="c.pem", client_key="k.pem")  # files are read at start
+    assert (cfg.client_cert, cfg.tls_dir, cfg.max_header_bytes) == ("c.pem", None, 64 << 10)
+    assert GatewayConfig().client_identity is None
+    env = {"ACCELGEN_GATEWAY_CLIENT_TLS": "true", "ACCELGEN_GATEWAY_CLIENT_CERT": "/etc/tls/public.crt",
+           "ACCELGEN_GATEWAY_CLIENT_KEY": "/etc/tls/public.key"}
+    assert LOADER.load(env=env).client_key == "/etc/tls/public.key"

@@ -199,7 +199,7 @@ def test_plan_validation_of_plan_level_fields():
 # -- config and registry ---------------------------------------------------------------------
 def test_config_precedence_defaults_env_flags(tmp_path):
     env = {"ACCELGEN_WORKER_PORT": "7001", "ACCELGEN_WORKER_TIME_SCALE": "0.5", "ACCELGEN_WORKER_WORKER_ID": "w-env"}
-    cfg = LOADER.parse(["--port", "7002", "--scheduler", "sched:1"], env=env)
+    cfg = LOADER.parse(["--port", "7002", "--scheduler", "sched:1", "--host", "0.0.0.0", "--insecure"], env=env)
     assert (cfg.port, cfg.time_scale, cfg.worker_id, cfg.scheduler, cfg.executor) == (7002, 0.5, "w-env", "sched:1", "sim")
     assert LOADER.parse([], env={}).worker_id  # hostname-pid
     with pytest.raises(ValueError, match="ACCELGEN_WORKER_PORT='x' is not a valid int"):
@@ -220,10 +220,10 @@ def test_config_precedence_defaults_env_flags(tmp_path):
 
 def test_config_advertised_address():
     assert WorkerConfig(host="127.0.0.1").advertised_address(5) == "127.0.0.1:5"
-    assert WorkerConfig(host="0.0.0.0", advertise_host="gpu3").advertised_address(5) == "gpu3:5"
+    assert WorkerConfig(host="0.0.0.0", advertise_host="gpu3", insecure=True).advertised_address(5) == "gpu3:5"
     assert WorkerConfig(host="::1").advertised_address(5) == "[::1]:5"
     # A wildcard bind advertises the local address on the route to the scheduler.
-    assert WorkerConfig(host="0.0.0.0", scheduler="127.0.0.1:9").advertised_address(5) == "127.0.0.1:5"
+    assert WorkerConfig(host="0.0.0.0", scheduler="127.0.0.1:9", insecure=True).advertised_address(5) == "127.0.0.1:5"
 
 
 def test_registry_by_name():
