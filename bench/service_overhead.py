@@ -77,7 +77,7 @@ async def _lane_iterations(redis_url: str, queue_size: int, repeats: int) -> dic
 
 
 def lane_overhead(sizes: Sequence[int], repeats: int) -> dict[str, Any]:
-    proc, url = start_redis()
+    proc, url = start_redis(key_prefix=None)  # a prefix per queue size
     try:
         return {str(n): asyncio.run(_lane_iterations(url, n, repeats)) for n in sizes}
     finally:

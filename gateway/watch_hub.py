@@ -26,6 +26,7 @@ import grpc
 import structlog
 
 from accelgen.v1 import scheduler_pb2, scheduler_pb2_grpc
+from accelgen.wire.watch import watch_messages
 from gateway.errors import GatewayError
 
 log = structlog.get_logger("gateway.watch_hub")
@@ -164,7 +165,8 @@ class WatchHub:
 
 async def _requests(outbox: asyncio.Queue[scheduler_pb2.WatchManyRequest], owner: str = ""
                     ) -> AsyncIterator[scheduler_pb2.WatchManyRequest]:
-    """The request side of the stream: whatever queued up since the last write, as one message.
+    """The request side of the stream: whatever queued up since the last write, as one message
+    (several past ``WATCH_IDS_PER_GATEWAY_MESSAGE`` ids).
 
     Only the last operation on each request survives the merge (the scheduler applies a
     message's unwatches before its watches, so "watch r, unwatch r" must not become both)."""
@@ -180,8 +182,10 @@ async def _requests(outbox: asyncio.Queue[scheduler_pb2.WatchManyRequest], owner
                 last[rid] = None
             if outbox.empty():
                 break
-        yield scheduler_pb2.WatchManyRequest(watch=[w for w in last.values() if w is not None],
-                                             unwatch=[rid for rid, w in last.items() if w is None], owner=owner)
+        # In messages a scheduler takes (a re-watch of thousands after a restart is split).
+        for msg in watch_messages([w for w in last.values() if w is not None],
+                                  [rid for rid, w in last.items() if w is None], owner):
+            yield msg
 
 
 def _shutting_down() -> GatewayError:

@@ -36,7 +36,7 @@ from accelgen.v1 import scheduler_pb2
 from accelgen.wire.slo import slo_to_proto
 from scheduler_service.committer import Committer
 from scheduler_service.config import SchedulerConfig
-from scheduler_service.delivery import Delivery
+from scheduler_service.delivery import Delivery, WatchLimits
 from scheduler_service.intake import RequestIntake
 from scheduler_service.lane import WorkerLane
 from scheduler_service.state.redis_conn import is_transient
@@ -55,7 +55,8 @@ class SchedulerApp:
         self.profile = load_profile(config.profile)
         self.epoch = uuid.uuid4().hex[:12]
         self.background = Background()
-        self.delivery = Delivery(store)
+        self.delivery = Delivery(store, WatchLimits(config.watch_max_ids_per_message, config.watch_max_ids_per_stream,
+                                                    config.watch_store_lookups))
         self.committer = Committer(store, self.delivery.publish, on_request_failed=self._stop_failed_request,
                                    history=self.delivery.history)
         self.workers = WorkerRegistry(config, store, self.committer, self.background, self.profile, self.catalog,
@@ -79,8 +80,8 @@ class SchedulerApp:
         # Renewing from now on: a recovery longer than the lease must not hand it to a standby.
         self._monitor = asyncio.create_task(self._monitor_loop(), name="monitor")
         live_workers, recovered = await self._read_state()
-        for wid, (address, info) in live_workers.items():
-            self.workers.add_lane(wid, address, info)
+        for wid, worker in live_workers.items():  # each keeps the certificate it is bound to
+            self.workers.add_lane(wid, worker.address, worker.info, worker.identity)
         for rec in recovered:
             r = rec.request
             self.delivery.open(r.request_id, r.num_prompt_tokens, r.output_token_ids, rec.emitted_at)
@@ -123,7 +124,7 @@ class SchedulerApp:
             if self.lease_lost.is_set():
                 raise LeaseLost(self.lost_reason)
             try:
-                return await self.store.live_workers(), await self.store.load_live()
+                return await self.store.live_worker_records(), await self.store.load_live()
             except Exception as exc:
                 if not is_transient(exc):
                     raise

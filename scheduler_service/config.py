@@ -12,16 +12,19 @@ and ``length_config`` sub-tables), each also ``ACCELGEN_SCHEDULER_POLICY_ACCELGE
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from accelgen.common.config import ConfigLoader
+from accelgen.common.tls import Transport, address_hosts, check_transport, is_loopback
 from accelgen.core.policies.accelgen_config import AccelGenConfig
 from accelgen.core.policies.base import Policy
 from accelgen.core.policies.registry import POLICY_NAMES, PolicySpec, make_policy
 from accelgen.core.profile import DeviceProfile
 from accelgen.core.slo import DEFAULT_CLASSES, SLO, SLOCatalog, SLOClass
+from accelgen.wire.watch import WATCH_IDS_PER_GATEWAY_MESSAGE
 
 ENV_PREFIX = "ACCELGEN_SCHEDULER_"
 # Policies whose settings the service exposes: [policy.NAME] -> the SchedulerConfig field.
@@ -33,7 +36,7 @@ _CLASS_KEYS = {"ttft_ms", "tbt_ms", "jct_ms"}
 class SchedulerConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind the gRPC server to"})
     port: int = field(default=50051, metadata={"help": "gRPC port (0 = any free port)"})
-    redis_url: str = field(default="redis://127.0.0.1:6379/0", metadata={"help": "Redis holding the durable state"})
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False, metadata={"help": "Redis holding the durable state: redis://USER:PASSWORD@HOST:6379/0 (an ACL user, deploy/users.acl), rediss://...?ssl_ca_certs=CA&ssl_certfile=CRT&ssl_keyfile=KEY for TLS, or redis+sentinel://...; give a password through the environment (a 0600 env file), not a flag: a command line is visible to every local user"})
     redis_prefix: str = field(default="accelgen:", metadata={"help": "key prefix in Redis (one per deployment)"})
     policy: str = field(default="accelgen", metadata={
         "help": f"scheduling policy: {', '.join(p for p in POLICY_NAMES if p != 'oracle')} (NAME@BUDGET, "
@@ -43,6 +46,7 @@ class SchedulerConfig:
     admission: bool = field(default=True, metadata={"help": "SLO-aware admission: refuse (RESOURCE_EXHAUSTED, with a retry hint) a request whose first token cannot be on time, where the policy offers it (accelgen; vllm+admission)"})
     max_queue: int = field(default=10000, metadata={"help": "most unfinished requests; more -> RESOURCE_EXHAUSTED"})
     max_num_seqs: int = field(default=256, metadata={"help": "most running requests per worker"})
+    max_workers: int = field(default=64, metadata={"help": "most workers registered at once (each lane holds block accounting for up to 2^20 blocks); a new worker id beyond it -> RESOURCE_EXHAUSTED"})
     heartbeat_interval_s: float = field(default=1.0, metadata={"help": "how often workers heartbeat"})
     heartbeat_ttl_s: float = field(default=5.0, metadata={"help": "a worker silent this long is dropped and its requests re-queued"})
     lease_ttl_s: float = field(default=5.0, metadata={"help": "leader lease in Redis; a second scheduler waits for it"})
@@ -55,7 +59,13 @@ class SchedulerConfig:
     grace_s: float = field(default=5.0, metadata={"help": "SIGTERM: time for in-flight calls to finish"})
     instance_id: str = field(default="", metadata={"help": "this scheduler's id (default: random)"})
     owner_gone_cancel_s: float = field(default=30.0, metadata={"help": "cancel the unfinished requests of a gateway that has had no WatchMany stream open this long (it died), unless another gateway watches them; 0 = never. After a scheduler restart every gateway gets this long again"})
+    watch_max_ids_per_message: int = field(default=1024, metadata={"help": f"most request ids (watch + unwatch) one WatchMany message may carry; more -> INVALID_ARGUMENT (gateways send at most {WATCH_IDS_PER_GATEWAY_MESSAGE})"})
+    watch_max_ids_per_stream: int = field(default=100_000, metadata={"help": "most requests one WatchMany stream may watch at once; each further one gets a RESOURCE_EXHAUSTED WatchError"})
+    watch_store_lookups: int = field(default=8, metadata={"help": "most Redis lookups WatchMany streams make at once (all streams together), for requests with no channel here; the rest of the Redis pool stays for iteration commits and Submits"})
+    max_message_bytes: int = field(default=16 << 20, metadata={"help": "largest gRPC message the scheduler accepts (a Submit of the longest prompt; a worker's profile JSON)"})
     log_level: str = field(default="INFO", metadata={"help": "log level"})
+    tls_dir: str | None = field(default=None, metadata={"help": "mutual TLS with gateways and workers: a directory with ca.crt, scheduler.crt and scheduler.key (`accelgen certs`); callers need a certificate from that CA with the role each call is for"})
+    insecure: bool = field(default=False, metadata={"help": "plaintext gRPC even where host is not loopback (and to workers that are not): anyone who reaches the port can submit, read and register workers"})
     classes: dict[str, dict[str, float]] = field(default_factory=dict, metadata={
         "help": "application classes: {name: {ttft_ms, tbt_ms} or {jct_ms}}; default chat/code/summarization/batch"})
     policy_accelgen: AccelGenConfig = field(default_factory=AccelGenConfig, metadata={
@@ -80,9 +90,31 @@ class SchedulerConfig:
             raise ValueError(f"redis_retry_s must be in (0, 60], redis_min_replicas >= 0 and redis_replica_timeout_ms "
                              f"in [1, 4000] (below the 5 s socket timeout), got {self.redis_retry_s}, "
                              f"{self.redis_min_replicas}, {self.redis_replica_timeout_ms}")
+        if self.max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, got {self.max_workers}")
         if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_ttl_s must exceed heartbeat_interval_s")
+        from scheduler_service.state.redis_conn import check_url  # imports redis-py: not at module import
+
+        check_url(self.redis_url)  # TLS options on a plaintext URL, unreadable files: the message hides passwords
+        if (self.watch_max_ids_per_message < WATCH_IDS_PER_GATEWAY_MESSAGE or self.watch_max_ids_per_stream < 1
+                or self.watch_store_lookups < 1 or self.max_message_bytes < 1 << 20):
+            raise ValueError(f"watch_max_ids_per_message must be >= {WATCH_IDS_PER_GATEWAY_MESSAGE} (what a gateway "
+                             f"sends), watch_max_ids_per_stream and watch_store_lookups >= 1 and max_message_bytes "
+                             f">= 1 MiB, got {self.watch_max_ids_per_message}, {self.watch_max_ids_per_stream}, "
+                             f"{self.watch_store_lookups}, {self.max_message_bytes}")
+        check_transport("scheduler", self.tls_dir, self.insecure, binds=[("host", self.host)], dials=[])
         self.catalog()  # validate classes early
+
+    @functools.cached_property
+    def transport(self) -> Transport:
+        """This scheduler's certificates (read once) for its server and its channels to workers."""
+        return Transport.load("scheduler", self.tls_dir)
+
+    def plaintext_to(self, address: str) -> bool:
+        """Whether dialling a worker at ``address`` would break the plaintext rule (no tls_dir,
+        no insecure, and not loopback): such a registration is refused."""
+        return not self.tls_dir and not self.insecure and not all(is_loopback(h) for h in address_hosts(address))
 
     def make_policy(self, profile: DeviceProfile, catalog: SLOCatalog) -> Policy:
         """A fresh policy for one lane, with every policy setting of this config applied."""

@@ -6,6 +6,8 @@ name, so every bad input becomes INVALID_ARGUMENT the same way (``intake``).
 
 from __future__ import annotations
 
+import re
+
 from accelgen.core.fields import FieldError
 from accelgen.v1 import scheduler_pb2, worker_pb2
 from accelgen.wire.sampling import sampling_from_proto, sampling_to_proto
@@ -13,22 +15,77 @@ from accelgen.wire.slo import slo_from_proto
 from accelgen.core.plan import BatchPlan, IterationResult
 from accelgen.core.request import Request
 from accelgen.core.slo import SLOCatalog
+from accelgen.core.worker_info import WorkerInfo
+from accelgen.wire.worker_info import worker_info_from_proto, worker_info_problem
 
-
+# Every text a peer sends is bounded: each is kept in memory, in Redis, or quoted in errors and logs.
 MAX_REQUEST_ID_CHARS = 256
+MAX_TAG_CHARS = 128  # tenant, label
+MAX_OWNER_CHARS = 256  # a gateway's instance id
+MAX_WORKER_ID_CHARS = 128
+MAX_ADDRESS_CHARS = 256
+LABEL_CHARS = re.compile(r"[A-Za-z0-9._:-]*")  # the gateway's check of a client's request id
+WORKER_ID_CHARS = re.compile(r"[A-Za-z0-9._:@-]+")  # hostname-pid by default
 
 
 class InvalidInput(ValueError):
     """A request field is malformed or out of range (-> INVALID_ARGUMENT)."""
 
 
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 64 else text[:64] + "...")
+
+
+def check_length(name: str, text: str, most: int, least: int = 0) -> None:
+    if not least <= len(text) <= most:
+        raise InvalidInput(f"{name} must have {least} to {most} characters, got {len(text)}")
+
+
+def check_request_id(request_id: str, name: str = "request_id") -> None:
+    """Present and at most ``MAX_REQUEST_ID_CHARS``: quoted back in later errors, an unbounded id
+    would overflow gRPC's metadata limit."""
+    check_length(name, request_id, MAX_REQUEST_ID_CHARS, least=1)
+
+
+def check_printable(name: str, text: str, most: int) -> None:
+    """At most ``most`` characters, printable, no white space."""
+    check_length(name, text, most)
+    if not text.isprintable() or any(c.isspace() for c in text):
+        raise InvalidInput(f"{name} must be printable characters without spaces, got {_shown(text)}")
+
+
+def submit_tags(msg: scheduler_pb2.SubmitRequest) -> tuple[str, str]:
+    """The Submit's (tenant, label), checked (and its owner): stored with the request."""
+    check_printable("tenant", msg.tenant, MAX_TAG_CHARS)
+    check_length("label", msg.label, MAX_TAG_CHARS)
+    if not LABEL_CHARS.fullmatch(msg.label):
+        raise InvalidInput(f"label may use only letters, digits and . _ : -, got {_shown(msg.label)}")
+    check_printable("owner", msg.owner, MAX_OWNER_CHARS)
+    return msg.tenant, msg.label
+
+
+def check_worker_id(worker_id: str) -> None:
+    check_length("worker_id", worker_id, MAX_WORKER_ID_CHARS, least=1)
+    if not WORKER_ID_CHARS.fullmatch(worker_id):
+        raise InvalidInput(f"worker_id may use only letters, digits and . _ : @ -, got {_shown(worker_id)}")
+
+
+def worker_from_register(msg: scheduler_pb2.RegisterWorkerRequest) -> tuple[str, str, WorkerInfo]:
+    """(worker id, address, description) of a RegisterWorker, every field checked before anything
+    is built from it: a lane's block accounting is sized by ``num_blocks``."""
+    check_worker_id(msg.worker_id)
+    check_printable("address", msg.address, MAX_ADDRESS_CHARS)
+    if not msg.address:
+        raise InvalidInput("address is required (host:port of the worker's Worker service)")
+    problem = worker_info_problem(msg.description)
+    if problem is not None:
+        raise InvalidInput(problem)
+    return msg.worker_id, msg.address, worker_info_from_proto(msg.description)
+
+
 def request_from_submit(msg: scheduler_pb2.SubmitRequest, catalog: SLOCatalog, max_model_len: int,
                         now: float, vocab_size: int | None = None) -> Request:
-    if not msg.request_id:
-        raise InvalidInput("request_id must not be empty")
-    if len(msg.request_id) > MAX_REQUEST_ID_CHARS:
-        # Quoted back in later errors, an unbounded id would overflow gRPC's metadata limit.
-        raise InvalidInput(f"request_id has {len(msg.request_id)} characters; at most {MAX_REQUEST_ID_CHARS}")
+    check_request_id(msg.request_id)
     if not msg.prompt_token_ids:
         raise InvalidInput("prompt_token_ids must not be empty")
     n = len(msg.prompt_token_ids)

@@ -17,17 +17,26 @@ watched (unknown, or being recovered after a restart) gets a ``WatchError`` with
 
 A stream names its gateway (``owner``); ``owners.OwnerBook`` counts each owner's open streams and
 cancels the requests of an owner gone ``owner_gone_cancel_s`` (started with ``start_owner_sweep``).
+
+**Bounds** (``WatchLimits``, from the ``watch_*`` settings). A message with more ids than
+``ids_per_message`` (or a malformed id or owner) ends the stream with INVALID_ARGUMENT; a request
+beyond ``ids_per_stream`` watched at once gets a RESOURCE_EXHAUSTED WatchError. A request with no
+channel here is looked up in Redis, which shares its connection pool with the iteration commits:
+at most ``store_lookups`` such lookups run at once, all streams together, and each stream queues
+the rest (a tuple each, not a task), so a stream watching 10^5 unknown ids cannot starve commits.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterable
 
 import grpc
 
 from accelgen.v1 import scheduler_pb2
+from scheduler_service import convert
 from scheduler_service.errors import ServiceError, status_of
 from scheduler_service.owners import CancelFn, OwnerBook
 from scheduler_service.state.store import IterationChanges, RedisStore
@@ -70,11 +79,22 @@ class RequestChannel:
                            self.finish_reason if finished else None), end
 
 
+@dataclass(frozen=True)
+class WatchLimits:
+    """What WatchMany streams may ask of this scheduler (the ``watch_*`` settings)."""
+
+    ids_per_message: int = 1024  # watch + unwatch ids in one WatchManyRequest
+    ids_per_stream: int = 100_000  # requests one stream watches at once
+    store_lookups: int = 8  # Redis lookups at once, all streams together
+
+
 class Delivery:
     """The request channels, and the WatchMany streams reading them."""
 
-    def __init__(self, store: RedisStore) -> None:
+    def __init__(self, store: RedisStore, limits: WatchLimits = WatchLimits()) -> None:
         self.store = store
+        self.limits = limits
+        self.lookup_slots = asyncio.Semaphore(limits.store_lookups)  # shared by every stream
         self.channels: dict[str, RequestChannel] = {}
         self.owners = OwnerBook(store, self.channels)
 
@@ -154,7 +174,9 @@ class WatchSession:
         self._ready: list[scheduler_pb2.TokenBatch] = []  # whole answers from the store
         self._errors: list[scheduler_pb2.WatchError] = []
         self._event = asyncio.Event()
-        self._lookups: set[asyncio.Task[None]] = set()
+        self._pending: deque[tuple[str, int]] = deque()  # (request id, start) to look up in the store
+        self._in_store = 0  # requests queued or being looked up there
+        self._lookups: set[asyncio.Task[None]] = set()  # at most limits.store_lookups, draining _pending
 
     # -- called by channels and by the request reader ---------------------------------------
     def mark(self, request_id: str) -> None:
@@ -162,11 +184,20 @@ class WatchSession:
         self._event.set()
 
     def watch(self, request_id: str, start_index: int) -> None:
+        limit = self.delivery.limits.ids_per_stream
+        if request_id not in self.next_index and len(self.next_index) + self._in_store >= limit:
+            self._fail(request_id, ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"this WatchMany stream already watches {limit} requests, the "
+                "most watch_max_ids_per_stream allows; unwatch finished ones or open another stream"))
+            self._event.set()
+            return
         ch = self.delivery.channels.get(request_id)
         if ch is None:  # finished and expired here, unknown, or not yet recovered: ask the store
-            # In a task of its own: a slow or absent Redis must not hold up the other requests.
-            task = asyncio.get_running_loop().create_task(self._from_store(request_id, start_index))
-            self._lookups.add(task)
+            # Off this reader: a slow or absent Redis must not hold up the other requests.
+            self._pending.append((request_id, start_index))
+            self._in_store += 1
+            if len(self._lookups) < self.delivery.limits.store_lookups:
+                self._lookups.add(asyncio.get_running_loop().create_task(self._drain()))
             return
         self.next_index[request_id] = start_index
         ch.watchers.add(self)
@@ -174,11 +205,20 @@ class WatchSession:
             self.delivery.owners.watched_by(request_id, self.owner)
         self.mark(request_id)
 
-    async def _from_store(self, request_id: str, start_index: int) -> None:
+    async def _drain(self) -> None:
+        """Look the queued requests up in the store, one at a time, each in one of the delivery's
+        ``lookup_slots``."""
         try:
-            self._ready.append(await self.delivery.batch_from_store(request_id, start_index))
-        except Exception as exc:  # noqa: BLE001 - every failure becomes this request's WatchError
-            self._fail(request_id, exc)
+            while self._pending:
+                request_id, start_index = self._pending.popleft()
+                try:
+                    async with self.delivery.lookup_slots:
+                        self._ready.append(await self.delivery.batch_from_store(request_id, start_index))
+                except Exception as exc:  # noqa: BLE001 - every failure becomes this request's WatchError
+                    self._fail(request_id, exc)
+                finally:
+                    self._in_store -= 1
+                    self._event.set()
         finally:
             self._lookups.discard(asyncio.current_task())  # before waking serve(), which counts them
             self._event.set()
@@ -190,6 +230,7 @@ class WatchSession:
             ch.watchers.discard(self)
 
     def close(self) -> None:
+        self._pending.clear()
         for task in self._lookups:
             task.cancel()
         for rid in list(self.next_index):
@@ -245,7 +286,7 @@ class WatchSession:
                     yield resp
                 if reader.done():
                     reader.result()  # re-raise what broke the request stream
-                    if not (self.next_index or self._lookups or self._ready or self._errors):
+                    if not (self.next_index or self._in_store or self._lookups or self._ready or self._errors):
                         return
         finally:
             reader.cancel()
@@ -254,6 +295,7 @@ class WatchSession:
     async def _read(self, requests: AsyncIterator[scheduler_pb2.WatchManyRequest]) -> None:
         try:
             async for msg in requests:
+                self._check(msg)  # the whole message, before any of it applies
                 if msg.owner and not self.owner:
                     self.owner = msg.owner
                     self.delivery.owners.stream_opened(msg.owner)
@@ -263,3 +305,20 @@ class WatchSession:
                     self.watch(w.request_id, w.start_index)
         finally:
             self._event.set()  # serve() notices the client is done
+
+    def _check(self, msg: scheduler_pb2.WatchManyRequest) -> None:
+        """INVALID_ARGUMENT (the stream ends) for a message over ``ids_per_message`` ids or with a
+        malformed id or owner: a client bug, or not a gateway."""
+        most = self.delivery.limits.ids_per_message
+        n = len(msg.watch) + len(msg.unwatch)
+        try:
+            if n > most:
+                raise convert.InvalidInput(f"a WatchManyRequest may carry at most {most} request ids (watch and "
+                                           f"unwatch together), got {n}; send them in several messages")
+            convert.check_printable("owner", msg.owner, convert.MAX_OWNER_CHARS)
+            for w in msg.watch:
+                convert.check_request_id(w.request_id, "watch.request_id")
+            for rid in msg.unwatch:
+                convert.check_request_id(rid, "unwatch")
+        except convert.InvalidInput as exc:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None

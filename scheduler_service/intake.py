@@ -1,7 +1,8 @@
 """Requests in and out: Submit (validation, feasibility, SLO-aware admission, the durable accept,
 routing) and Cancel.
 
-A Submit is refused before anything is written when it is malformed (INVALID_ARGUMENT), when no
+A Submit is refused before anything is written when it is malformed (INVALID_ARGUMENT), when its id
+is taken (ALREADY_EXISTS: a request here, or a record in Redis, finished ones included), when no
 worker could meet its SLO (FAILED_PRECONDITION), when the policy's admission says its first token
 cannot be on time (RESOURCE_EXHAUSTED with a retry hint), or when the queue is full. An accepted
 request is in Redis before its Submit returns; a Cancel takes effect in memory at once, and its
@@ -26,7 +27,7 @@ from scheduler_service.committer import Committer
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.delivery import Delivery
 from scheduler_service.errors import ServiceError, store_unavailable
-from scheduler_service.state.store import IterationChanges, RedisStore
+from scheduler_service.state.store import IterationChanges, RedisStore, RequestIdTaken
 from scheduler_service.tasks import Background
 from scheduler_service.workers import WorkerRegistry
 
@@ -55,6 +56,7 @@ class RequestIntake:
         try:
             request = convert.request_from_submit(msg, self.catalog, workers.max_model_len(), time.time(),
                                                   workers.vocab_size())
+            tenant, label = convert.submit_tags(msg)
         except convert.InvalidInput as exc:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if not workers.lanes:
@@ -70,19 +72,21 @@ class RequestIntake:
             raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already in use")
         # Shielded: a client that gives up mid-write leaves the request either wholly accepted
         # (Redis and memory agree; the gateway cancels it) or not at all, never half.
-        accept = asyncio.create_task(self._accept(request, msg.owner))
+        accept = asyncio.create_task(self._accept(request, msg.owner, tenant, label))
         self._accepting[rid] = accept
         accept.add_done_callback(lambda t: t.cancelled() or t.exception())  # seen even if nobody awaits
         await asyncio.shield(accept)
         return request
 
-    async def _accept(self, request: Request, owner: str = "") -> None:
+    async def _accept(self, request: Request, owner: str = "", tenant: str = "", label: str = "") -> None:
         lane = self.workers.pick_lane()
         try:
             if lane is None:
                 raise _no_worker()
             try:
-                await self.store.add_request(request, lane.worker_id)
+                await self.store.add_request(request, lane.worker_id, tenant=tenant, label=label)
+            except RequestIdTaken as exc:  # finished here long ago (its channel gone), or before a restart
+                raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, str(exc)) from None
             except Exception as exc:
                 raise store_unavailable(exc) from None
             self.delivery.open(request.request_id, request.num_prompt_tokens)

@@ -3,19 +3,22 @@ status ``errors.status_of`` gives its exception."""
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 import grpc
 import structlog
 
 from accelgen.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from accelgen.wire.slo import slo_to_proto
-from accelgen.wire.worker_info import worker_info_from_proto
+from scheduler_service import convert
 from scheduler_service.app import SchedulerApp
-from scheduler_service.errors import status_of
+from scheduler_service.errors import ServiceError, status_of
 from scheduler_service.state.store import status_text
+from scheduler_service.worker_identity import certificate_identity
 
 log = structlog.get_logger("scheduler.rpc")
+
+T = TypeVar("T")
 
 RETRY_AFTER_KEY = "retry-after-ms"
 """Trailing metadata of a refusal that a retry may overcome: when to retry, in milliseconds."""
@@ -37,18 +40,30 @@ def bounded(message: str) -> str:
 MAX_MESSAGE_CHARS = 2000
 
 
+def _checked(check: Callable[..., T], *args: Any) -> T:
+    """Run one of ``convert``'s checks (its result); a bad field becomes INVALID_ARGUMENT naming it."""
+    try:
+        return check(*args)
+    except convert.InvalidInput as exc:
+        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+
+
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, app: SchedulerApp) -> None:
         self.app = app
 
+    def _identity(self, context: grpc.aio.ServicerContext) -> str:
+        """The calling worker's certificate (``worker_identity``): a worker id is bound to it."""
+        return certificate_identity(context, tls=bool(self.app.config.tls_dir))
+
     async def Submit(self, request, context):
-        structlog.contextvars.bind_contextvars(request_id=request.request_id)
+        structlog.contextvars.bind_contextvars(request_id=request.request_id[:convert.MAX_REQUEST_ID_CHARS])
         try:
             r = await self.app.intake.submit(request)
         except Exception as exc:
             await _abort(context, exc)
         log.info("submitted", prompt_tokens=r.num_prompt_tokens, app_class=r.app_class,
-                 worker=self.app.workers.worker_of(r.request_id))
+                 worker=self.app.workers.worker_of(r.request_id), label=request.label, tenant=request.tenant)
         return scheduler_pb2.SubmitResponse(request_id=r.request_id, slo=slo_to_proto(r.slo))
 
     async def WatchMany(self, request_iterator, context) -> AsyncIterator[scheduler_pb2.WatchManyResponse]:
@@ -60,6 +75,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def Cancel(self, request, context):
         try:
+            _checked(convert.check_request_id, request.request_id)
             ok = await self.app.intake.cancel(request.request_id)
         except Exception as exc:
             await _abort(context, exc)
@@ -67,6 +83,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def GetRequest(self, request, context):
         try:
+            _checked(convert.check_request_id, request.request_id)
             rec = await self.app.store.load_request(request.request_id)
         except Exception as exc:
             await _abort(context, exc)
@@ -77,17 +94,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             request_id=r.request_id, status=status_text(r.status), output_ids=r.output_token_ids,
             finish_reason=r.finish_reason.value if r.finish_reason else "", app_class=r.app_class,
             slo=slo_to_proto(r.slo), prompt_tokens=r.num_prompt_tokens, num_preemptions=r.num_preemptions,
-            prompt_token_ids=r.prompt_token_ids if request.include_prompt else (), arrival_s=r.arrival_s)
+            prompt_token_ids=r.prompt_token_ids if request.include_prompt else (), arrival_s=r.arrival_s,
+            tenant=rec.tenant, label=rec.label)
 
     async def GetServerInfo(self, request, context):
         return self.app.server_info()
 
     async def RegisterWorker(self, request, context):
-        if not request.worker_id or not request.address:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "worker_id and address are required")
         try:
-            await self.app.workers.register(request.worker_id, request.address,
-                                            worker_info_from_proto(request.description))
+            worker_id, address, info = _checked(convert.worker_from_register, request)  # before anything is built
+            await self.app.workers.register(worker_id, address, info, self._identity(context))
         except Exception as exc:
             await _abort(context, exc)
         cfg = self.app.config
@@ -96,11 +112,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def Heartbeat(self, request, context):
         try:
-            known = await self.app.workers.heartbeat(request.worker_id)
+            _checked(convert.check_worker_id, request.worker_id)
+            known = await self.app.workers.heartbeat(request.worker_id, self._identity(context))
         except Exception as exc:
             await _abort(context, exc)
         return scheduler_pb2.HeartbeatResponse(known=known)
 
     async def DeregisterWorker(self, request, context):
-        await self.app.workers.drop(request.worker_id, reason="deregistered")
+        try:
+            _checked(convert.check_worker_id, request.worker_id)
+            await self.app.workers.deregister(request.worker_id, self._identity(context))
+        except Exception as exc:
+            await _abort(context, exc)
         return scheduler_pb2.DeregisterWorkerResponse()

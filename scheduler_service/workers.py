@@ -6,6 +6,17 @@
   with the same address and ``WorkerInfo`` (back after a blip) keeps its lane; a changed one gets
   a fresh lane. Each lane has an epoch of its own (the scheduler's plus a generation), so a
   worker given a fresh lane drops what an older lane left there.
+- **Ownership.** A worker id belongs to the certificate that registered it (its *identity*,
+  ``worker_identity``; ``""`` for plaintext callers, which binds nothing) for as long as its
+  worker is live: a registration, heartbeat or deregistration of that id with another
+  certificate is refused (PERMISSION_DENIED), so one worker certificate cannot take over,
+  keep alive or drop another worker's lane. Once the holder is dropped (deregistered, silent
+  past the TTL) the id is free. The identity is kept in Redis with the worker, so a restarted
+  scheduler keeps the binding; a lane with no identity (a record written before identities were
+  kept, or by a plaintext scheduler) is adopted by the first certificate that registers or
+  heart-beats for it.
+- **Bound.** At most ``max_workers`` worker ids are registered at once: each lane allocates
+  block accounting for up to 2^20 blocks, so an unbounded registry is a memory exhaustion.
 - **Drops.** A worker that stops heart-beating, deregisters, or whose lane ended with a failure
   (the registry watches each lane's task) is dropped: once its lane's pending writes have landed,
   its unfinished requests are adopted by the other lanes and recomputed (outputs so far kept).
@@ -51,6 +62,8 @@ class WorkerRegistry:
         self._dropping: dict[str, WorkerLane] = {}  # lanes being stopped, until their requests move on
         self._last_heartbeat: dict[str, float] = {}  # worker id -> time.monotonic() of its last sign
         self._registry_refresh: dict[str, asyncio.Task] = {}  # the heartbeat's TTL write to Redis, if in flight
+        self._identity: dict[str, str] = {}  # worker id -> the certificate holding it ("": none yet)
+        self._registering = asyncio.Lock()  # one registration at a time: its checks hold until its lane exists
 
     # -- routing ------------------------------------------------------------------------------
     def pick_lane(self) -> WorkerLane | None:
@@ -99,11 +112,12 @@ class WorkerRegistry:
         return min((lane.profile.max_model_len for lane in self.lanes.values()), default=self.profile.max_model_len)
 
     # -- lanes --------------------------------------------------------------------------------
-    def add_lane(self, worker_id: str, address: str, info: WorkerInfo) -> WorkerLane:
+    def add_lane(self, worker_id: str, address: str, info: WorkerInfo, identity: str = "") -> WorkerLane:
         self._generation += 1
         lane = WorkerLane(worker_id, address, info, lane_profile(self.profile, info), self.config, self.catalog,
                           self.committer.chain(), epoch=f"{self.epoch}.{self._generation}")
         self.lanes[worker_id] = lane
+        self._identity[worker_id] = identity
         self._last_heartbeat[worker_id] = time.monotonic()
         lane.start().add_done_callback(lambda _task: self._lane_ended(lane))
         return lane
@@ -124,14 +138,44 @@ class WorkerRegistry:
             await lane.stop(commit_timeout_s=commit_timeout_s)
 
     # -- registration -------------------------------------------------------------------------
-    async def register(self, worker_id: str, address: str, info: WorkerInfo) -> None:
+    def _check_holder(self, worker_id: str, identity: str) -> None:
+        """PERMISSION_DENIED if a live worker holds ``worker_id`` with another certificate."""
+        held = self._identity.get(worker_id, "") if worker_id in self.lanes else ""
+        if held and held != identity:
+            log.warning("worker_id_claimed_by_another_certificate", worker=worker_id, holder=held[:16],
+                        caller=identity[:16] or "(none)")
+            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
+                               f"worker id {worker_id} is registered with another certificate; it is free again "
+                               "once that worker deregisters or stops heart-beating")
+
+    def _check_room(self, worker_id: str) -> None:
+        """RESOURCE_EXHAUSTED if ``worker_id`` is new and ``max_workers`` are registered already."""
+        if worker_id not in self.lanes and len(self.lanes) >= self.config.max_workers:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"cannot register worker {worker_id}: {len(self.lanes)} workers are registered "
+                               f"already, the scheduler's max_workers = {self.config.max_workers}; deregister one "
+                               "or raise max_workers")
+
+    async def register(self, worker_id: str, address: str, info: WorkerInfo, identity: str = "") -> None:
+        """Register (or re-register) ``worker_id``, called with the certificate ``identity``."""
         problem = worker_info_problem(info)  # bounds what the lane allocates (fuzzing: 2^32 blocks = 18 GB)
         if problem is not None:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        if self.config.plaintext_to(address):  # a local caller must not make us send plans in clear
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"worker address {address} is not loopback and this scheduler runs plaintext gRPC "
+                               "for loopback only: start the scheduler with --tls-dir DIR (or --insecure)")
+        async with self._registering:  # checked and done as one: two callers cannot both pass the checks
+            # Before Redis: a refused caller must not overwrite the holder's record there either.
+            self._check_holder(worker_id, identity)
+            self._check_room(worker_id)
+            await self._register(worker_id, address, info, identity)
+
+    async def _register(self, worker_id: str, address: str, info: WorkerInfo, identity: str) -> None:
         # Redis first: if it is down the registration is refused (the worker retries) and the
         # lane this worker already has, with its requests, is left exactly as it was.
         try:
-            await self.store.register_worker(worker_id, address, info, self.config.heartbeat_ttl_s)
+            await self.store.register_worker(worker_id, address, info, self.config.heartbeat_ttl_s, identity)
         except Exception as exc:
             raise store_unavailable(exc) from None
         existing = self.lanes.get(worker_id)
@@ -139,31 +183,49 @@ class WorkerRegistry:
             # The same worker back after a blip (say its heartbeats failed while this scheduler
             # started and adopted it from Redis): it still holds what this lane sent it.
             self._last_heartbeat[worker_id] = time.monotonic()
+            self._identity[worker_id] = identity or self._identity.get(worker_id, "")
             log.info("worker_reregistered", worker=worker_id, lane_epoch=existing.epoch)
             return
         if existing is not None:  # changed: a new lane (new epoch), the old one's requests re-queued
             await self.drop(worker_id, reason="re-registered with a new description", remove_from_store=False)
-        self.add_lane(worker_id, address, info)
+        self.add_lane(worker_id, address, info, identity)
         orphans, self.orphans = self.orphans, []
         for r in orphans:
             self.route(r, adopt=True)
         log.info("worker_registered", worker=worker_id, address=address, blocks=info.num_blocks)
 
-    async def heartbeat(self, worker_id: str) -> bool:
+    async def heartbeat(self, worker_id: str, identity: str = "") -> bool:
+        """Whether ``worker_id`` is registered here (False: the worker registers again)."""
         if worker_id not in self.lanes:
             return False
+        self._check_holder(worker_id, identity)
         self._last_heartbeat[worker_id] = time.monotonic()
+        bind = bool(identity) and not self._identity.get(worker_id)
+        if bind:  # an unbound lane (adopted from an old record): its worker's certificate takes it
+            self._identity[worker_id] = identity
+            log.info("worker_identity_bound", worker=worker_id, identity=identity[:16])
         # The answer comes from memory. The Redis copy of the TTL is refreshed in the background:
         # a Redis that is down or hanging must not fail or delay the heartbeat, or the worker
         # would re-register and lose its KV state.
         refresh = self._registry_refresh.get(worker_id)
-        if refresh is None or refresh.done():
-            self._registry_refresh[worker_id] = self.background.spawn(self._refresh_registry(worker_id))
+        if bind or refresh is None or refresh.done():
+            self._registry_refresh[worker_id] = self.background.spawn(self._refresh_registry(worker_id, bind))
         return True
 
-    async def _refresh_registry(self, worker_id: str) -> None:
+    async def deregister(self, worker_id: str, identity: str = "") -> None:
+        """Drop ``worker_id`` at its worker's request; a call with another certificate is refused."""
+        self._check_holder(worker_id, identity)
+        await self.drop(worker_id, reason="deregistered")
+
+    async def _refresh_registry(self, worker_id: str, rewrite: bool = False) -> None:
+        """The TTL in Redis; with ``rewrite`` the whole record, to persist a newly bound identity."""
+        lane = self.lanes.get(worker_id)
         try:
-            await self.store.heartbeat(worker_id, self.config.heartbeat_ttl_s)
+            if rewrite and lane is not None:
+                await self.store.register_worker(worker_id, lane.address, lane.info, self.config.heartbeat_ttl_s,
+                                                 self._identity.get(worker_id, ""))
+            else:
+                await self.store.heartbeat(worker_id, self.config.heartbeat_ttl_s)
         except Exception as exc:
             log.warning("heartbeat_store_failed", worker=worker_id, error=str(exc))
 
@@ -191,6 +253,7 @@ class WorkerRegistry:
             return
         self._last_heartbeat.pop(worker_id, None)
         self._registry_refresh.pop(worker_id, None)
+        self._identity.pop(worker_id, None)  # the id is free again
         self._dropping[worker_id] = lane  # its requests are still cancellable while it stops
         try:
             await lane.stop()

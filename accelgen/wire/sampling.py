@@ -13,7 +13,7 @@ import json
 from typing import Mapping
 
 from accelgen.core.fields import FieldError
-from accelgen.core.request import SamplingParams
+from accelgen.core.request import MAX_STOP_TOKEN_IDS, SamplingParams
 from accelgen.v1 import common_pb2
 
 # Core field -> its name in a gRPC request (``SubmitRequest`` / ``GenerateRequest``).
@@ -33,6 +33,9 @@ def sampling_from_proto(msg: common_pb2.SamplingParams, default_max_tokens: int 
                         names: Mapping[str, str] = PROTO_NAMES) -> SamplingParams:
     """Proto -> core, validated. ``top_p == 0`` is proto3's "unset" and reads as 1; an unset
     ``max_new_tokens`` is ``default_max_tokens``. Raises ``FieldError`` named by ``names``."""
+    if len(msg.stop_token_ids) > MAX_STOP_TOKEN_IDS:  # before copying them (a message may hold millions)
+        raise FieldError("stop_token_ids", f"may hold at most {MAX_STOP_TOKEN_IDS} ids",
+                         f"{len(msg.stop_token_ids)} ids").renamed(names)
     try:
         return SamplingParams(
             max_tokens=msg.max_new_tokens if msg.HasField("max_new_tokens") else default_max_tokens,

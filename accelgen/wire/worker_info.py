@@ -18,18 +18,27 @@ _FIELDS = tuple(f.name for f in dataclasses.fields(WorkerInfo))
 # to 10^6 blocks) and small enough that what the scheduler builds from it fits in memory: its
 # block accounting holds every free block id (~40 MB at the limit); a claim of 2^32 blocks took
 # 18 GB and the scheduler's event loop with it (found by bench/fuzz.py).
+# The largest vocabularies are ~2^18 ids; 0 = unknown.
 LIMITS: dict[str, tuple[int, int]] = {
     "block_size": (1, 1 << 16), "num_blocks": (2, 1 << 20), "max_model_len": (0, 1 << 24),
-    "max_num_batched_tokens": (0, 1 << 24), "max_num_seqs": (0, 1 << 20),
+    "max_num_batched_tokens": (0, 1 << 24), "max_num_seqs": (0, 1 << 20), "vocab_size": (0, 1 << 24),
 }
+# Most characters of each text field: the registry keeps them in Redis and every lane in memory. A
+# measured profile's JSON is a few KB.
+TEXT_LIMITS: dict[str, int] = {"model": 512, "executor": 64, "profile_json": 1 << 20}
 
 
-def worker_info_problem(info: WorkerInfo, prefix: str = "description.") -> str | None:
-    """What is wrong with a worker's description (a message naming the field), or None."""
+def worker_info_problem(info: WorkerInfo | common_pb2.WorkerDescription, prefix: str = "description.") -> str | None:
+    """What is wrong with a worker's description (a message naming the field and its limit), or
+    None. Takes the proto too, so a description can be refused before anything is built from it."""
     for name, (lo, hi) in LIMITS.items():
         value = getattr(info, name)
         if not lo <= value <= hi:
             return f"{prefix}{name} must be in [{lo}, {hi}], got {value}"
+    for name, most in TEXT_LIMITS.items():
+        size = len(getattr(info, name))
+        if size > most:
+            return f"{prefix}{name} may have at most {most} characters, got {size}"
     return None
 
 

@@ -3,12 +3,15 @@
 Layout (every key under a configurable prefix, default ``accelgen:``):
 
 - ``req:{id}``        hash: prompt (uint32 array), sampling / slo (JSON), app_class, arrival,
-                      eos, status, finish_reason, preemptions, worker
+                      eos, status, finish_reason, preemptions, worker, tenant, label (the last two
+                      absent from records written before them: read as "")
 - ``out:{id}``        string: output token ids, appended 4 bytes a token (APPEND is O(1))
 - ``tim:{id}``        string: emission times, appended 8 bytes a token
 - ``live``            sorted set: unfinished request ids by arrival — the durable queue
-- ``workers``         hash: worker id -> JSON: its address and its ``WorkerInfo`` fields
-                      (``accelgen.wire.worker_info``)
+- ``workers``         hash: worker id -> JSON: its address, its ``WorkerInfo`` fields
+                      (``accelgen.wire.worker_info``) and "identity", the fingerprint of the
+                      certificate the id is bound to (``scheduler_service.worker_identity``;
+                      absent from records written before it, or "": unbound)
 - ``alive:{worker}``  string with a TTL, refreshed by heartbeats
 - ``leader``          the scheduler's lease: ``"{instance}:{fence}"`` with a TTL
 - ``fence``           counter: INCR'd by each scheduler that takes the lease (its fencing token)
@@ -28,7 +31,8 @@ A lease that expired without anyone taking it (``fence`` unchanged since we took
 back by the same check: no other scheduler has been leader in between.
 
 Finished requests leave ``live`` and keep their record for ``finished_ttl_s`` so that
-``GetRequest`` and a late ``WatchMany`` still find them.
+``GetRequest`` and a late ``WatchMany`` still find them; meanwhile their id is taken
+(``RequestIdTaken``). The Lua scripts are in ``scripts``.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from accelgen.core.worker_info import WorkerInfo
 from accelgen.wire.sampling import sampling_from_json, sampling_to_json
 from accelgen.wire.slo import slo_from_json, slo_to_json
 from accelgen.wire.worker_info import worker_info_from_json, worker_info_to_json
-from scheduler_service.state import redis_conn
+from scheduler_service.state import redis_conn, scripts
 from scheduler_service.state.quarantine import quarantine
 
 
@@ -74,6 +78,19 @@ class StoredRequest:
     request: Request
     emitted_at: list[float]
     worker_id: str = ""
+    # Who the request belongs to and the client's own name for it: service metadata, not the
+    # core's (the scheduler never schedules by them); the gateway checks the tenant.
+    tenant: str = ""
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class StoredWorker:
+    """A registered worker as persisted: where it listens, what it is, whose certificate holds it."""
+
+    address: str
+    info: WorkerInfo
+    identity: str = ""  # "": bound to no certificate
 
 
 @dataclass
@@ -95,118 +112,8 @@ class LeaseLost(Exception):
     retry cannot succeed; the scheduler stops and exits (status 3) to come back as a standby."""
 
 
-# KEYS[1] = leader, KEYS[2] = fence; ARGV[1] = instance, ARGV[2] = ttl_ms. The fence is INCR'd only
-# when the lease is taken, in the same atomic step, and never below Redis's clock in ms: a Redis
-# that lost the counter (restarted without persistence, or AOF "everysec" losing its last second)
-# still hands out fences above every earlier leader's, which workers have seen. A lease held under
-# our own instance id is a previous incarnation of this process slot (kill -9, then restarted by
-# its supervisor): taken over at once, with a new fence.
-_ACQUIRE = """
-local h = redis.call('GET', KEYS[1])
-if h and h ~= ARGV[1] and string.sub(h, 1, #ARGV[1] + 1) ~= ARGV[1] .. ':' then return false end
-local f = redis.call('INCR', KEYS[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if f < now then
-  f = now
-  redis.call('SET', KEYS[2], string.format('%d', f))
-end
-local fence = string.format('%d', f)
-redis.call('SET', KEYS[1], ARGV[1] .. ':' .. fence, 'PX', ARGV[2])
-return fence
-"""
-
-# The lease check every fenced script starts with. KEYS[1] = leader, KEYS[2] = fence; ARGV[1] =
-# our lease value ('' = unfenced), ARGV[2] = our fence, ARGV[3] = the lease TTL in ms. A lease
-# gone while the counter still says ours (or is gone too: Redis lost its data) was not taken by
-# anyone since: it is taken back (and the counter restored).
-_HOLDS = """
-local function holds()
-  if ARGV[1] == '' then return true end
-  local h = redis.call('GET', KEYS[1])
-  if h == ARGV[1] then return true end
-  if h then return false end
-  local f = redis.call('GET', KEYS[2])
-  if f and f ~= ARGV[2] then return false end
-  if not f then redis.call('SET', KEYS[2], ARGV[2]) end
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-  return true
-end
-"""
-
-_RENEW = _HOLDS + """
-if not holds() then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
-
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
-# KEYS[3..6] = live, req, out, tim; ARGV[4] = request id, ARGV[5] = arrival, ARGV[6..] = hash fields.
-# An id may be reused once its request has finished: the old record, its outputs and their expiry
-# go, or the new request would start with the old tokens.
-_ADD_REQUEST = _HOLDS + """
-if not holds() then return 0 end
-redis.call('DEL', KEYS[4], KEYS[5], KEYS[6])
-redis.call('HSET', KEYS[4], unpack(ARGV, 6))
-redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
-return 1
-"""
-
-# A Submit whose record was not confirmed by enough replicas is not accepted: its record goes.
-# KEYS[3..6] = live, req, out, tim; ARGV[4] = request id.
-_WITHDRAW = _HOLDS + """
-if not holds() then return 0 end
-redis.call('ZREM', KEYS[3], ARGV[4])
-redis.call('DEL', KEYS[4], KEYS[5], KEYS[6])
-return 1
-"""
-
-# One iteration, one script (a pipeline of hundreds of APPENDs cost more in client-side command
-# packing than the Redis work itself). KEYS[3] = live, then the keys of each section in order;
-# ARGV[4] = finished TTL, ARGV[5..8] = the sections' sizes (appends, statuses, preemption counts,
-# finished requests), then their values. Each append is (tokens, times, expected length of out in
-# bytes; -1 = unchecked) so that the script is idempotent: redis-py re-sends a command whose reply
-# was lost, and a second APPEND would repeat tokens. Tokens already there are skipped; an output
-# shorter than expected (Redis lost acknowledged writes: a failover, AOF everysec on a crashed
-# machine) writes nothing and returns the out keys with the gap, for the caller to restore.
-_COMMIT = _HOLDS + """
-if not holds() then return 0 end
-local k, a = 4, 9
-local n = tonumber(ARGV[5])
-local gaps = {}
-for i = 0, n - 1 do
-  local off = tonumber(ARGV[a + 3 * i + 2])
-  if off >= 0 then
-    local cur = redis.call('STRLEN', KEYS[k + 2 * i])
-    if cur < off or (cur > off and cur < off + #ARGV[a + 3 * i]) then gaps[#gaps + 1] = KEYS[k + 2 * i] end
-  end
-end
-if #gaps > 0 then return gaps end
-for _ = 1, n do
-  local off = tonumber(ARGV[a + 2])
-  if off < 0 or redis.call('STRLEN', KEYS[k]) == off then
-    redis.call('APPEND', KEYS[k], ARGV[a]); redis.call('APPEND', KEYS[k + 1], ARGV[a + 1])
-  end
-  k = k + 2; a = a + 3
-end
-for _ = 1, tonumber(ARGV[6]) do
-  redis.call('HSET', KEYS[k], 'status', ARGV[a], 'finish_reason', ARGV[a + 1]); k = k + 1; a = a + 2
-end
-for _ = 1, tonumber(ARGV[7]) do redis.call('HSET', KEYS[k], 'preemptions', ARGV[a]); k = k + 1; a = a + 1 end
-for _ = 1, tonumber(ARGV[8]) do
-  redis.call('ZREM', KEYS[3], ARGV[a]); a = a + 1
-  for _ = 1, 3 do redis.call('EXPIRE', KEYS[k], ARGV[4]); k = k + 1 end
-end
-return 1
-"""
-
-# KEYS[3..4] = out, tim; ARGV[4..5] = their whole contents: a request's output as delivered.
-_RESTORE_OUTPUT = _HOLDS + """
-if not holds() then return 0 end
-redis.call('SET', KEYS[3], ARGV[4]); redis.call('SET', KEYS[4], ARGV[5])
-return 1
-"""
+class RequestIdTaken(Exception):
+    """Another request's record (live, or finished and still kept) holds this id."""
 
 
 class OutputGap(Exception):
@@ -232,13 +139,13 @@ class RedisStore:
         self.replica_timeout_ms = replica_timeout_ms
         self.p = prefix
         self.finished_ttl_s = finished_ttl_s
-        self._acquire = self.redis.register_script(_ACQUIRE)
-        self._renew = self.redis.register_script(_RENEW)
-        self._release = self.redis.register_script(_RELEASE)
-        self._add = self.redis.register_script(_ADD_REQUEST)
-        self._commit = self.redis.register_script(_COMMIT)
-        self._restore = self.redis.register_script(_RESTORE_OUTPUT)
-        self._withdraw = self.redis.register_script(_WITHDRAW)
+        self._acquire = self.redis.register_script(scripts.ACQUIRE)
+        self._renew = self.redis.register_script(scripts.RENEW)
+        self._release = self.redis.register_script(scripts.RELEASE)
+        self._add = self.redis.register_script(scripts.ADD_REQUEST)
+        self._commit = self.redis.register_script(scripts.COMMIT)
+        self._restore = self.redis.register_script(scripts.RESTORE_OUTPUT)
+        self._withdraw = self.redis.register_script(scripts.WITHDRAW)
         # The lease this store holds ("{instance}:{fence}"; '' = none: writes are not fenced).
         self.lease_value = ""
         self.fence = 0  # sent with every plan: workers refuse plans from a deposed scheduler
@@ -261,7 +168,7 @@ class RedisStore:
             await script(keys=keys, args=args, client=pipe)
             pipe.execute_command("WAIT", self.min_replicas, self.replica_timeout_ms)
             result, acked = await pipe.execute()
-        if result and int(acked) < self.min_replicas:  # (a fenced-off write wrote nothing: no wait)
+        if result and result != scripts.ID_TAKEN and int(acked) < self.min_replicas:  # (wrote nothing: no wait)
             raise redis_conn.NotReplicated(int(acked), self.min_replicas, self.replica_timeout_ms)
         return result
 
@@ -303,7 +210,9 @@ class RedisStore:
         return LeaseLost(message)
 
     # -- requests ------------------------------------------------------------------------------
-    async def add_request(self, request: Request, worker_id: str) -> None:
+    async def add_request(self, request: Request, worker_id: str, tenant: str = "", label: str = "") -> None:
+        """The durable accept: fenced, idempotent for its own retry, ``RequestIdTaken`` if the id
+        has a record (``scripts.ADD_REQUEST``)."""
         rid = request.request_id
         fields: dict[str, Any] = {
             "prompt": pack_u32(request.prompt_token_ids),
@@ -316,6 +225,8 @@ class RedisStore:
             "finish_reason": "",
             "preemptions": "0",
             "worker": worker_id,
+            "tenant": tenant,
+            "label": label,
         }
         p = self.p
         keys = [*self._lease_keys(), p + "live", p + f"req:{rid}", p + f"out:{rid}", p + f"tim:{rid}"]
@@ -323,7 +234,7 @@ class RedisStore:
         for name, value in fields.items():
             args += (name, value)
         try:
-            written = await self._write(self._add, keys, args)  # one round trip, fenced (see _ADD_REQUEST)
+            written = await self._write(self._add, keys, args)  # one round trip, fenced
         except redis_conn.NotReplicated:
             # The client is told UNAVAILABLE (not accepted): a record left in ``live`` would be run
             # by the next scheduler to recover it. Best effort: if this fails too, it is recovered.
@@ -332,6 +243,9 @@ class RedisStore:
             except Exception:  # noqa: BLE001 - Redis failing over; the caller's error stands
                 pass
             raise
+        if written == scripts.ID_TAKEN:
+            raise RequestIdTaken(f"request_id {rid!r} is already in use (by a request running or finished "
+                                 f"less than finished_ttl_s = {self.finished_ttl_s} s ago)")
         if not written:
             raise self._lost(f"the record of request {rid!r}")
 
@@ -424,8 +338,9 @@ class RedisStore:
             await pipe.execute()
 
     # -- workers -------------------------------------------------------------------------------
-    async def register_worker(self, worker_id: str, address: str, info: WorkerInfo, ttl_s: float) -> None:
-        entry = json.dumps({"address": address, **json.loads(worker_info_to_json(info))})
+    async def register_worker(self, worker_id: str, address: str, info: WorkerInfo, ttl_s: float,
+                              identity: str = "") -> None:
+        entry = json.dumps({"address": address, "identity": identity, **json.loads(worker_info_to_json(info))})
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.p + "workers", worker_id, entry)
             pipe.set(self.p + f"alive:{worker_id}", "1", px=int(ttl_s * 1000))
@@ -440,15 +355,20 @@ class RedisStore:
             pipe.delete(self.p + f"alive:{worker_id}")
             await pipe.execute()
 
-    async def live_workers(self) -> dict[str, tuple[str, WorkerInfo]]:
-        """Worker id -> (address, WorkerInfo) of every registered worker still heart-beating."""
+    async def live_worker_records(self) -> dict[str, StoredWorker]:
+        """Every registered worker still heart-beating, by id."""
         raw = await self.redis.hgetall(self.p + "workers")
         out = {}
         for wid_b, entry in raw.items():
             wid = wid_b.decode()
             if await self.redis.exists(self.p + f"alive:{wid}"):
-                out[wid] = (json.loads(entry)["address"], worker_info_from_json(entry))
+                data = json.loads(entry)
+                out[wid] = StoredWorker(data["address"], worker_info_from_json(entry), str(data.get("identity") or ""))
         return out
+
+    async def live_workers(self) -> dict[str, tuple[str, WorkerInfo]]:
+        """Worker id -> (address, WorkerInfo): ``live_worker_records`` without the identities."""
+        return {wid: (w.address, w.info) for wid, w in (await self.live_worker_records()).items()}
 
 
 def status_text(status: RequestStatus) -> str:
@@ -492,4 +412,5 @@ def _decode_fields(rid: str, h: dict[bytes, bytes], out: bytes | None, tim: byte
         request.first_token_s, request.last_token_s = times[0], times[-1]
     if reason:
         request.finish_reason = FinishReason(reason)
-    return StoredRequest(request=request, emitted_at=times, worker_id=g.get("worker", b"").decode())
+    return StoredRequest(request=request, emitted_at=times, worker_id=g.get("worker", b"").decode(),
+                         tenant=g.get("tenant", b"").decode(), label=g.get("label", b"").decode())

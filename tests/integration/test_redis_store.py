@@ -13,14 +13,14 @@ from launcher.stack import start_redis
 from accelgen.core.request import Request, RequestStatus, SamplingParams
 from accelgen.core.slo import SLO
 from accelgen.core.worker_info import WorkerInfo
-from scheduler_service.state.store import IterationChanges, RedisStore
+from scheduler_service.state.store import IterationChanges, RedisStore, RequestIdTaken
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, url = start_redis(workdir=tmp_path_factory.mktemp("redis"))
+    proc, url = start_redis(workdir=tmp_path_factory.mktemp("redis"), key_prefix=None)  # several prefixes
     yield url
     proc.stop()
 
@@ -35,19 +35,51 @@ def _finish(rid: str, tokens: list[int]) -> IterationChanges:
                             status={rid: (RequestStatus.FINISHED, "length")}, finished=[rid])
 
 
-def test_a_reused_request_id_starts_with_a_clean_record(redis_url: str) -> None:
+def test_an_id_with_a_record_is_refused_even_finished_but_its_own_retry_is_accepted(redis_url: str) -> None:
     async def scenario() -> None:
         store = RedisStore(redis_url, prefix="reuse:")
-        await store.add_request(_request("r1"), "w0")
+        first = _request("r1")
+        await store.add_request(first, "w0", tenant="team-a", label="client:1")
+        await store.add_request(first, "w0", tenant="team-a", label="client:1")  # the same accept, re-sent
+        assert [r.request.request_id for r in await store.load_live()] == ["r1"]
         await store.commit_iteration(_finish("r1", [11, 12, 13]))
-        old = await store.load_request("r1")
-        assert old is not None and old.request.output_token_ids == [11, 12, 13]
-        await store.add_request(_request("r1"), "w1")  # the id, reused after the request finished
+        later = dataclasses.replace(first, arrival_s=2.0)  # another Submit with the id, after it finished
+        with pytest.raises(RequestIdTaken, match="'r1' is already in use"):
+            await store.add_request(later, "w1", tenant="team-b")
+        rec = await store.load_request("r1")  # untouched: its tokens, its owner, its expiry
+        assert rec is not None and rec.request.output_token_ids == [11, 12, 13] and rec.worker_id == "w0"
+        assert (rec.tenant, rec.label) == ("team-a", "client:1")
+        assert await store.redis.ttl("reuse:req:r1") > 0 and await store.load_live() == []
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_id_whose_record_redis_lost_is_taken_with_a_clean_record(redis_url: str) -> None:
+    async def scenario() -> None:
+        store = RedisStore(redis_url, prefix="relost:")
+        # Redis lost r1's record; a late commit then wrote its status and tokens without a prompt.
+        await store.commit_iteration(IterationChanges(
+            worker_id="w0", tokens={"r1": ([9], [1.0])}, status={"r1": (RequestStatus.FINISHED, "stop")},
+            finished=["r1"]))
+        await store.add_request(_request("r1"), "w1")
         new = await store.load_request("r1")
         assert new is not None and new.request.output_token_ids == [] and new.emitted_at == []
         assert new.request.status == RequestStatus.WAITING and new.worker_id == "w1"
-        assert await store.redis.ttl("reuse:req:r1") == -1, "the old record's expiry must not carry over"
-        assert [r.request.request_id for r in await store.load_live()] == ["r1"]
+        assert await store.redis.ttl("relost:req:r1") == -1, "the old record's expiry must not carry over"
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_tenant_and_label_are_stored_and_old_records_read_them_as_empty(redis_url: str) -> None:
+    async def scenario() -> None:
+        store = RedisStore(redis_url, prefix="tags:")
+        await store.add_request(_request("r1"), "w0", tenant="key-0123456789ab", label="my.req-1")
+        await store.add_request(_request("r2"), "w0")
+        await store.redis.hdel("tags:req:r2", "tenant", "label")  # written before the fields existed
+        live = {r.request.request_id: (r.tenant, r.label) for r in await store.load_live()}
+        assert live == {"r1": ("key-0123456789ab", "my.req-1"), "r2": ("", "")}
         await store.close()
 
     asyncio.run(scenario())

@@ -59,13 +59,13 @@ class ScriptedStore:
     async def release_lease(self) -> None:
         pass
 
-    async def live_workers(self) -> dict[str, tuple]:
+    async def live_worker_records(self) -> dict[str, Any]:
         return {}
 
     async def load_live(self) -> list:
         return []
 
-    async def register_worker(self, worker_id: str, address: str, info: Any, ttl_s: float) -> None:
+    async def register_worker(self, worker_id: str, address: str, info: Any, ttl_s: float, identity: str = "") -> None:
         await self._io()
 
     async def heartbeat(self, worker_id: str, ttl_s: float) -> None:
@@ -74,7 +74,7 @@ class ScriptedStore:
     async def remove_worker(self, worker_id: str) -> None:
         await self._io()
 
-    async def add_request(self, request: Any, worker_id: str) -> None:
+    async def add_request(self, request: Any, worker_id: str, tenant: str = "", label: str = "") -> None:
         await self._io(submit=True)
         self.status[request.request_id] = "waiting"
         self.tokens[request.request_id] = []

@@ -1,0 +1,130 @@
+"""The Lua scripts of ``RedisStore``: each durable write is one script, run atomically in Redis.
+
+Every write script starts with ``HOLDS``, the fencing check (see ``store``'s docstring): a scheduler
+that lost its leader lease writes nothing. Kept apart from the store so that its Python reads as
+what it does, and each script sits next to the comment saying which KEYS and ARGV it takes.
+"""
+
+from __future__ import annotations
+
+# KEYS[1] = leader, KEYS[2] = fence; ARGV[1] = instance, ARGV[2] = ttl_ms. The fence is INCR'd only
+# when the lease is taken, in the same atomic step, and never below Redis's clock in ms: a Redis
+# that lost the counter (restarted without persistence, or AOF "everysec" losing its last second)
+# still hands out fences above every earlier leader's, which workers have seen. A lease held under
+# our own instance id is a previous incarnation of this process slot (kill -9, then restarted by
+# its supervisor): taken over at once, with a new fence.
+ACQUIRE = """
+local h = redis.call('GET', KEYS[1])
+if h and h ~= ARGV[1] and string.sub(h, 1, #ARGV[1] + 1) ~= ARGV[1] .. ':' then return false end
+local f = redis.call('INCR', KEYS[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if f < now then
+  f = now
+  redis.call('SET', KEYS[2], string.format('%d', f))
+end
+local fence = string.format('%d', f)
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. fence, 'PX', ARGV[2])
+return fence
+"""
+
+# The lease check every fenced script starts with. KEYS[1] = leader, KEYS[2] = fence; ARGV[1] =
+# our lease value ('' = unfenced), ARGV[2] = our fence, ARGV[3] = the lease TTL in ms. A lease
+# gone while the counter still says ours (or is gone too: Redis lost its data) was not taken by
+# anyone since: it is taken back (and the counter restored).
+HOLDS = """
+local function holds()
+  if ARGV[1] == '' then return true end
+  local h = redis.call('GET', KEYS[1])
+  if h == ARGV[1] then return true end
+  if h then return false end
+  local f = redis.call('GET', KEYS[2])
+  if f and f ~= ARGV[2] then return false end
+  if not f then redis.call('SET', KEYS[2], ARGV[2]) end
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+  return true
+end
+"""
+
+RENEW = HOLDS + """
+if not holds() then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+# KEYS[3..6] = live, req, out, tim; ARGV[4] = request id, ARGV[5] = arrival, ARGV[6..] = hash fields.
+# An id whose record is still there (live, or finished and kept for finished_ttl_s) is refused
+# (ID_TAKEN): a new Submit must never take over another request's record, tokens or expiry. The one
+# exception is this very accept sent again (redis-py re-sends a script whose reply was lost): its
+# record has the same arrival, and it is answered 1 without writing anything. A record without its
+# prompt (only status fields, written by a commit or a cancel after Redis lost the record) is no
+# request: it goes, with any outputs, and the new record takes its place.
+ADD_REQUEST = HOLDS + """
+if not holds() then return 0 end
+local arrival = redis.call('HGET', KEYS[4], 'arrival')
+if arrival == ARGV[5] then return 1 end
+if redis.call('HEXISTS', KEYS[4], 'prompt') == 1 then return -1 end
+redis.call('DEL', KEYS[4], KEYS[5], KEYS[6])
+redis.call('HSET', KEYS[4], unpack(ARGV, 6))
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
+return 1
+"""
+ID_TAKEN = -1
+"""What ``ADD_REQUEST`` answers for an id that another request's record holds."""
+
+# A Submit whose record was not confirmed by enough replicas is not accepted: its record goes.
+# KEYS[3..6] = live, req, out, tim; ARGV[4] = request id.
+WITHDRAW = HOLDS + """
+if not holds() then return 0 end
+redis.call('ZREM', KEYS[3], ARGV[4])
+redis.call('DEL', KEYS[4], KEYS[5], KEYS[6])
+return 1
+"""
+
+# One iteration, one script (a pipeline of hundreds of APPENDs cost more in client-side command
+# packing than the Redis work itself). KEYS[3] = live, then the keys of each section in order;
+# ARGV[4] = finished TTL, ARGV[5..8] = the sections' sizes (appends, statuses, preemption counts,
+# finished requests), then their values. Each append is (tokens, times, expected length of out in
+# bytes; -1 = unchecked) so that the script is idempotent: redis-py re-sends a command whose reply
+# was lost, and a second APPEND would repeat tokens. Tokens already there are skipped; an output
+# shorter than expected (Redis lost acknowledged writes: a failover, AOF everysec on a crashed
+# machine) writes nothing and returns the out keys with the gap, for the caller to restore.
+COMMIT = HOLDS + """
+if not holds() then return 0 end
+local k, a = 4, 9
+local n = tonumber(ARGV[5])
+local gaps = {}
+for i = 0, n - 1 do
+  local off = tonumber(ARGV[a + 3 * i + 2])
+  if off >= 0 then
+    local cur = redis.call('STRLEN', KEYS[k + 2 * i])
+    if cur < off or (cur > off and cur < off + #ARGV[a + 3 * i]) then gaps[#gaps + 1] = KEYS[k + 2 * i] end
+  end
+end
+if #gaps > 0 then return gaps end
+for _ = 1, n do
+  local off = tonumber(ARGV[a + 2])
+  if off < 0 or redis.call('STRLEN', KEYS[k]) == off then
+    redis.call('APPEND', KEYS[k], ARGV[a]); redis.call('APPEND', KEYS[k + 1], ARGV[a + 1])
+  end
+  k = k + 2; a = a + 3
+end
+for _ = 1, tonumber(ARGV[6]) do
+  redis.call('HSET', KEYS[k], 'status', ARGV[a], 'finish_reason', ARGV[a + 1]); k = k + 1; a = a + 2
+end
+for _ = 1, tonumber(ARGV[7]) do redis.call('HSET', KEYS[k], 'preemptions', ARGV[a]); k = k + 1; a = a + 1 end
+for _ = 1, tonumber(ARGV[8]) do
+  redis.call('ZREM', KEYS[3], ARGV[a]); a = a + 1
+  for _ = 1, 3 do redis.call('EXPIRE', KEYS[k], ARGV[4]); k = k + 1 end
+end
+return 1
+"""
+
+# KEYS[3..4] = out, tim; ARGV[4..5] = their whole contents: a request's output as delivered.
+RESTORE_OUTPUT = HOLDS + """
+if not holds() then return 0 end
+redis.call('SET', KEYS[3], ARGV[4]); redis.call('SET', KEYS[4], ARGV[5])
+return 1
+"""
