@@ -12,7 +12,6 @@ chooses; the rules themselves exist once.
 from __future__ import annotations
 
 import re
-import uuid
 from typing import Mapping, Sequence
 
 from accelgen.core.fields import FieldError
@@ -21,7 +20,7 @@ from accelgen.v1 import common_pb2, gateway_pb2, scheduler_pb2
 from accelgen.wire.sampling import sampling_from_proto
 from accelgen.wire.slo import KINDS, slo_from_proto, slo_to_proto
 from gateway.config import GatewayConfig
-from gateway.errors import invalid
+from gateway.errors import GatewayError, invalid
 
 FieldNames = Mapping[str, str]
 
@@ -42,15 +41,29 @@ GRPC_NAMES: FieldNames = {
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def resolve_request_id(given: str, names: FieldNames = GRPC_NAMES) -> str:
-    """The client's id when it is well formed, else a fresh one; a malformed id is an error."""
-    if not given:
-        return uuid.uuid4().hex
-    if not REQUEST_ID_RE.fullmatch(given):
+def check_label(given: str, names: FieldNames = GRPC_NAMES) -> str:
+    """A client's own id for a new request, kept as its label ("" when it gave none); the
+    request id itself is always the gateway's. A malformed label is an error (it is logged and
+    returned in GetRequest, so it is held to the id format)."""
+    if given and not REQUEST_ID_RE.fullmatch(given):
         shown = given if len(given) <= 40 else given[:40] + "..."
-        raise invalid(f"{names['request_id']} must be 1 to 128 characters of [A-Za-z0-9._:-], got {shown!r} "
-                      f"({len(given)} characters); leave it empty to get a generated id", names["request_id"])
+        raise invalid(f"{names['request_id']} (your own label for the request) must be 1 to 128 characters of "
+                      f"[A-Za-z0-9._:-], got {shown!r} ({len(given)} characters); or leave it empty",
+                      names["request_id"])
     return given
+
+
+def check_prompt_chars(req: gateway_pb2.GenerateRequest, max_chars: int, names: FieldNames = GRPC_NAMES) -> None:
+    """A text prompt of at most ``max_chars`` characters, checked before it is tokenised (which
+    costs time in proportion to its length)."""
+    if req.WhichOneof("input") == "text" and len(req.text) > max_chars:
+        raise too_long(names["prompt"], len(req.text), max_chars)
+
+
+def too_long(name: str, chars: int, max_chars: int, what: str = "") -> GatewayError:
+    """INVALID_ARGUMENT for a text over ``max_prompt_chars`` (``what`` says which text of ``name``)."""
+    return invalid(f"{name}{what} has {chars} characters; this gateway accepts at most {max_chars} "
+                   "(max_prompt_chars); shorten it", name)
 
 
 def check_request_id(given: str, name: str = "request_id") -> str:
@@ -149,9 +162,11 @@ def has_prompt(req: gateway_pb2.GenerateRequest) -> bool:
 
 
 def to_submit_request(request_id: str, prompt_ids: Sequence[int], sampling: common_pb2.SamplingParams,
-                      app_class: str, slo: common_pb2.SLOSpec, eos_token_id: int | None) -> scheduler_pb2.SubmitRequest:
+                      app_class: str, slo: common_pb2.SLOSpec, eos_token_id: int | None, tenant: str = "",
+                      label: str = "") -> scheduler_pb2.SubmitRequest:
     msg = scheduler_pb2.SubmitRequest(request_id=request_id, prompt_token_ids=list(prompt_ids),
-                                      sampling_params=sampling, app_class=app_class, slo=slo)
+                                      sampling_params=sampling, app_class=app_class, slo=slo, tenant=tenant,
+                                      label=label)
     if eos_token_id is not None:
         msg.eos_token_id = eos_token_id
         msg.has_eos_token_id = True
@@ -160,10 +175,10 @@ def to_submit_request(request_id: str, prompt_ids: Sequence[int], sampling: comm
 
 def validate_request(req: gateway_pb2.GenerateRequest, config: GatewayConfig, catalog: SLOCatalog,
                      names: FieldNames = GRPC_NAMES) -> tuple[str, common_pb2.SamplingParams, str, common_pb2.SLOSpec]:
-    """Every check that needs no tokenizer and no scheduler: (request_id, sampling, class, SLO)."""
-    request_id = resolve_request_id(req.request_id, names)
+    """Every check that needs no tokenizer and no scheduler: (label, sampling, class, SLO)."""
+    label = check_label(req.request_id, names)
     if not has_prompt(req):
         raise invalid(f"{names['prompt']}: the prompt is empty; send text or token ids", names["prompt"])
     sampling = validate_sampling(req.sampling_params, names)
     app_class, slo = resolve_slo(req.app_class, req.slo, config, catalog, names)
-    return request_id, sampling, app_class, slo
+    return label, sampling, app_class, slo

@@ -19,16 +19,19 @@ class GatewayError(Exception):
 
     ``param`` names the offending field (OpenAI's error ``param``) when there is one;
     ``http_status`` overrides the HTTP status of ``code`` where HTTP has a more precise one
-    (413 for a body over the limit: gRPC has no such code, and 429 would invite a retry).
+    (413 for a body over the limit: gRPC has no such code, and 429 would invite a retry);
+    ``retry_after_ms`` says when a refused request may be retried (a per-key limit), sent as
+    the scheduler's own hint is.
     """
 
     def __init__(self, code: grpc.StatusCode, message: str, param: str | None = None,
-                 http_status: int | None = None) -> None:
+                 http_status: int | None = None, retry_after_ms: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.param = param
         self.http_status = http_status
+        self.retry_after_ms = retry_after_ms
 
 
 def invalid(message: str, param: str | None = None) -> GatewayError:
@@ -41,11 +44,14 @@ def too_large(message: str) -> GatewayError:
     return GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, http_status=413)
 
 
-RETRY_AFTER_KEY = "retry-after-ms"  # the scheduler's trailing metadata on a retryable refusal
+RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata on a retryable refusal (scheduler's and ours)
 
 
 def retry_after_ms(exc: BaseException) -> int | None:
-    """When the scheduler says a refused request may be retried (None if it did not say)."""
+    """When the gateway (a per-key limit) or the scheduler says a refused request may be
+    retried (None if neither said)."""
+    if isinstance(exc, GatewayError):
+        return exc.retry_after_ms
     if not isinstance(exc, grpc.aio.AioRpcError):
         return None
     for key, value in exc.trailing_metadata() or ():
@@ -85,6 +91,8 @@ _HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "BadRequestError"),
     grpc.StatusCode.OUT_OF_RANGE: (400, "BadRequestError"),
     grpc.StatusCode.FAILED_PRECONDITION: (400, "BadRequestError"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "AuthenticationError"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "PermissionDeniedError"),
     grpc.StatusCode.NOT_FOUND: (404, "NotFoundError"),
     grpc.StatusCode.ALREADY_EXISTS: (409, "ConflictError"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "RateLimitError"),

@@ -9,6 +9,12 @@ A request whose consumer stops reading before it finished (client disconnected, 
 cancelled, stream error) is cancelled at the scheduler: nobody will read its tokens, and its
 KV blocks and batch slots belong to requests someone still waits for.
 
+Every call names its ``Caller`` (``gateway.auth``): a new request is admitted under the caller's
+key limits, checked against the classes its key may use, and submitted with its tenant and a
+request id this gateway makes (``uuid4``: a client's own id is only a label, so nobody can pick,
+guess or collide with another's id). A request is read, cancelled or attached to only by its
+tenant: anyone else gets the NOT_FOUND an unknown id gets, word for word (``owned_state``).
+
 ``attach`` re-attaches a client to a request by id (after its gateway died, through any
 gateway): it watches the request from token 0, feeds the tokens before the client's index to the
 detokenizer without sending them, and streams the rest — so chunks carry exactly the tokens from
@@ -21,17 +27,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from dataclasses import dataclass, field
-from typing import AsyncGenerator
+from typing import AsyncGenerator, Callable
 
 import grpc
 import structlog
 
+from accelgen.common.tls import is_loopback
 from accelgen.v1 import common_pb2, gateway_pb2, scheduler_pb2
+from gateway.auth import OPEN, Caller, KeyRing, warn_if_open
 from gateway.config import GatewayConfig
-from gateway.convert import (GRPC_NAMES, FieldNames, catalog_from_info, check_prompt, check_request_id,
-                             spec_to_slo, to_submit_request, validate_request)
+from gateway.convert import (GRPC_NAMES, FieldNames, catalog_from_info, check_prompt, check_prompt_chars,
+                             check_request_id, spec_to_slo, to_submit_request, validate_request)
 from gateway.errors import GatewayError
+from gateway.limits import NO_LEASE, Lease
 from gateway.scheduler_client import DONE_STATES, SchedulerClient
 from gateway.tokenizer import IncrementalDetokenizer, Tokenizer
 from accelgen.core.metrics import RequestRecord
@@ -96,6 +106,8 @@ class ActiveRequest:
     _detok: IncrementalDetokenizer | None = None
     emit_from: int = 0             # tokens before this index are applied but not streamed (Attach)
     cancel_on_abandon: bool = True
+    lease: Lease = NO_LEASE        # its place under its key's concurrency cap, until the stream ends
+    on_close: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         if self.prepared.text_output:
@@ -130,9 +142,19 @@ class ActiveRequest:
                     if delta.finished:
                         return
         finally:
-            if not self.finished and self.cancel_on_abandon:
-                log.info("request_abandoned", request_id=self.request_id, delivered=len(self._output))
-                self.client.cancel_in_background(self.request_id)
+            self.close()
+
+    def close(self) -> None:
+        """Its stream is over, read to the end or not: give back its place under the key's limits,
+        and cancel it at the scheduler unless it finished (or is kept running)."""
+        self.lease.release()
+        if self.on_close is not None:
+            self.on_close, on_close = None, self.on_close
+            on_close()
+        if not self.finished and self.cancel_on_abandon:
+            self.cancel_on_abandon = False  # once
+            log.info("request_abandoned", request_id=self.request_id, delivered=len(self._output))
+            self.client.cancel_in_background(self.request_id)
 
     async def collect(self) -> Outcome:
         """Read the stream to its end (non-streaming clients)."""
@@ -205,6 +227,17 @@ class GenerationService:
         self._pinned_catalog = catalog
         self._catalog = catalog if catalog is not None else SLOCatalog()
         self._catalog_source: scheduler_pb2.ServerInfo | None = None
+        self.keys = KeyRing(config.keys, config.limit_defaults)
+        warn_if_open(self.keys, config.host, is_loopback)
+        # The tenants of the requests this gateway streams now: cancelling one of those needs no
+        # GetRequest (which reads the scheduler's store, and must not be what stops a Cancel
+        # while Redis is away).
+        self._streaming: dict[str, str] = {}
+
+    def authenticate(self, authorization: str | None) -> Caller:
+        """The caller a request's ``authorization`` value names (UNAUTHENTICATED when none does;
+        everyone is ``OPEN`` on a gateway without keys)."""
+        return self.keys.authenticate(authorization)
 
     def _catalog_for(self, info: scheduler_pb2.ServerInfo | None) -> SLOCatalog:
         if self._pinned_catalog is None and info is not None and info is not self._catalog_source:
@@ -222,19 +255,30 @@ class GenerationService:
         return self._pinned_catalog is not None or self._catalog_source is not None
 
     async def prepare(self, req: gateway_pb2.GenerateRequest, names: FieldNames = GRPC_NAMES,
-                      text_output: bool | None = None) -> Prepared:
-        """Validate and tokenise; raises INVALID_ARGUMENT (naming the field) before any Submit.
+                      text_output: bool | None = None, caller: Caller = OPEN,
+                      chars_checked: bool = False) -> Prepared:
+        """Validate and tokenise; raises INVALID_ARGUMENT (naming the field) before any Submit,
+        PERMISSION_DENIED for a class or SLO the caller's key may not use.
 
         ``text_output`` defaults to "the client sent text" (a token-id client wants ids back).
+        ``chars_checked``: the front end has already held the text to ``max_prompt_chars``
+        (a chat's message contents before its template ran, and the templated text after).
         """
         arrival_s = time.time()
+        if not chars_checked:
+            check_prompt_chars(req, self.config.max_prompt_chars, names)  # before anything costs
+        key_default = caller.default_class(self.config.default_app_class)
+        if not req.app_class and key_default != self.config.default_app_class:
+            req.app_class = key_default  # the gateway's default is not this key's: its first class
         try:
             info: scheduler_pb2.ServerInfo | None = await self.client.server_info()
             info_error = None
         except grpc.aio.AioRpcError as exc:  # bad input is still reported as such, then this
             info, info_error = None, exc
+        catalog = self._catalog_for(info)
         try:
-            request_id, sampling, app_class, slo = validate_request(req, self.config, self._catalog_for(info), names)
+            label, sampling, app_class, slo = validate_request(req, self.config, catalog, names)
+            caller.check_class(app_class, spec_to_slo(req.slo), catalog, names)
         except GatewayError as exc:
             if info_error is not None and exc.param == names["app_class"] and not self._knows_classes:
                 raise info_error from None  # the classes are the scheduler's, and it cannot be asked
@@ -258,13 +302,16 @@ class GenerationService:
         vocab = min(limits) if limits else None
         max_new = sampling.max_new_tokens if sampling.HasField("max_new_tokens") else None
         check_prompt(prompt_ids, info.max_model_len, vocab, names, max_new)
-        submit = to_submit_request(request_id, prompt_ids, sampling, app_class, slo, self.tokenizer.eos_token_id)
+        submit = to_submit_request(uuid.uuid4().hex, prompt_ids, sampling, app_class, slo,
+                                   self.tokenizer.eos_token_id, tenant=caller.tenant, label=label)
         if text_output is None:
             text_output = req.WhichOneof("input") == "text"
         return Prepared(submit=submit, text_output=text_output, arrival_s=arrival_s)
 
-    async def start(self, prepared: Prepared) -> ActiveRequest:
-        """Submit; once this returns the request is durable at the scheduler."""
+    async def start(self, prepared: Prepared, lease: Lease = NO_LEASE) -> ActiveRequest:
+        """Submit; once this returns the request is durable at the scheduler (and holds ``lease``
+        until its stream ends; a failed Submit releases it)."""
+        response: scheduler_pb2.SubmitResponse | None = None
         try:
             response = await self.client.submit(prepared.submit)
         except grpc.aio.AioRpcError as exc:  # the client sees the status; the operator needs the line
@@ -280,19 +327,66 @@ class GenerationService:
             # and nobody would ever read or cancel it. (Cancelling an unknown id is harmless.)
             self.client.cancel_in_background(prepared.submit.request_id)
             raise
-        log.info("request_submitted", request_id=prepared.submit.request_id,
-                 prompt_tokens=len(prepared.submit.prompt_token_ids), app_class=prepared.submit.app_class)
+        finally:
+            if response is None:
+                lease.release()
+        log.info("request_submitted", request_id=prepared.submit.request_id, tenant=prepared.submit.tenant,
+                 label=prepared.submit.label, prompt_tokens=len(prepared.submit.prompt_token_ids),
+                 app_class=prepared.submit.app_class)
         return ActiveRequest(prepared=prepared, slo=response.slo, client=self.client, tokenizer=self.tokenizer,
-                             tbt_tolerance=self.config.slo_tbt_tolerance)
+                             tbt_tolerance=self.config.slo_tbt_tolerance, lease=lease,
+                             on_close=self._streaming_for(prepared.submit.request_id, prepared.submit.tenant))
 
-    async def attach(self, request_id: str, from_token_index: int, keep_running: bool = False) -> ActiveRequest:
-        """A running or finished (still retained) request, to stream from ``from_token_index``.
+    def _streaming_for(self, request_id: str, tenant: str) -> Callable[[], None]:
+        """Note that this gateway streams ``request_id`` for ``tenant``; the call undoes it."""
+        self._streaming[request_id] = tenant
 
-        NOT_FOUND (the scheduler's) for an unknown or expired id; OUT_OF_RANGE for an index
+        def forget() -> None:
+            self._streaming.pop(request_id, None)
+
+        return forget
+
+    async def owned_state(self, caller: Caller, request_id: str, include_prompt: bool = False
+                          ) -> common_pb2.RequestState:
+        """The state of ``caller``'s request ``request_id``. Another tenant's request is NOT_FOUND
+        with the very message of an id nobody has (both are written here), so a caller learns
+        nothing about ids it does not own — not even that they exist."""
+        check_request_id(request_id)
+        try:
+            state = await self.client.get_request(request_id, include_prompt=include_prompt)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            state = None
+        if state is None or state.tenant != caller.tenant:
+            raise GatewayError(grpc.StatusCode.NOT_FOUND, f"request {request_id!r} is unknown (or expired)",
+                               "request_id")
+        return state
+
+    async def get_request(self, caller: Caller, request_id: str) -> common_pb2.RequestState:
+        return await self.owned_state(caller, request_id)
+
+    async def cancel(self, caller: Caller, request_id: str) -> common_pb2.CancelResponse:
+        """Cancel ``caller``'s request (NOT_FOUND for anyone else's, as for an unknown id)."""
+        check_request_id(request_id)
+        if self._streaming.get(request_id) != caller.tenant:  # not one it streams here for this caller
+            await self.owned_state(caller, request_id)
+        return await self.client.cancel(request_id)
+
+    async def attach(self, request_id: str, from_token_index: int, keep_running: bool = False,
+                     caller: Caller = OPEN, lease: Lease = NO_LEASE) -> ActiveRequest:
+        """A running or finished (still retained) request of ``caller``'s, to stream from
+        ``from_token_index`` (holding ``lease`` until the stream ends; released on failure).
+
+        NOT_FOUND for an unknown or expired id, or another tenant's; OUT_OF_RANGE for an index
         beyond the tokens it has produced (a client was never sent more than the scheduler holds:
         tokens reach a gateway only once durable)."""
-        check_request_id(request_id)
-        state = await self.client.get_request(request_id, include_prompt=True)
+        with lease.until_failure():
+            return await self._attach(request_id, from_token_index, keep_running, caller, lease)
+
+    async def _attach(self, request_id: str, from_token_index: int, keep_running: bool, caller: Caller,
+                      lease: Lease) -> ActiveRequest:
+        state = await self.owned_state(caller, request_id, include_prompt=True)
         produced = len(state.output_ids)
         if from_token_index > produced:
             done = " (it has finished)" if state.status in DONE_STATES else " so far"
@@ -306,4 +400,5 @@ class GenerationService:
                  status=state.status, produced=produced)
         return ActiveRequest(prepared=prepared, slo=state.slo, client=self.client, tokenizer=self.tokenizer,
                              tbt_tolerance=self.config.slo_tbt_tolerance, emit_from=from_token_index,
-                             cancel_on_abandon=not keep_running)
+                             cancel_on_abandon=not keep_running, lease=lease,
+                             on_close=self._streaming_for(request_id, state.tenant))

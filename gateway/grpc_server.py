@@ -2,7 +2,14 @@
 
 Everything that decides anything (validation, SLO resolution, resume, cancel-on-abandon) lives
 in ``generation``; this file only turns deltas into ``GenerateResponse`` messages and failures
-into status codes through ``errors.status_of``.
+into status codes through ``errors.status_of``. Each call first names its caller from the
+``authorization: Bearer KEY`` metadata (UNAUTHENTICATED without a valid key, where keys are
+configured) and counts against its key's rate — Generate and Attach also take a place under its
+concurrency cap; health and reflection are other services and stay open.
+
+Generate sends the request id the gateway made as ``x-request-id`` initial metadata as soon as
+the scheduler has accepted the request, before any token: a client whose stream breaks before
+its first chunk still knows what to ``Attach`` to.
 """
 
 from __future__ import annotations
@@ -14,13 +21,14 @@ import grpc
 import structlog
 
 from accelgen.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from gateway.convert import check_request_id
+from gateway.auth import Caller
 from gateway.errors import RETRY_AFTER_KEY, retry_after_ms, status_of
 from gateway.generation import ActiveRequest, Delta, GenerationService
 
 log = structlog.get_logger("gateway.grpc")
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+REQUEST_ID_KEY = "x-request-id"  # Generate's initial metadata: the id the gateway made
 
 
 def chunk_of(active: ActiveRequest, delta: Delta) -> gateway_pb2.GenerateResponse:
@@ -50,15 +58,33 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
     raise AssertionError("unreachable: ServicerContext.abort raises")
 
 
+def authorization_of(context: grpc.aio.ServicerContext) -> str | None:
+    """The call's ``authorization`` metadata (the first, if sent more than once)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else None
+    return None
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, service: GenerationService) -> None:
         self._service = service
 
+    def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        return self._service.authenticate(authorization_of(context))
+
     async def Generate(self, request: gateway_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         try:
-            prepared = await self._service.prepare(request)
-            active = await self._service.start(prepared)
+            caller = self._caller(context)
+            with caller.admit().until_failure() as lease:
+                prepared = await self._service.prepare(request, caller=caller)
+                active = await self._service.start(prepared, lease)
+            try:
+                await context.send_initial_metadata(((REQUEST_ID_KEY, active.request_id),))
+            except BaseException:  # the client left right after the Submit: nobody will read it
+                active.close()
+                raise
             async with contextlib.aclosing(active.deltas()) as deltas:
                 async for delta in deltas:
                     if request.stream and (delta.token_ids or delta.text):  # finish_reason: in complete
@@ -71,8 +97,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                      context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         """Generate's stream of a request already submitted, from ``from_token_index`` on."""
         try:
+            caller = self._caller(context)
             active = await self._service.attach(request.request_id, request.from_token_index,
-                                                request.keep_running)
+                                                request.keep_running, caller=caller, lease=caller.admit())
             async with contextlib.aclosing(active.deltas()) as deltas:
                 async for delta in deltas:
                     if delta.token_ids or delta.text:
@@ -84,14 +111,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Cancel(self, request: common_pb2.CancelRequest,
                      context: grpc.aio.ServicerContext) -> common_pb2.CancelResponse:
         try:
-            return await self._service.client.cancel(check_request_id(request.request_id))
+            caller = self._caller(context)
+            caller.charge()  # every call counts against the key's rate, reads and cancels too
+            return await self._service.cancel(caller, request.request_id)
         except Exception as exc:
             await _abort(context, exc)
 
     async def GetRequest(self, request: common_pb2.GetRequestRequest,
                          context: grpc.aio.ServicerContext) -> common_pb2.RequestState:
         try:
-            return await self._service.client.get_request(check_request_id(request.request_id))
+            caller = self._caller(context)
+            caller.charge()
+            return await self._service.get_request(caller, request.request_id)
         except Exception as exc:
             await _abort(context, exc)
 

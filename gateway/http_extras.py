@@ -11,6 +11,10 @@
   ``{"token_ids", "text", "completion_tokens", "finish_reason"}`` object per event, then
   ``data: [DONE]``. Leaving early does not cancel the request (``cancel=true`` does).
 
+Both need the key that made the request (another key's request is 404, as an unknown id is)
+and count against the key's rate (429 with ``Retry-After``): the state read costs a scheduler
+call and detokenises the prompt; ``/events`` also takes a place under its concurrency cap.
+
 The request keeps running after its gateway dies until the scheduler's ``owner_gone_cancel_s``
 passes without another gateway watching it; re-attaching within that time keeps it alive.
 """
@@ -19,14 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator
 
-from fastapi import FastAPI, Query, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import FastAPI, Query, Request, Response
+from fastapi.responses import JSONResponse
 
-from gateway.convert import check_request_id
 from gateway.errors import http_status_of, status_of
 from gateway.generation import ActiveRequest, GenerationService
+from gateway.openai_http import SSEResponse, caller_of
 from gateway.openai_protocol import request_id_of
 from gateway.scheduler_client import DONE_STATES
 from gateway.tokenizer import IncrementalDetokenizer
@@ -35,7 +39,7 @@ def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
-async def _events(active: ActiveRequest) -> AsyncIterator[str]:
+async def _events(active: ActiveRequest) -> AsyncGenerator[str, None]:
     try:
         async with contextlib.aclosing(active.deltas()) as deltas:
             async for d in deltas:
@@ -54,21 +58,24 @@ def add_routes(app: FastAPI, service: GenerationService) -> None:
         return Response(status_code=200)
 
     @app.get("/v1/requests/{request_id}")
-    async def request_state(request_id: str) -> JSONResponse:
-        rid = check_request_id(request_id_of(request_id))
-        state = await service.client.get_request(rid, include_prompt=True)
+    async def request_state(request_id: str, request: Request) -> JSONResponse:
+        rid = request_id_of(request_id)
+        caller = caller_of(request, service)
+        caller.charge()
+        state = await service.owned_state(caller, rid, include_prompt=True)
         detok = IncrementalDetokenizer(service.tokenizer, list(state.prompt_token_ids))
         text = detok.add(list(state.output_ids))
         if state.status in DONE_STATES:
             text += detok.flush()
         return JSONResponse({"id": rid, "status": state.status, "finish_reason": state.finish_reason or None,
-                             "text": text, "token_ids": list(state.output_ids),
+                             "label": state.label or None, "text": text, "token_ids": list(state.output_ids),
                              "prompt_tokens": state.prompt_tokens, "completion_tokens": len(state.output_ids)},
                             headers={"x-request-id": rid})
 
     @app.get("/v1/requests/{request_id}/events")
-    async def request_events(request_id: str, from_token: int = Query(0, ge=0, le=2**31 - 1),
+    async def request_events(request_id: str, request: Request, from_token: int = Query(0, ge=0, le=2**31 - 1),
                              cancel: bool = False) -> Response:
         rid = request_id_of(request_id)
-        active = await service.attach(rid, from_token, keep_running=not cancel)
-        return StreamingResponse(_events(active), media_type="text/event-stream", headers={"x-request-id": rid})
+        caller = caller_of(request, service)
+        active = await service.attach(rid, from_token, keep_running=not cancel, caller=caller, lease=caller.admit())
+        return SSEResponse(_events(active), active, {"x-request-id": rid})

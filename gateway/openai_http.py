@@ -5,6 +5,17 @@ answer), ``GET /v1/models``, ``GET /health``. Validation and Submit happen *befo
 starts, so a rejected request gets a real HTTP status (400/429/503) even when it asked to
 stream; only failures after the first byte (the stream could not be resumed) arrive in-band,
 as an error event followed by ``data: [DONE]`` as vLLM sends them.
+
+With API keys configured, every route but ``/health`` and ``/livez`` needs
+``Authorization: Bearer KEY``: ``ApiKeyMiddleware`` answers 401 (OpenAI's ``invalid_api_key``
+error, ``WWW-Authenticate: Bearer``) before a route runs or a byte of the body is read, and
+leaves the caller in ``request.state.caller`` for the routes. A websocket (no route takes one)
+is closed unless authenticated: nothing but a known scope type with a valid key gets past it.
+Every route behind the key counts against the key's rate (``Caller.admit`` or ``charge``).
+
+A streamed answer is an ``SSEResponse``: it ends its request's stream however the response
+ends — read to the end, left mid-way, or never iterated at all (a client gone before the first
+byte: Starlette then never starts the body, so no ``finally`` in it would ever run).
 """
 
 from __future__ import annotations
@@ -13,13 +24,18 @@ import asyncio
 import contextlib
 import json
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator
 
 import grpc
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.auth import Caller, KeyRing
+
+from gateway.convert import too_long
 from gateway.errors import GatewayError, http_status_of, invalid, printable, retry_after_ms, status_of, too_large
 from gateway.generation import ActiveRequest, GenerationService, Outcome
 from gateway.openai_protocol import (Kind, OpenAIRequest, check_model, error_body, full_response, models_body,
@@ -30,6 +46,8 @@ log = structlog.get_logger("gateway.http")
 
 def _error_response(exc: BaseException, param: str | None = None) -> JSONResponse:
     code, message = status_of(exc)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return unauthorized(printable(message))
     status, err_type = http_status_of(code)
     if isinstance(exc, GatewayError):
         param = exc.param
@@ -41,6 +59,51 @@ def _error_response(exc: BaseException, param: str | None = None) -> JSONRespons
     if retry_ms is not None:  # HTTP's Retry-After is whole seconds
         headers = {"Retry-After": str(max(1, -(-retry_ms // 1000)))}
     return JSONResponse(error_body(message, err_type, status, param), status_code=status, headers=headers)
+
+
+OPEN_PATHS = frozenset({"/health", "/livez"})  # probes: a load balancer has no key
+POLICY_VIOLATION = 1008  # the websocket close code for a refused handshake (the server answers 403)
+
+
+def unauthorized(message: str) -> JSONResponse:
+    """401 as OpenAI's API answers a bad key, with the challenge RFC 6750 asks for."""
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
+    return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+
+class ApiKeyMiddleware:
+    """Authenticates every HTTP request (but the probes) and every websocket from its headers
+    alone, so a caller without a key cannot make the gateway read, parse or buffer a body;
+    unknown paths too (no route discovery without a key). Deny by default: a websocket without
+    a valid key is closed before the app sees it, and only ``lifespan`` passes unchecked."""
+
+    def __init__(self, app: ASGIApp, keys: KeyRing) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan" or (kind == "http" and scope["path"] in OPEN_PATHS):
+            await self.app(scope, receive, send)
+            return
+        try:
+            if kind not in ("http", "websocket"):
+                raise GatewayError(grpc.StatusCode.UNAUTHENTICATED, f"{kind} connections are not served")
+            caller = self.keys.authenticate(Headers(scope=scope).get("authorization"))
+        except GatewayError as exc:
+            if kind == "http":
+                await unauthorized(exc.message)(scope, receive, send)
+            elif kind == "websocket":  # closed before accept: the server refuses the handshake (403)
+                await send({"type": "websocket.close", "code": POLICY_VIOLATION, "reason": exc.message[:120]})
+            return
+        scope.setdefault("state", {})["caller"] = caller
+        await self.app(scope, receive, send)
+
+
+def caller_of(request: Request, service: GenerationService) -> Caller:
+    """The caller ``ApiKeyMiddleware`` authenticated (or, without it, authenticated here)."""
+    caller = getattr(request.state, "caller", None)
+    return caller if isinstance(caller, Caller) else service.authenticate(request.headers.get("authorization"))
 
 
 def _sse(payload: dict[str, Any]) -> str:
@@ -71,7 +134,29 @@ async def _read_json(request: Request, limit: int) -> Any:
     return await asyncio.to_thread(parse_json, raw) if len(raw) > _THREAD_PARSE_BYTES else parse_json(raw)
 
 
-async def _stream(kind: Kind, parsed: OpenAIRequest, active: ActiveRequest, model: str) -> AsyncIterator[str]:
+class SSEResponse(StreamingResponse):
+    """Server-sent events of one ``ActiveRequest`` that always end its stream (module doc): the
+    events generator is closed and the request ``close``d when the response is over, whether
+    its body was read to the end, left mid-way or never started — so the request is cancelled
+    (unless finished or kept running), its key's concurrency place is given back and this
+    gateway stops counting it among its streams."""
+
+    def __init__(self, events: AsyncGenerator[str, None], active: ActiveRequest, headers: dict[str, str]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self._events = events
+        self._active = active
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await self._events.aclose()  # a started stream ends its deltas (and so the request) here
+            finally:
+                self._active.close()  # one never started has no finally of its own: idempotent
+
+
+async def _stream(kind: Kind, parsed: OpenAIRequest, active: ActiveRequest, model: str) -> AsyncGenerator[str, None]:
     """SSE events: one per token batch (finish_reason on the last), usage if asked, then [DONE]."""
     rid, created, first = response_id(kind, active.request_id), int(time.time()), True
     try:
@@ -117,6 +202,7 @@ def create_app(service: GenerationService) -> FastAPI:
     """The HTTP app; ``app.state.draining = True`` makes /health answer 503 during shutdown."""
     app = FastAPI(title="AccelGen gateway (OpenAI-compatible)", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.draining = False
+    app.add_middleware(ApiKeyMiddleware, keys=service.keys)
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
@@ -138,26 +224,36 @@ def create_app(service: GenerationService) -> FastAPI:
         return Response(status_code=503 if app.state.draining or not getattr(app.state, "ready", True) else 200)
 
     @app.get("/v1/models")
-    async def models() -> JSONResponse:
+    async def models(request: Request) -> JSONResponse:  # a key is needed (the middleware): it names the model
+        caller_of(request, service).charge()
         info = await service.client.server_info()
         return JSONResponse(models_body(info.model, info.max_model_len, int(time.time())))
 
     async def generate(kind: Kind, request: Request) -> Response:
-        body = await _read_json(request, max(1, int(getattr(service.config, "max_body_bytes", 4 << 20))))
-        parsed = parse_request(kind, body, request.headers)
-        if parsed.messages is not None:
-            try:
-                parsed.generate.text = service.tokenizer.apply_chat(parsed.messages)
-            except Exception as exc:  # a template that rejects the roles/order
-                raise invalid(f"messages: the model's chat template rejected them: {exc}", "messages") from None
-        prepared = await service.prepare(parsed.generate, names=parsed.names, text_output=True)
-        model = (await service.client.server_info()).model  # cached: prepare has just asked
-        check_model(body.get("model"), service.config.model_names(model))
-        active = await service.start(prepared)
+        caller = caller_of(request, service)
+        config = service.config
+        with caller.admit().until_failure() as lease:  # over its limits: 429 before the body is read
+            body = await _read_json(request, max(1, int(config.max_body_bytes)))
+            parsed = parse_request(kind, body, request.headers, max_prompt_chars=config.max_prompt_chars,
+                                   max_messages=config.max_messages)
+            if parsed.messages is not None:
+                try:
+                    parsed.generate.text = service.tokenizer.apply_chat(parsed.messages)
+                except Exception as exc:  # a template that rejects the roles/order
+                    raise invalid(f"messages: the model's chat template rejected them: {exc}", "messages") from None
+                # The contents were held to the cap; the text the tokenizer gets also has the
+                # roles and the template's own text: it is held to the same cap (a len, no cost).
+                if len(parsed.generate.text) > config.max_prompt_chars:
+                    raise too_long("messages", len(parsed.generate.text), config.max_prompt_chars,
+                                   " (the prompt the model's chat template made of them)")
+            prepared = await service.prepare(parsed.generate, names=parsed.names, text_output=True, caller=caller,
+                                             chars_checked=True)
+            model = (await service.client.server_info()).model  # cached: prepare has just asked
+            check_model(body.get("model"), config.model_names(model))
+            active = await service.start(prepared, lease)
         headers = {"x-request-id": active.request_id}
         if parsed.stream:
-            return StreamingResponse(_stream(kind, parsed, active, model), media_type="text/event-stream",
-                                     headers=headers)
+            return SSEResponse(_stream(kind, parsed, active, model), active, headers)
         outcome = await _collect_unless_disconnected(request, active)
         if outcome is None:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it

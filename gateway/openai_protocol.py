@@ -19,8 +19,9 @@ from typing import Any, Literal, Mapping
 
 import grpc
 
+from accelgen.core.request import MAX_STOP_TOKEN_IDS
 from accelgen.v1 import common_pb2, gateway_pb2
-from gateway.convert import FieldNames
+from gateway.convert import FieldNames, too_long
 from gateway.errors import GatewayError, invalid
 
 Kind = Literal["completion", "chat"]
@@ -64,6 +65,9 @@ _UNSUPPORTED_HINT = {"stop": "; stop strings are not supported, use stop_token_i
 # repr() of a value nested ~1,000 deep raises RecursionError. No OpenAI field needs more.
 MAX_INT_DIGITS = 64
 MAX_JSON_DEPTH = 64
+# A role names a speaker ("system", "user", "assistant", "tool", ...); the chat template puts it
+# into the prompt, so it is bounded like the contents are (and the templated text is checked too).
+MAX_ROLE_CHARS = 64
 _FLOAT32_MAX = 3.4028234663852886e38
 
 _REPR = reprlib.Repr()
@@ -219,8 +223,9 @@ def _token_ids(value: list[Any], name: str) -> list[int]:
     return list(value)
 
 
-def _prompt(body: Mapping[str, Any], req: gateway_pb2.GenerateRequest) -> None:
-    """``prompt``: a string or a list of token ids; a batch of prompts is refused."""
+def _prompt(body: Mapping[str, Any], req: gateway_pb2.GenerateRequest, max_chars: int | None = None) -> None:
+    """``prompt``: a string (of at most ``max_chars`` characters) or a list of token ids; a batch
+    of prompts is refused."""
     p = body.get("prompt")
     if p is None:
         raise invalid("prompt is required: a string or a list of token ids", "prompt")
@@ -230,6 +235,8 @@ def _prompt(body: Mapping[str, Any], req: gateway_pb2.GenerateRequest) -> None:
                           "(a string or a list of token ids)", "prompt")
         p = p[0]  # a batch of one is one prompt
     if isinstance(p, str):
+        if max_chars is not None and len(p) > max_chars:
+            raise too_long("prompt", len(p), max_chars)
         req.text = _unicode(p, "prompt")
     elif isinstance(p, list):
         req.tokenized.input_ids.extend(_token_ids(p, "prompt"))
@@ -247,15 +254,25 @@ def _unicode(text: str, name: str) -> str:
     return text
 
 
-def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
-    """``messages`` as role/content string pairs (text parts of a content list joined by newlines)."""
+def _messages(body: Mapping[str, Any], max_messages: int | None = None,
+              max_chars: int | None = None) -> list[dict[str, str]]:
+    """``messages`` as role/content string pairs (text parts of a content list joined by newlines):
+    at most ``max_messages`` of them, whose contents hold at most ``max_chars`` characters in all
+    and whose roles at most ``MAX_ROLE_CHARS`` each (checked before the chat template and the
+    tokenizer see them; the templated text is held to ``max_chars`` again once made)."""
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise invalid("messages is required: a non-empty list of {role, content} objects", "messages")
-    out = []
+    if max_messages is not None and len(msgs) > max_messages:
+        raise invalid(f"messages has {len(msgs)} messages; this gateway accepts at most {max_messages} "
+                      "(max_messages)", "messages")
+    out, chars = [], 0
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise invalid(f"messages[{i}] must be an object with a string role", "messages")
+        if len(m["role"]) > MAX_ROLE_CHARS:
+            raise invalid(f"messages[{i}].role has {len(m['role'])} characters; a role (a speaker such as 'user') "
+                          f"may have at most {MAX_ROLE_CHARS}", "messages")
         content = m.get("content")
         if content is None:
             content = ""
@@ -271,6 +288,9 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
             content = "\n".join(texts)
         elif not isinstance(content, str):
             raise invalid(f"messages[{i}].content must be a string or a list of text parts", "messages")
+        chars += len(content)
+        if max_chars is not None and chars > max_chars:
+            raise too_long("messages", chars, max_chars, " (their contents together)")
         out.append({"role": m["role"], "content": _unicode(content, f"messages[{i}].content")})
     return out
 
@@ -327,6 +347,9 @@ def _sampling(body: Mapping[str, Any], kind: Kind, names: dict[str, str]) -> com
     if stop_ids is not None:
         if not isinstance(stop_ids, list):
             raise invalid(f"stop_token_ids must be a list of token ids, got {_shown(stop_ids)}", "stop_token_ids")
+        if len(stop_ids) > MAX_STOP_TOKEN_IDS:  # before each is checked and copied
+            raise invalid(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(stop_ids)}",
+                          "stop_token_ids")
         sp.stop_token_ids.extend(_token_ids(stop_ids, "stop_token_ids"))
     sp.ignore_eos = _bool(body, "ignore_eos")
     return sp
@@ -345,8 +368,11 @@ def check_model(model: Any, served: set[str]) -> None:
                            f"{', '.join(sorted(served))}", "model")
 
 
-def parse_request(kind: Kind, body: Any, headers: Mapping[str, str]) -> OpenAIRequest:
-    """Validate an OpenAI body's shape and types; ranges are checked later by ``convert``."""
+def parse_request(kind: Kind, body: Any, headers: Mapping[str, str], max_prompt_chars: int | None = None,
+                  max_messages: int | None = None) -> OpenAIRequest:
+    """Validate an OpenAI body's shape and types, and its text's size (``max_prompt_chars``:
+    the prompt, or all message contents together; ``max_messages``); ranges are checked later
+    by ``convert``. ``x-request-id`` is the client's label for the request, not its id."""
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object")
     _check_unsupported(body)
@@ -354,9 +380,9 @@ def parse_request(kind: Kind, body: Any, headers: Mapping[str, str]) -> OpenAIRe
     req = gateway_pb2.GenerateRequest(request_id=headers.get("x-request-id", ""))
     messages = None
     if kind == "completion":
-        _prompt(body, req)
+        _prompt(body, req, max_prompt_chars)
     else:
-        messages = _messages(body)
+        messages = _messages(body, max_messages, max_prompt_chars)
     req.sampling_params.CopyFrom(_sampling(body, kind, names))
     _slo(body, headers, req)
     stream = _bool(body, "stream")

@@ -172,7 +172,7 @@ def run_phase(fc: FaultClass, n: int, s: Settings) -> dict[str, Any]:
             log.info("fault", cls=fc.name, n=k + 1, of=n, **{k2: v for k2, v in ev.items() if k2 != "cls"})
         runner.stop()
         records = runner.records
-        states = drain(topo, [r.spec.request_id for r in records], s.drain_timeout_s)
+        states = drain(topo, [r.request_id for r in records if r.request_id], s.drain_timeout_s)
     finally:
         runner.stop(timeout_s=5)
         client.close()
@@ -205,7 +205,7 @@ def reference_run(specs: list[RequestSpec], s: Settings) -> dict[str, Any]:
         client = GatewayClient(topo.gateway_endpoints, timeout_s=600.0)
         records = run_all(client, specs, concurrency=16)
         client.close()
-        states = drain(topo, [sp.request_id for sp in specs], s.drain_timeout_s)
+        states = drain(topo, [r.request_id for r in records.values() if r.request_id], s.drain_timeout_s)
     finally:
         topo.stop()
     return {"records": {rid: r.to_json() for rid, r in records.items()}, "final": states,

@@ -8,6 +8,12 @@ counts, the recovery times and the client-visible errors.
 - differing: the scheduler's output, or what the client received (its stream must be a prefix of
   the reference, and all of it once the client finished: no token lost or repeated), is not the
   fault-free reference run's output for the same request.
+
+Requests are matched by the client's label (``spec.request_id``); their states are read by the id
+the gateway made (``request_id`` of a record). The gateway makes a new id each run, and the sim's
+tokens depend on it: for the sim executor the fault-free output is computed from the id
+(``sim_token``, greedy with ``ignore_eos``: exactly what the reference run would give that id),
+for vLLM (greedy: the prompt decides) it is the reference run's.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 from typing import Any
+
+from gateway.tokenizer import ByteTokenizer, IncrementalDetokenizer
+from worker_service.executors.sim import sim_token
 
 
 def _prefix(a: list, b: list) -> bool:
@@ -54,7 +63,22 @@ def _stats(values: list[float]) -> dict[str, float | None]:
             "max": round(values[-1], 2)}
 
 
-def summarize_phase(phase: dict, reference: dict) -> dict[str, Any]:
+def reference_of(rec: dict, reference: dict, executor: str) -> tuple[dict | None, dict | None]:
+    """(final state, client record) of the fault-free run of ``rec``'s request (None: none)."""
+    if executor == "sim":
+        if not rec.get("request_id"):
+            return None, None
+        spec = rec["spec"]
+        ids = [sim_token(rec["request_id"], i) for i in range(spec["max_new_tokens"])]
+        detok = IncrementalDetokenizer(ByteTokenizer(), spec["prompt"])  # the sim's gateway detokenises so
+        text = detok.add(ids) + detok.flush()
+        return {"status": "finished", "output_ids": ids}, {"finished": True, "text": text}
+    ref_rec = reference["records"].get(rec["spec"]["request_id"])
+    ref_id = ref_rec.get("request_id") if ref_rec else None
+    return (reference["final"].get(ref_id) if ref_id else None), ref_rec
+
+
+def summarize_phase(phase: dict, reference: dict, executor: str = "sim") -> dict[str, Any]:
     if phase["status"] != "run":
         return {"class": phase["class"], "title": phase["title"], "status": phase["status"],
                 "reason": phase.get("reason", "")}
@@ -63,7 +87,8 @@ def summarize_phase(phase: dict, reference: dict) -> dict[str, Any]:
     lost_ids, diff_ids, lost_status = [], [], Counter()
     for rec in phase["records"]:
         rid = rec["spec"]["request_id"]
-        j = judge(rec, phase["final"].get(rid), reference["final"].get(rid), reference["records"].get(rid))
+        state = phase["final"].get(rec["request_id"]) if rec.get("request_id") else None
+        j = judge(rec, state, *reference_of(rec, reference, executor))
         counts["sent"] += 1
         counts["accepted"] += j["accepted"]
         counts["finished"] += j["finished"]
@@ -104,7 +129,8 @@ def summarize_phase(phase: dict, reference: dict) -> dict[str, Any]:
 
 
 def summarize(result: dict) -> dict[str, Any]:
-    classes = [summarize_phase(p, result["reference"]) for p in result["phases"]]
+    executor = result["settings"].get("executor", "sim")
+    classes = [summarize_phase(p, result["reference"], executor) for p in result["phases"]]
     ran = [c for c in classes if c["status"] == "run"]
     total = Counter()
     for c in ran:

@@ -1,7 +1,9 @@
 """The campaign's load: a seeded mixed-SLO workload of greedy requests, and the clients that send it.
 
-Every request is fully described by a ``RequestSpec`` (its id included, which the sim's tokens
-depend on), so the fault-free reference run replays exactly the same requests. Most go through
+Every request is fully described by a ``RequestSpec``, so the fault-free reference run replays
+exactly the same requests. Its ``request_id`` is the client's label: the gateway makes the real
+id (which the sim's tokens depend on), and the client records it (``ClientRecord.request_id``,
+from the ``x-request-id`` initial metadata or header) to Attach and for the end-of-run check. Most go through
 the gateway's gRPC ``Generate`` (streamed), a few through its OpenAI HTTP API. A client records
 what it saw: the tokens (or, over HTTP, the text), and every error by status code. When a gRPC
 stream breaks after the request was accepted, the client re-attaches with the gateway's
@@ -44,6 +46,7 @@ class ClientRecord:
     """What one client saw of one request."""
 
     spec: RequestSpec
+    request_id: str = ""  # the gateway's id for it ("" while the client has not learned it)
     tokens: list[int] = field(default_factory=list)  # gRPC: streamed token ids, in order
     text: str = ""  # HTTP: streamed text
     complete_ids: list[int] | None = None  # gRPC: GenerateComplete.output_ids
@@ -108,6 +111,7 @@ class GatewayClient:
 
     def _consume(self, rec: ClientRecord, stream) -> None:
         for resp in stream:
+            rec.request_id = resp.request_id or rec.request_id
             if resp.HasField("chunk"):
                 rec.tokens.extend(resp.chunk.token_ids)
             else:
@@ -117,12 +121,15 @@ class GatewayClient:
 
     def _grpc(self, rec: ClientRecord, gateway: int) -> None:
         addr = self.gateways[gateway][0]
+        call = gateway_pb2_grpc.GatewayStub(self._channels[addr]).Generate(_generate_request(rec.spec),
+                                                                           timeout=self.timeout_s)
         try:
-            self._consume(rec, gateway_pb2_grpc.GatewayStub(self._channels[addr]).Generate(
-                _generate_request(rec.spec), timeout=self.timeout_s))
+            self._consume(rec, call)
             return
         except grpc.RpcError as exc:
             rec.errors.append(exc.code().name)
+            if not rec.request_id:  # broken before its first chunk: the id came first, as metadata
+                rec.request_id = dict(call.initial_metadata() or ()).get("x-request-id", "")
             if not HAS_ATTACH or exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
                                                     grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
                                                     grpc.StatusCode.UNKNOWN):
@@ -133,11 +140,14 @@ class GatewayClient:
         """Re-attach from the first token not yet received, through any gateway, until it works."""
         deadline = time.monotonic() + self.attach_for_s
         n = 0
+        if not rec.request_id:  # the gateway never said which id it made: nothing to attach to
+            rec.errors.append("attach:no-id")
+            return
         while time.monotonic() < deadline and not rec.finished and not rec.finish_reason:
             addr = self.gateways[(gateway + 1 + n) % len(self.gateways)][0]
             n += 1
             rec.attaches += 1
-            req = gateway_pb2.AttachRequest(request_id=rec.spec.request_id, from_token_index=len(rec.tokens))
+            req = gateway_pb2.AttachRequest(request_id=rec.request_id, from_token_index=len(rec.tokens))
             try:
                 self._consume(rec, gateway_pb2_grpc.GatewayStub(self._channels[addr]).Attach(req, timeout=self.timeout_s))
                 return
@@ -155,6 +165,7 @@ class GatewayClient:
             conn.request("POST", "/v1/completions", body, {"content-type": "application/json",
                                                            "x-request-id": rec.spec.request_id})
             resp = conn.getresponse()
+            rec.request_id = resp.getheader("x-request-id", "") or ""
             if resp.status != 200:
                 rec.errors.append(f"http:{resp.status}")
                 resp.read()

@@ -47,11 +47,13 @@ def wait_until(predicate, what: str, timeout_s: float = 30.0) -> None:  # noqa: 
 
 
 class Reader(threading.Thread):
-    """Streams one request through a gateway, keeping every token id it got until the stream ends."""
+    """Streams one request through a gateway, keeping every token id it got until the stream ends,
+    and the request id the gateway made for it (``rid`` is only the client's label)."""
 
     def __init__(self, address: str, rid: str, max_tokens: int) -> None:
         super().__init__(daemon=True)
         self.address, self.rid, self.max_tokens = address, rid, max_tokens
+        self.request_id = ""
         self.tokens: list[int] = []
         self.error: grpc.RpcError | None = None
 
@@ -62,6 +64,7 @@ class Reader(threading.Thread):
                 sampling_params=common_pb2.SamplingParams(max_new_tokens=self.max_tokens, ignore_eos=True))
             try:
                 for resp in gateway_pb2_grpc.GatewayStub(ch).Generate(req, timeout=120):
+                    self.request_id = resp.request_id
                     self.tokens.extend(resp.chunk.token_ids)
             except grpc.RpcError as exc:
                 self.error = exc
@@ -91,24 +94,26 @@ def test_a_killed_gateways_clients_resume_elsewhere_and_the_rest_is_cancelled(st
     resumed.join(10)
     assert abandoned.error is not None and resumed.error is not None
     have = len(resumed.tokens)
+    resumed_id, abandoned_id = resumed.request_id, abandoned.request_id
+    assert state(stack, resumed_id).label == "resumed"
 
     # The client resumes through gw-2 from what it has: every token once, in order.
     with grpc.insecure_channel(g2_address) as ch:
         out = list(gateway_pb2_grpc.GatewayStub(ch).Attach(
-            gateway_pb2.AttachRequest(request_id="resumed", from_token_index=have), timeout=60))
+            gateway_pb2.AttachRequest(request_id=resumed_id, from_token_index=have), timeout=60))
         # Its gateway is gone, but not long enough yet: the other request still runs.
         if time.monotonic() - killed_at < GONE_S:
-            assert state(stack, "abandoned").status in ("running", "waiting")
+            assert state(stack, abandoned_id).status in ("running", "waiting")
     rest = [t for r in out if r.WhichOneof("response") == "chunk" for t in r.chunk.token_ids]
-    final = state(stack, "resumed")
+    final = state(stack, resumed_id)
     assert final.status == "finished" and len(final.output_ids) == 1200
     assert resumed.tokens + rest == list(final.output_ids)
     assert out[-1].complete.completion_tokens == 1200 and list(out[-1].complete.output_ids) == list(final.output_ids)
 
     # The request nobody resumed is cancelled once gw-1 has been gone GONE_S (durably: in Redis).
-    wait_until(lambda: state(stack, "abandoned").status == "cancelled", "the abandoned request cancelled")
+    wait_until(lambda: state(stack, abandoned_id).status == "cancelled", "the abandoned request cancelled")
     assert time.monotonic() - killed_at >= GONE_S
-    gone = state(stack, "abandoned")
+    gone = state(stack, abandoned_id)
     assert gone.finish_reason == "abort" and len(gone.output_ids) < 1900
     log = stack.find("scheduler").log_path.read_text()
     assert '"owner_gone"' in log and '"owner": "gw-1"' in log

@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -62,7 +63,10 @@ def generating(scheduler_address: str, requests: int) -> Callable[[], bool]:
 
 
 def generate(address: str, max_tokens: int, prompt_len: int = 40, app_class: str = "chat", request_id: str = "",
-             timeout: float = 120.0, **slo: float) -> tuple[list[int], gateway_pb2.GenerateComplete]:
+             timeout: float = 120.0, ids: list[str] | None = None,
+             **slo: float) -> tuple[list[int], gateway_pb2.GenerateComplete]:
+    """One streamed request; ``request_id`` is the client's label, and the id the gateway made
+    is appended to ``ids`` as soon as the first answer names it."""
     req = gateway_pb2.GenerateRequest(
         request_id=request_id, tokenized=common_pb2.TokenizedInput(input_ids=[7] * prompt_len),
         sampling_params=common_pb2.SamplingParams(max_new_tokens=max_tokens, ignore_eos=True),
@@ -73,6 +77,8 @@ def generate(address: str, max_tokens: int, prompt_len: int = 40, app_class: str
     complete = None
     with grpc.insecure_channel(address) as ch:
         for resp in gateway_pb2_grpc.GatewayStub(ch).Generate(req, timeout=timeout):
+            if ids is not None and not ids:
+                ids.append(resp.request_id)
             if resp.HasField("chunk"):
                 tokens.extend(resp.chunk.token_ids)
             else:
@@ -177,10 +183,13 @@ def test_redis_outage_is_unavailable_and_keeps_the_workers(tmp_path: Path) -> No
     # the leader with status 3, to come back as a standby: tests/integration/test_leadership.py.)
     s = make_stack(tmp_path, workers=1, scheduler_args=["--lease-ttl-s", "60"])
     try:
-        redis_port = int(s.redis_url.rsplit(":", 1)[1].split("/")[0])
+        redis_port = urlsplit(s.redis_url).port
+        ids: list[str] = []
         with cf.ThreadPoolExecutor(max_workers=1) as pool:
-            running = pool.submit(generate, s.gateway_address, LONG, request_id="outage-long", timeout=60)
+            running = pool.submit(generate, s.gateway_address, LONG, request_id="outage-long", timeout=60, ids=ids)
             wait_until(generating(s.scheduler_address, 1), "the request to be generating")
+            wait_until(lambda: bool(ids), "its first tokens (and its id) at the client")
+            rid = ids[0]
             s.find("redis").kill()
             time.sleep(1.5)  # not a wait for an event: three heartbeats (0.5 s) land while Redis is down
             info = server_info(s.scheduler_address)
@@ -191,13 +200,13 @@ def test_redis_outage_is_unavailable_and_keeps_the_workers(tmp_path: Path) -> No
             assert "redis" in exc.value.details().lower()
             # A cancel during the outage takes effect at once; only its record waits for Redis.
             with grpc.insecure_channel(s.gateway_address) as ch:
-                cancelled = gateway_pb2_grpc.GatewayStub(ch).Cancel(common_pb2.CancelRequest(request_id="outage-long"),
+                cancelled = gateway_pb2_grpc.GatewayStub(ch).Cancel(common_pb2.CancelRequest(request_id=rid),
                                                                    timeout=10)
             assert cancelled.cancelled
             tokens, complete = running.result(timeout=30)
             assert complete.finish_reason == "abort" and len(tokens) < LONG
         # Redis back (empty, on the same port): the same worker serves again.
-        proc, _ = start_redis(port=redis_port, log_dir=tmp_path)
+        proc, _ = start_redis(port=redis_port, log_dir=tmp_path, password=urlsplit(s.redis_url).password)
         s.procs[0] = proc
         tokens, complete = generate(s.gateway_address, 5, timeout=60)
         assert len(tokens) == 5 and complete.finish_reason == "length"
@@ -205,11 +214,11 @@ def test_redis_outage_is_unavailable_and_keeps_the_workers(tmp_path: Path) -> No
 
         client = redis.Redis.from_url(s.redis_url)
         # The deferred cancel record lands once Redis answers.
-        wait_until(lambda: client.hget("accelgen:req:outage-long", "status") == b"cancelled",
+        wait_until(lambda: client.hget(f"accelgen:req:{rid}", "status") == b"cancelled",
                    "the cancel record", timeout_s=10)
         client.close()
         with grpc.insecure_channel(s.gateway_address) as ch, pytest.raises(grpc.RpcError) as exc:
-            gateway_pb2_grpc.GatewayStub(ch).GetRequest(common_pb2.GetRequestRequest(request_id="outage-long"),
+            gateway_pb2_grpc.GatewayStub(ch).GetRequest(common_pb2.GetRequestRequest(request_id=rid),
                                                         timeout=10)
         # Redis came back empty, so the request's record is gone: a clear NOT_FOUND, not INTERNAL.
         assert exc.value.code() == grpc.StatusCode.NOT_FOUND
@@ -239,10 +248,11 @@ def test_scheduler_classes_need_no_gateway_configuration(tmp_path: Path) -> None
     config.write_text(json.dumps({"classes": classes}))
     s = make_stack(tmp_path, workers=1, scheduler_args=["--config", str(config)])
     try:
-        tokens, _ = generate(s.gateway_address, 5, app_class="vision", request_id="vision-1")
+        ids: list[str] = []
+        tokens, _ = generate(s.gateway_address, 5, app_class="vision", request_id="vision-1", ids=ids)
         assert len(tokens) == 5
         with grpc.insecure_channel(s.gateway_address) as ch:
-            state = gateway_pb2_grpc.GatewayStub(ch).GetRequest(common_pb2.GetRequestRequest(request_id="vision-1"),
+            state = gateway_pb2_grpc.GatewayStub(ch).GetRequest(common_pb2.GetRequestRequest(request_id=ids[0]),
                                                                 timeout=10)
         assert state.app_class == "vision" and state.slo.tbt_ms == 120 and state.slo.ttft_ms == 2000
         with pytest.raises(grpc.RpcError) as exc:

@@ -60,14 +60,16 @@ def generate(address: str, name: str, max_tokens: int = OUT, on_first=None) -> t
         sampling_params=common_pb2.SamplingParams(max_new_tokens=max_tokens, ignore_eos=True, temperature=0.0),
         app_class="chat", stream=True)
     tokens: list[int] = []
+    request_id = ""  # the gateway's id (the one above is only the client's label)
     with grpc.insecure_channel(address) as ch:
         for resp in gateway_pb2_grpc.GatewayStub(ch).Generate(req, timeout=300):
+            request_id = resp.request_id
             if resp.HasField("chunk"):
                 tokens.extend(resp.chunk.token_ids)
                 if on_first is not None and tokens:
                     on_first()
                     on_first = None
-    return req.request_id, tokens
+    return request_id, tokens
 
 
 def preemptions(address: str, request_id: str) -> int:

@@ -50,14 +50,28 @@ def test_streams_every_token_then_completes(stack: GatewayStack, stub) -> None:
     assert [r.chunk.completion_tokens for r in chunks] == [3, 6, 9, 12, 13]
     assert all(len(r.chunk.timings) == len(r.chunk.token_ids) for r in chunks)
     assert chunks[0].chunk.prompt_tokens == len("hi there")
-    assert last.WhichOneof("response") == "complete" and last.request_id == "client-1"
+    # The gateway makes the id (128 random bits); the client's own id is kept as the label.
+    assert last.WhichOneof("response") == "complete" and len(last.request_id) == 32
+    assert {r.request_id for r in out} == {last.request_id}
     c = last.complete
     assert list(c.output_ids) == HELLO and c.text == "Hello, world!" and c.finish_reason == "stop"
     assert c.completion_tokens == 13 and c.prompt_tokens == 8 and c.ttft_ms > 0 and c.mean_tbt_ms >= 0
     sub = stack.fake.submits[0]
-    assert sub.request_id == "client-1" and list(sub.prompt_token_ids) == [3 + b for b in b"hi there"]
+    assert (sub.request_id, sub.label, sub.tenant) == (last.request_id, "client-1", "")
+    assert list(sub.prompt_token_ids) == [3 + b for b in b"hi there"]
     assert sub.app_class == "chat" and sub.slo.tbt_ms == pytest.approx(50) and sub.slo.ttft_ms == pytest.approx(1000)
     assert sub.has_eos_token_id and sub.eos_token_id == 2
+
+
+def test_the_request_id_comes_before_any_token(stack: GatewayStack, stub) -> None:
+    """Sent as initial metadata once the scheduler accepted it: a client whose stream breaks
+    before its first chunk can still Attach."""
+    stack.reset(hold_at=0)  # accepted, and not one token yet
+    call = stub.Generate(gateway_pb2.GenerateRequest(text="hi", stream=True, request_id="early"), timeout=10)
+    rid = dict(call.initial_metadata())["x-request-id"]
+    assert rid == stack.fake.id_of("early") and len(rid) == 32
+    stack.fake.released = True
+    assert list(call)[-1].request_id == rid
 
 
 def test_non_streaming_returns_one_complete(stack: GatewayStack, stub) -> None:
@@ -113,7 +127,7 @@ def test_scheduler_errors_pass_through(stack: GatewayStack, stub, code) -> None:
     with capture_logs() as logs, pytest.raises(grpc.RpcError) as err:
         _generate(stub, stream=True, request_id=f"refused-{code.name}")
     assert err.value.code() == code and err.value.details() == "queue is full: retry in 2 s"
-    assert {"event": "submit_failed", "request_id": f"refused-{code.name}", "code": code.name,
+    assert {"event": "submit_failed", "request_id": stack.fake.id_of(f"refused-{code.name}"), "code": code.name,
             "details": "queue is full: retry in 2 s", "log_level": "warning"} in logs
 
 
@@ -141,7 +155,8 @@ def test_broken_watch_is_resumed_without_loss_or_duplicates(stack: GatewayStack,
     out = _generate(stub, stream=True, request_id="resume-1")
     assert _streamed_ids(out) == HELLO
     assert list(out[-1].complete.output_ids) == HELLO and out[-1].complete.text == "Hello, world!"
-    assert [w for w in stack.fake.watches if w[0] == "resume-1"] == [("resume-1", 0), ("resume-1", 6)]
+    rid = stack.fake.id_of("resume-1")
+    assert [w for w in stack.fake.watches if w[0] == rid] == [(rid, 0), (rid, 6)]
 
 
 def test_scheduler_restart_mid_stream_loses_nothing(stack: GatewayStack, stub) -> None:
@@ -151,7 +166,7 @@ def test_scheduler_restart_mid_stream_loses_nothing(stack: GatewayStack, stub) -
     stack.restart_scheduler(down_s=0.3)
     got += list(stream)
     assert _streamed_ids(got) == HELLO and got[-1].complete.finish_reason == "stop"
-    assert len([w for w in stack.fake.watches if w[0] == "restart-1"]) >= 2
+    assert len([w for w in stack.fake.watches if w[0] == stack.fake.id_of("restart-1")]) >= 2
 
 
 def test_client_disconnect_cancels_at_the_scheduler(stack: GatewayStack, stub) -> None:
@@ -159,15 +174,15 @@ def test_client_disconnect_cancels_at_the_scheduler(stack: GatewayStack, stub) -
     stream = stub.Generate(gateway_pb2.GenerateRequest(text="hi", stream=True, request_id="gone-1"), timeout=15)
     next(stream)
     stream.cancel()
-    assert stack.wait_for(lambda: "gone-1" in stack.fake.cancels)
+    assert stack.wait_for(lambda: stack.fake.cancelled("gone-1"))
 
 
 def test_client_leaving_during_submit_cancels_at_the_scheduler(stack: GatewayStack, stub) -> None:
     stack.reset(submit_delay_s=1.0)
     stream = stub.Generate(gateway_pb2.GenerateRequest(text="hi", stream=True, request_id="gone-early"), timeout=15)
-    assert stack.wait_for(lambda: any(s.request_id == "gone-early" for s in stack.fake.submits))
+    assert stack.wait_for(lambda: bool(stack.fake.id_of("gone-early")))
     stream.cancel()  # the scheduler has accepted it; its answer has not arrived yet
-    assert stack.wait_for(lambda: "gone-early" in stack.fake.cancels)
+    assert stack.wait_for(lambda: stack.fake.cancelled("gone-early"))
 
 
 def test_token_ids_outside_the_workers_vocabulary_are_refused_before_submit() -> None:
@@ -180,7 +195,7 @@ def test_token_ids_outside_the_workers_vocabulary_are_refused_before_submit() ->
                       tokenized=common_pb2.TokenizedInput(input_ids=[5, 1000]))
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "input_ids[1] = 1000" in exc.value.details()
-        assert not any(sub.request_id == "oov-1" for sub in s.fake.submits)
+        assert not s.fake.submits
     finally:
         s.close()
 
@@ -193,16 +208,16 @@ def test_a_submit_past_its_deadline_is_cancelled_at_the_scheduler() -> None:
         with grpc.insecure_channel(s.grpc_target) as channel, pytest.raises(grpc.RpcError) as exc:
             _generate(gateway_pb2_grpc.GatewayStub(channel), request_id="slow-submit")
         assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert s.wait_for(lambda: "slow-submit" in s.fake.cancels)  # accepted there, so withdrawn
+        assert s.wait_for(lambda: s.fake.cancelled("slow-submit"))  # accepted there, so withdrawn
     finally:
         s.close()
 
 
 def test_cancel_and_get_request_pass_through(stack: GatewayStack, stub) -> None:
-    _generate(stub, request_id="done-1")
-    state = stub.GetRequest(common_pb2.GetRequestRequest(request_id="done-1"), timeout=5)
-    assert list(state.output_ids) == HELLO and state.app_class == "chat"
-    assert stub.Cancel(common_pb2.CancelRequest(request_id="done-1"), timeout=5).cancelled
+    rid = _generate(stub, request_id="done-1")[-1].request_id
+    state = stub.GetRequest(common_pb2.GetRequestRequest(request_id=rid), timeout=5)
+    assert list(state.output_ids) == HELLO and state.app_class == "chat" and state.label == "done-1"
+    assert stub.Cancel(common_pb2.CancelRequest(request_id=rid), timeout=5).cancelled
     for call, msg in ((stub.GetRequest, common_pb2.GetRequestRequest), (stub.Cancel, common_pb2.CancelRequest)):
         with pytest.raises(grpc.RpcError) as err:
             call(msg(request_id="nope"), timeout=5)
@@ -267,7 +282,7 @@ def test_concurrent_requests_share_one_watch_stream(stack: GatewayStack, stub) -
         outs = list(pool.map(lambda i: _generate(stub, stream=True, request_id=f"many-{i}"), range(8)))
     assert all(_streamed_ids(out) == HELLO for out in outs)
     watched = sorted(rid for m in stack.fake.watch_many_messages for rid in (w.request_id for w in m.watch))
-    assert watched == sorted(f"many-{i}" for i in range(8))
+    assert watched == sorted(out[-1].request_id for out in outs)
     assert stack.fake.watch_many_streams <= 1  # the stream opened by an earlier test may still serve
 
 
@@ -276,7 +291,8 @@ def test_abandoned_request_is_unwatched(stack: GatewayStack, stub) -> None:
     stream = stub.Generate(gateway_pb2.GenerateRequest(text="hi", stream=True, request_id="left-1"), timeout=15)
     next(stream)
     stream.cancel()
-    assert stack.wait_for(lambda: any("left-1" in m.unwatch for m in stack.fake.watch_many_messages))
+    assert stack.wait_for(lambda: any(stack.fake.id_of("left-1") in m.unwatch
+                                      for m in stack.fake.watch_many_messages))
 
 
 def test_a_second_watcher_of_a_request_gets_a_stream_of_its_own(stack: GatewayStack) -> None:

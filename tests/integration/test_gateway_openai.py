@@ -81,14 +81,15 @@ def test_raw_sse_shape_matches_vllm(fresh: GatewayStack) -> None:
     with httpx.stream("POST", fresh.http_base + "/v1/completions", json=body,
                       headers={"x-request-id": "bench-abc-0"}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        rid = r.headers["x-request-id"]  # the gateway's id; the client's x-request-id is its label
         events = _sse_events(r)
-    assert events[-1] == "[DONE]"
+    assert events[-1] == "[DONE]" and len(rid) == 32
     tokens = [e for e in events[:-1] if e["choices"]]
-    assert all(e["object"] == "text_completion" and e["id"] == "cmpl-bench-abc-0" for e in tokens)
+    assert all(e["object"] == "text_completion" and e["id"] == f"cmpl-{rid}" for e in tokens)
     assert "".join(e["choices"][0]["text"] for e in tokens) == "Hello, world!"
     assert events[-2]["usage"] == {"prompt_tokens": 3, "completion_tokens": 13, "total_tokens": 16}
     sub = fresh.fake.submits[0]
-    assert sub.request_id == "bench-abc-0" and sub.sampling_params.ignore_eos
+    assert (sub.request_id, sub.label) == (rid, "bench-abc-0") and sub.sampling_params.ignore_eos
     assert list(sub.prompt_token_ids) == [5, 6, 7]
 
 
@@ -217,7 +218,7 @@ def test_http_disconnect_cancels_at_the_scheduler(fresh: GatewayStack) -> None:
     with httpx.stream("POST", fresh.http_base + "/v1/completions",
                       json={"model": "fake-model", "prompt": "hi", "stream": True}, headers={"x-request-id": "gone-http"}) as r:
         next(line for line in r.iter_lines() if line.startswith("data: "))
-    assert fresh.wait_for(lambda: "gone-http" in fresh.fake.cancels)
+    assert fresh.wait_for(lambda: fresh.fake.cancelled("gone-http"))
 
 
 @pytest.mark.vllm
@@ -248,4 +249,4 @@ def test_non_streaming_client_gone_cancels_at_the_scheduler(fresh: GatewayStack)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(fresh.http_base + "/v1/chat/completions", timeout=0.3, headers={"x-request-id": "gone-full"},
                    json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]})
-    assert fresh.wait_for(lambda: "gone-full" in fresh.fake.cancels)
+    assert fresh.wait_for(lambda: fresh.fake.cancelled("gone-full"))

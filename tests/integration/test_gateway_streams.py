@@ -91,8 +91,9 @@ def test_a_silent_stream_with_the_scheduler_unreachable_fails_unavailable(stack:
 
 def test_attach_streams_from_the_index_with_consistent_text(stack: GatewayStack, stub) -> None:
     full = list(stub.Generate(gateway_pb2.GenerateRequest(text="hi", stream=True, request_id="att-1"), timeout=10))
+    rid = full[-1].request_id
     for k in (0, 5, 13):
-        out = list(stub.Attach(gateway_pb2.AttachRequest(request_id="att-1", from_token_index=k), timeout=10))
+        out = list(stub.Attach(gateway_pb2.AttachRequest(request_id=rid, from_token_index=k), timeout=10))
         assert _ids(out) == HELLO[k:]
         assert _text(full)[:k] + _text(out) == "Hello, world!"  # byte tokenizer: one char a token
         c = out[-1].complete
@@ -101,12 +102,12 @@ def test_attach_streams_from_the_index_with_consistent_text(stack: GatewayStack,
 
 
 def test_attach_errors(stack: GatewayStack, stub) -> None:
-    list(stub.Generate(gateway_pb2.GenerateRequest(text="hi", request_id="att-2"), timeout=10))
+    rid = list(stub.Generate(gateway_pb2.GenerateRequest(text="hi", request_id="att-2"), timeout=10))[-1].request_id
     with pytest.raises(grpc.RpcError) as info:
-        list(stub.Attach(gateway_pb2.AttachRequest(request_id="nope"), timeout=10))
+        list(stub.Attach(gateway_pb2.AttachRequest(request_id="att-2"), timeout=10))  # a label is no id
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.RpcError) as info:
-        list(stub.Attach(gateway_pb2.AttachRequest(request_id="att-2", from_token_index=14), timeout=10))
+        list(stub.Attach(gateway_pb2.AttachRequest(request_id=rid, from_token_index=14), timeout=10))
     assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE and "13 tokens" in info.value.details()
     with pytest.raises(grpc.RpcError) as info:
         list(stub.Attach(gateway_pb2.AttachRequest(), timeout=10))

@@ -94,6 +94,16 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     cancels: list[str] = field(default_factory=list)
     _requests: dict[str, _Record] = field(default_factory=dict)
 
+    def id_of(self, label: str) -> str:
+        """The request id the gateway made for the request a client labelled ``label`` ("" before
+        its Submit arrived): ids are the gateway's, a client's own id is only its label."""
+        return next((s.request_id for s in self.submits if s.label == label), "")
+
+    def cancelled(self, label: str) -> bool:
+        """Whether the request labelled ``label`` was cancelled here."""
+        rid = self.id_of(label)
+        return bool(rid) and rid in self.cancels
+
     async def _record(self, request_id: str, context: grpc.aio.ServicerContext) -> _Record:
         rec = self._requests.get(request_id)
         if rec is None:
@@ -216,6 +226,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
                                         finish_reason=self.finish_reason if status == "finished" else "",
                                         app_class=rec.submit.app_class, slo=rec.submit.slo,
                                         prompt_tokens=len(prompt), arrival_s=time.time(),
+                                        tenant=rec.submit.tenant, label=rec.submit.label,
                                         prompt_token_ids=prompt if request.include_prompt else ())
 
 

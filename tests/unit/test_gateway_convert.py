@@ -7,8 +7,8 @@ import pytest
 
 from accelgen.v1 import common_pb2, gateway_pb2
 from gateway.config import GatewayConfig
-from gateway.convert import (GRPC_NAMES, check_prompt, resolve_request_id, resolve_slo, to_submit_request, validate_request,
-                             validate_sampling)
+from gateway.convert import (GRPC_NAMES, check_label, check_prompt, check_prompt_chars, resolve_slo, to_submit_request,
+                             validate_request, validate_sampling)
 from gateway.errors import GatewayError, http_status_of, status_of
 from accelgen.core.slo import SLOCatalog
 
@@ -25,13 +25,19 @@ def _invalid(fn, *args) -> GatewayError:
     return err.value
 
 
-def test_request_id_kept_generated_or_refused() -> None:
-    assert resolve_request_id("abc-1.2:3_x") == "abc-1.2:3_x"
-    generated = resolve_request_id("")
-    assert len(generated) == 32 and generated != resolve_request_id("")
+def test_client_id_is_a_checked_label() -> None:
+    assert check_label("abc-1.2:3_x") == "abc-1.2:3_x"
+    assert check_label("") == ""  # no label: fine, the gateway makes the id either way
     for bad in ("has space", "x" * 129, "ünïcode", "a/b"):
-        assert "request_id" in _invalid(resolve_request_id, bad).message
-    assert resolve_request_id("x" * 128) == "x" * 128
+        assert "request_id" in _invalid(check_label, bad).message
+    assert check_label("x" * 128) == "x" * 128
+
+
+def test_prompt_chars_capped_before_tokenising() -> None:
+    check_prompt_chars(gateway_pb2.GenerateRequest(text="x" * 10), 10)
+    err = _invalid(check_prompt_chars, gateway_pb2.GenerateRequest(text="x" * 11), 10)
+    assert "11 characters" in err.message and "max_prompt_chars" in err.message
+    check_prompt_chars(gateway_pb2.GenerateRequest(tokenized=common_pb2.TokenizedInput(input_ids=[1] * 99)), 10)
 
 
 def test_sampling_checks_and_top_p_default() -> None:
@@ -80,12 +86,14 @@ def test_check_prompt() -> None:
 def test_validate_request_and_submit() -> None:
     req = gateway_pb2.GenerateRequest(request_id="r1", text="hi", app_class="code",
                                       sampling_params=common_pb2.SamplingParams(max_new_tokens=5, seed=3))
-    rid, sampling, cls, slo = validate_request(req, CFG, CAT)
-    msg = to_submit_request(rid, [4, 5], sampling, cls, slo, eos_token_id=2)
-    assert (msg.request_id, list(msg.prompt_token_ids), msg.app_class) == ("r1", [4, 5], "code")
+    label, sampling, cls, slo = validate_request(req, CFG, CAT)
+    assert label == "r1"
+    msg = to_submit_request("gw-id", [4, 5], sampling, cls, slo, eos_token_id=2, tenant="team", label=label)
+    assert (msg.request_id, list(msg.prompt_token_ids), msg.app_class) == ("gw-id", [4, 5], "code")
+    assert (msg.tenant, msg.label) == ("team", "r1")
     assert msg.sampling_params.max_new_tokens == 5 and msg.sampling_params.seed == 3
     assert msg.has_eos_token_id and msg.eos_token_id == 2 and msg.slo.tbt_ms == pytest.approx(187.5)
-    assert not to_submit_request(rid, [4], sampling, cls, slo, None).has_eos_token_id
+    assert not to_submit_request("gw-id", [4], sampling, cls, slo, None).has_eos_token_id
     empty = gateway_pb2.GenerateRequest(tokenized=common_pb2.TokenizedInput())
     assert _invalid(validate_request, empty, CFG, CAT).param == "text or tokenized.input_ids"
 
@@ -95,4 +103,5 @@ def test_status_mapping_is_one_table() -> None:
     assert status_of(RuntimeError("boom"))[0] == grpc.StatusCode.INTERNAL
     assert [http_status_of(c)[0] for c in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                                            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE,
-                                           grpc.StatusCode.DATA_LOSS)] == [400, 404, 429, 503, 500]
+                                           grpc.StatusCode.DATA_LOSS, grpc.StatusCode.UNAUTHENTICATED,
+                                           grpc.StatusCode.PERMISSION_DENIED)] == [400, 404, 429, 503, 500, 401, 403]
