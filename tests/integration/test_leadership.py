@@ -36,7 +36,7 @@ MAX_TOKENS = 120
 
 @pytest.fixture
 def redis_url(tmp_path: Path) -> Iterator[str]:
-    proc, url = start_redis(workdir=tmp_path)
+    proc, url = start_redis(workdir=tmp_path, key_prefix=None)  # several prefixes, KEYS, DUMP, FLUSHALL
     yield url
     proc.stop()
 
@@ -242,12 +242,12 @@ def test_a_leader_cut_off_from_redis_is_not_ready_then_exits_3_once_its_lease_ma
 
 def test_a_scheduler_started_without_redis_waits_for_it(tmp_path: Path, procs: list[Proc]) -> None:
     redis_port, port = free_port(), free_port()
-    url = f"redis://127.0.0.1:{redis_port}/0"
+    url = f"redis://accelgen:late-redis-password@127.0.0.1:{redis_port}/0"  # the credentials it will have
     scheduler = _scheduler(procs, "sched-a", port, url, tmp_path)
     _until(lambda: scheduler.log_path is not None and scheduler.log_path.exists()
            and "lease_acquire_failed" in scheduler.log_path.read_text(), "the scheduler to retry Redis")
     assert scheduler.alive() and not _listening(port)
-    redis_proc, _ = start_redis(port=redis_port, workdir=tmp_path)
+    redis_proc, _ = start_redis(port=redis_port, workdir=tmp_path, password="late-redis-password")
     procs.insert(0, redis_proc)  # stopped last
     wait_healthy(f"127.0.0.1:{port}", SERVICE, timeout_s=30, proc=scheduler)
 

@@ -24,7 +24,7 @@ class Channel:
 
 
 def test_owners_are_durable_and_get_a_fresh_grace_period_after_a_restart() -> None:
-    proc, url = start_redis()
+    proc, url = start_redis(key_prefix=None)  # prefix t:
 
     async def run() -> None:
         store = RedisStore(url, prefix="t:")
