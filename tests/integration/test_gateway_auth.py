@@ -15,7 +15,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import grpc
 import httpx
@@ -25,8 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from accelgen.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.auth import default_tenant
-from gateway.tokenizer import ByteTokenizer, Message
 from tests.support.gateway_stack import GatewayStack
+from tests.support.spy_tokenizer import SpyTokenizer, gateway_with_spy
 
 pytestmark = pytest.mark.integration
 
@@ -40,20 +40,6 @@ MAX_CHARS = 40
 HELLO = "Hello, world!"
 
 
-class SpyTokenizer(ByteTokenizer):
-    """The byte tokenizer, remembering the length of every text it was given."""
-
-    seen: list[int] = []
-
-    def encode(self, text: str) -> list[int]:
-        self.seen.append(len(text))
-        return super().encode(text)
-
-    def apply_chat(self, messages: Sequence[Message]) -> str:
-        self.seen.append(sum(len(m["content"]) for m in messages))
-        return super().apply_chat(messages)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayStack]:
     keys = Path(tmp_path_factory.mktemp("keys")) / "keys.txt"
@@ -65,10 +51,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayStack]:
 {KEY_CODE} name=coder classes=code
 {KEY_POLL} name=poll rate=0.01 burst=2
 """)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("gateway.main.load_tokenizer", lambda _path: SpyTokenizer())
-        s = GatewayStack(api_keys=str(keys), max_prompt_chars=MAX_CHARS, max_messages=3,
-                         max_message_bytes=64 << 10)
+    s = gateway_with_spy(api_keys=str(keys), max_prompt_chars=MAX_CHARS, max_messages=3, max_message_bytes=64 << 10)
     yield s
     s.close()
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import socket
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import httpx
 import pytest
 
-from gateway.tokenizer import ByteTokenizer, Message
 from tests.support.gateway_stack import GatewayStack
+from tests.support.spy_tokenizer import SpyTokenizer, gateway_with_spy
 
 pytestmark = pytest.mark.integration
 
@@ -26,25 +26,9 @@ KEY_A = "key-a-" + "a" * 26
 MAX_CHARS = 40
 
 
-class SpyTokenizer(ByteTokenizer):
-    """The byte tokenizer, remembering the length of every text it was given."""
-
-    seen: list[int] = []
-
-    def encode(self, text: str) -> list[int]:
-        self.seen.append(len(text))
-        return super().encode(text)
-
-    def apply_chat(self, messages: Sequence[Message]) -> str:
-        self.seen.append(sum(len(m["content"]) for m in messages))
-        return super().apply_chat(messages)
-
-
 @pytest.fixture(scope="module")
 def stack() -> Iterator[GatewayStack]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("gateway.main.load_tokenizer", lambda _path: SpyTokenizer())
-        s = GatewayStack(api_key=[KEY_A], max_prompt_chars=MAX_CHARS, key_max_concurrent=1)
+    s = gateway_with_spy(api_key=[KEY_A], max_prompt_chars=MAX_CHARS, key_max_concurrent=1)
     yield s
     s.close()
 

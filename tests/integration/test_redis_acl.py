@@ -7,7 +7,6 @@ keys outside the prefix and admin commands are refused; no password reaches a lo
 from __future__ import annotations
 
 import asyncio
-import datetime
 import hashlib
 import re
 import shutil
@@ -142,21 +141,11 @@ def test_bad_credentials_are_refused_at_once_with_redis_reason(acl_redis: str, c
                       "unknown user": ("someone", urlsplit(acl_redis).password)}[credentials]
     url = _with_password(acl_redis, user, password)
 
-    async def scenario() -> None:
-        store = RedisStore(url, prefix="accelgen:", retry_s=10.0)
-        started = time.monotonic()
-        try:
-            with pytest.raises(rx.AuthenticationError) as refused:
-                await store.acquire_lease("sched-x", 5000)
-        finally:
-            await store.close()
-        assert time.monotonic() - started < 2.0, "refused credentials must not be retried for retry_s"
-        assert not is_transient(refused.value)
-        text = str(refused.value)
-        assert ("Authentication required" in text if password is None
-                else "invalid username-password pair or user is disabled" in text), text
-
-    asyncio.run(scenario())
+    error, took = _first_lease_refused(url, rx.AuthenticationError, retry_s=10.0)
+    assert took < 2.0, "refused credentials must not be retried for retry_s"
+    assert not is_transient(error)
+    assert ("Authentication required" in str(error) if password is None
+            else "invalid username-password pair or user is disabled" in str(error)), error
 
 
 def test_a_scheduler_with_a_wrong_password_exits_2_saying_why_and_shows_no_password(
@@ -223,12 +212,9 @@ def test_the_deployed_redis_conf_with_its_acl_file_serves_the_scheduler(tmp_path
         assert wait_redis(port, proc=proc, username="accelgen", password=password), \
             (tmp_path / "redis-deploy.log").read_text()
 
+        _exercise_at(url)
+
         async def scenario() -> None:
-            store = RedisStore(url, prefix="accelgen:")
-            try:
-                await _exercise(store)
-            finally:
-                await store.close()
             anonymous = RedisStore(_with_password(url, None, None), prefix="accelgen:")
             try:
                 with pytest.raises(rx.AuthenticationError):
@@ -241,61 +227,54 @@ def test_the_deployed_redis_conf_with_its_acl_file_serves_the_scheduler(tmp_path
         proc.stop()
 
 
+def _exercise_at(url: str) -> None:
+    """``_exercise`` on a fresh store at ``url``."""
+
+    async def scenario() -> None:
+        store = RedisStore(url, prefix="accelgen:")
+        try:
+            await _exercise(store)
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def _first_lease_refused(url: str, expected: type[Exception], retry_s: float) -> tuple[Exception, float]:
+    """The error a fresh store's first command gets from ``url`` (it must be ``expected``), and
+    how long it took to come back."""
+
+    async def scenario() -> tuple[Exception, float]:
+        store = RedisStore(url, prefix="accelgen:", retry_s=retry_s)
+        started = time.monotonic()
+        try:
+            with pytest.raises(expected) as refused:
+                await store.acquire_lease("sched-x", 5000)
+        finally:
+            await store.close()
+        return refused.value, time.monotonic() - started
+
+    return asyncio.run(scenario())
+
+
 # -- TLS -------------------------------------------------------------------------------------------
 def _certs(out: Path) -> dict[str, Path]:
-    """A CA, Redis's server cert (127.0.0.1), a client cert; and a second CA's client cert."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-    import ipaddress
+    """A CA, Redis's server cert (127.0.0.1), a client cert (the scheduler's); and a second CA's
+    client cert. Made by ``accelgen certs`` as a deployment would: any certificate of the CA with
+    the address in it serves for Redis's side."""
+    import shutil
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    from accelgen.common.certs import CertsRequest, make_certs
 
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def write(stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
-        (out / f"{stem}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                            serialization.PrivateFormat.PKCS8,
-                                                            serialization.NoEncryption()))
-        (out / f"{stem}.key").chmod(0o600)
-        (out / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-    def ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(name(cn)).public_key(key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                             data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                             crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-                .sign(key, hashes.SHA256()))
-        return key, cert
-
-    def leaf(cn: str, issuer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate]) -> tuple:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(issuer[1].subject)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                            x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                               critical=False)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                      ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer[0].public_key()),
-                               critical=False)
-                .sign(issuer[0], hashes.SHA256()))
-        return key, cert
-
-    good, rogue = ca("redis test CA"), ca("rogue CA")
-    write("ca", *good)
-    write("rogue-ca", *rogue)
-    write("redis", *leaf("redis", good))
-    write("client", *leaf("accelgen scheduler", good))
-    write("rogue", *leaf("rogue client", rogue))
+    good, rogue = out / "good", out / "rogue-dir"
+    make_certs(CertsRequest(good, hosts=("127.0.0.1", "localhost")))
+    make_certs(CertsRequest(rogue, hosts=("127.0.0.1", "localhost")))
+    for stem, (source, role) in {"ca": (good, "ca"), "rogue-ca": (rogue, "ca"), "redis": (good, "gateway"),
+                                 "client": (good, "scheduler"), "rogue": (rogue, "scheduler")}.items():
+        shutil.copy(source / f"{role}.crt", out / f"{stem}.crt")
+        if role != "ca":
+            shutil.copy(source / f"{role}.key", out / f"{stem}.key")
+            (out / f"{stem}.key").chmod(0o600)
     return {stem: out / f"{stem}.crt" for stem in ("ca", "rogue-ca", "redis", "client", "rogue")}
 
 
@@ -335,16 +314,7 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, P
 
 
 def test_the_scheduler_store_works_over_tls_with_a_client_certificate(tls_redis: tuple[str, Path]) -> None:
-    url, _ = tls_redis
-
-    async def scenario() -> None:
-        store = RedisStore(url, prefix="accelgen:")
-        try:
-            await _exercise(store)
-        finally:
-            await store.close()
-
-    asyncio.run(scenario())
+    _exercise_at(tls_redis[0])
 
 
 @pytest.mark.parametrize("case", ["no client certificate", "client certificate of another CA",
@@ -359,24 +329,14 @@ def test_tls_refusals_are_immediate_and_not_retried(tls_redis: tuple[str, Path],
                                  f"&ssl_certfile={certs / 'client.crt'}&ssl_keyfile={certs / 'client.key'}",
            "plaintext to the TLS port": "redis" + base[len("rediss"):]}[case]
 
-    async def scenario() -> None:
-        store = RedisStore(bad, prefix="accelgen:", retry_s=3.0)
-        started = time.monotonic()
-        try:
-            with pytest.raises(rx.ConnectionError) as refused:
-                await store.acquire_lease("sched-x", 5000)
-        finally:
-            await store.close()
-        took = time.monotonic() - started
-        print(f"\n{case}: {refused.value} (after {took:.2f} s, transient={is_transient(refused.value)})")
-        if case == "plaintext to the TLS port":
-            # Redis just closes the connection: indistinguishable from a restart, so retried.
-            assert is_transient(refused.value) and took >= 2.5
-        else:  # a certificate refused: the configuration, reported at once
-            assert not is_transient(refused.value) and took < 2.0
-            assert re.search(r"CERTIFICATE_REQUIRED|UNKNOWN_CA|CERTIFICATE_VERIFY_FAILED", str(refused.value))
-
-    asyncio.run(scenario())
+    error, took = _first_lease_refused(bad, rx.ConnectionError, retry_s=3.0)
+    print(f"\n{case}: {error} (after {took:.2f} s, transient={is_transient(error)})")
+    if case == "plaintext to the TLS port":
+        # Redis just closes the connection: indistinguishable from a restart, so retried.
+        assert is_transient(error) and took >= 2.5
+    else:  # a certificate refused: the configuration, reported at once
+        assert not is_transient(error) and took < 2.0
+        assert re.search(r"CERTIFICATE_REQUIRED|UNKNOWN_CA|CERTIFICATE_VERIFY_FAILED", str(error))
 
 
 def test_tls_options_on_a_plaintext_url_are_a_config_error_that_hides_the_password(tmp_path: Path) -> None:
