@@ -56,7 +56,9 @@ class IdPool:
             return self._ids[i % len(self._ids)]
 
     def fresh(self, prefix: str) -> str:
-        return f"{prefix}{next(self._fresh)}-{time.monotonic_ns() % 1_000_000}"
+        # Fixed width: the id's length must not change between Hypothesis's replays of one case
+        # (a message's length sets the range of later draws: "Inconsistent data generation").
+        return f"{prefix}{next(self._fresh):08d}-{time.monotonic_ns() % 1_000_000:06d}"
 
     def strategy(self) -> st.SearchStrategy[str]:
         return st.integers(0, 1 << 16).map(self.pick)

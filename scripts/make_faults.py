@@ -35,6 +35,7 @@ def run_fuzz(per_surface: int) -> dict | None:
     if per_surface > 0:
         FUZZ_JSON.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "bench.fuzz", "--per-surface", str(per_surface), "--json", str(FUZZ_JSON)]
+        FUZZ_JSON.unlink(missing_ok=True)  # a run that dies must not leave an earlier run's results in the report
         proc = subprocess.run(cmd, cwd=REPO)
         if proc.returncode != 0 and not FUZZ_JSON.exists():
             return {"error": f"`{' '.join(cmd[1:])}` exited {proc.returncode} and wrote nothing"}
