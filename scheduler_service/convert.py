@@ -13,7 +13,7 @@ from accelgen.v1 import scheduler_pb2, worker_pb2
 from accelgen.wire.sampling import sampling_from_proto, sampling_to_proto
 from accelgen.wire.slo import slo_from_proto
 from accelgen.core.plan import BatchPlan, IterationResult
-from accelgen.core.request import Request
+from accelgen.core.request import PENDING_TOKEN, Request
 from accelgen.core.slo import SLOCatalog
 from accelgen.core.worker_info import WorkerInfo
 from accelgen.wire.worker_info import worker_info_from_proto, worker_info_problem
@@ -118,7 +118,11 @@ def request_from_submit(msg: scheduler_pb2.SubmitRequest, catalog: SLOCatalog, m
 
 def plan_to_proto(plan: BatchPlan, requests: dict[str, Request], epoch: str, fence: int = 0) -> worker_pb2.BatchPlan:
     """The worker's view of a plan: token ids to run, blocks, full state for new requests, and
-    the leader's fence (0: unfenced), by which a worker tells a deposed scheduler's plans apart."""
+    the leader's fence (0: unfenced), by which a worker tells a deposed scheduler's plans apart.
+
+    Call it right after ``step`` (before ``dispatch``, or after: the token this plan samples is
+    not counted as an output either way). A decode whose input token an earlier plan still in
+    flight samples is sent as ``sampled_input``: the worker feeds the token it holds."""
     chunks = []
     for c in plan.chunks:
         r = requests[c.request_id]
@@ -130,10 +134,17 @@ def plan_to_proto(plan: BatchPlan, requests: dict[str, Request], epoch: str, fen
             token_ids = r.output_token_ids[start - np_:end - np_]
         else:
             token_ids = r.prompt_token_ids[start:] + r.output_token_ids[:end - np_]
+        sampled_input = False
+        if r.num_pending_outputs and PENDING_TOKEN in token_ids:
+            if c.is_new or token_ids != [PENDING_TOKEN]:  # the core never plans this
+                raise ValueError(f"plan {plan.iteration}: request {c.request_id!r} would send an unknown token")
+            token_ids, sampled_input = [], True
+        # Outputs before this chunk's own sample (a dispatched plan counts that one already).
+        outputs = len(r.output_token_ids) - (1 if plan.dispatched and c.samples else 0)
         chunk = worker_pb2.ScheduledChunk(
             request_id=c.request_id, num_computed_tokens=start, token_ids=token_ids,
             new_block_ids=list(c.new_block_ids), is_new=c.is_new, samples=c.samples,
-            num_output_tokens=r.num_output_tokens)
+            num_output_tokens=outputs, sampled_input=sampled_input)
         if c.is_new:
             chunk.block_table.extend(c.block_table)
             chunk.sampling_params.CopyFrom(sampling_to_proto(r.sampling))

@@ -1,9 +1,10 @@
 """One worker's lane: its scheduling core, its gRPC stub, and the iteration loop that joins them.
 
 Each worker has its own KV pool, so each lane has its own ``SchedulerCore`` (policy, block
-accounting) sized from the ``WorkerInfo`` the worker registered with. The loop: plan ->
-ExecuteIteration -> apply the result -> hand the iteration's changes to the lane's commit chain
-(which writes them to Redis, then delivers the tokens). The lane calls nothing upstream: when the
+accounting) sized from the ``WorkerInfo`` the worker registered with. The loop: plan -> send it
+on the worker's stream (``worker_link``; the next plan is decided while this one runs) -> apply
+the result -> hand the iteration's changes to the lane's commit chain (which writes them to
+Redis, then delivers the tokens). The lane calls nothing upstream: when the
 worker fails or sends a result the core cannot apply, the loop ends with ``failure`` set, and the
 worker registry, which watches its lanes, drops the worker.
 """
@@ -34,6 +35,7 @@ from scheduler_service import convert
 from scheduler_service.committer import CommitChain
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.state.store import IterationChanges
+from scheduler_service.worker_link import LinkTimeout, WorkerLink
 
 log = structlog.get_logger("scheduler.lane")
 
@@ -71,7 +73,6 @@ class WorkerLane:
         self.profile = profile
         self.commits = commits  # where each applied iteration goes: Redis, then delivery
         self.epoch = epoch  # sent with every plan; new for every lane, so the worker resets on it
-        self.rpc_timeout_s = config.worker_rpc_timeout_s
         max_seqs = min(config.max_num_seqs, info.max_num_seqs) if info.max_num_seqs else config.max_num_seqs
         self.core = SchedulerCore(config.make_policy(profile, catalog), profile,
                                   kv=KVBlockManager(info.num_blocks, info.block_size),
@@ -79,6 +80,9 @@ class WorkerLane:
                                                     max_num_batched_tokens=info.max_num_batched_tokens or None))
         self.channel = open_channel(address, CHANNEL_OPTIONS, config.transport, peer_role="worker")
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
+        self.link = WorkerLink(self.stub, worker_id, config.worker_rpc_timeout_s)
+        self.depth = 2 if config.pipeline else 1  # plans in flight at once
+        self._last_done = 0.0  # when the last result was applied (perf_counter)
         self.wakeup = asyncio.Event()
         self.stats = LaneStats()
         self.task: asyncio.Task | None = None
@@ -151,36 +155,56 @@ class WorkerLane:
 
     # -- the loop -----------------------------------------------------------------------------
     async def _run(self) -> None:
-        """Plan, execute, apply; the Redis write and token delivery of iteration k overlap the
-        execution of iteration k+1 (at most one behind, in order), so the round trip to Redis is
-        off the critical path while tokens still reach clients only once durable."""
-        core = self.core
+        """Plan, send, apply. With ``pipeline`` the next plan is decided and sent while the
+        worker runs the current one (``SchedulerCore.dispatch``: at most ``depth`` plans in
+        flight), so the decision, the gRPC hops and the result's processing are off the
+        worker's critical path. The Redis write and token delivery of iteration k overlap the
+        execution of the next (at most one behind, in order), so the round trip to Redis is off
+        it too, while tokens still reach clients only once durable."""
+        try:
+            await self._loop()
+        finally:
+            self.link.close()
+
+    async def _loop(self) -> None:
+        core, link = self.core, self.link
+        in_flight: deque[tuple[BatchPlan, float]] = deque()  # (plan, when its decision started)
         while not self._stopping:
-            if not core.has_work() and not core.has_ids_to_free:
-                self.wakeup.clear()
-                await self.wakeup.wait()
+            depth = self.depth if link.streaming else 1
+            if len(in_flight) < depth and (core.has_work() or core.has_ids_to_free):
+                t0 = time.perf_counter()
+                plan = core.step(time.time())
+                decision = time.perf_counter() - t0
+                if not plan.is_empty or plan.freed_request_ids:
+                    msg = convert.plan_to_proto(plan, core.requests, self.epoch, self.fence)
+                    if depth > 1:
+                        core.dispatch(plan)
+                    self.stats.decision_s.append(decision)
+                    in_flight.append((plan, t0))
+                    await link.send(msg)
+                    continue  # fill the pipeline before waiting for a result
+                if not in_flight:
+                    # Work exists but none fits now (e.g. KV full of finished-but-unfreed
+                    # requests): wait for a new arrival, a cancel, or a short while.
+                    await self._nap(0.01)
+                    continue
+            if not in_flight:
+                await self._nap(None)
                 continue
-            t0 = time.perf_counter()
-            plan = core.step(time.time())
-            decision = time.perf_counter() - t0
-            if plan.is_empty and not plan.freed_request_ids:
-                # Work exists but none fits now (e.g. KV full of finished-but-unfreed requests):
-                # wait for a new arrival, a cancel, or a short while.
-                self.wakeup.clear()
-                try:
-                    await asyncio.wait_for(self.wakeup.wait(), timeout=0.01)
-                except asyncio.TimeoutError:
-                    pass
-                continue
-            msg = convert.plan_to_proto(plan, core.requests, self.epoch, self.fence)
             try:
-                reply = await self.stub.ExecuteIteration(msg, timeout=self.rpc_timeout_s)
+                reply = await link.receive()
+                plan, t0 = in_flight.popleft()
                 outcome = core.complete(plan, convert.result_from_proto(reply), time.time())
             except grpc.aio.AioRpcError as exc:
                 if self._deposed(exc):
                     return
-                log.warning("worker_failed", worker=self.worker_id, code=exc.code().name, details=exc.details())
-                self.failure = f"ExecuteIteration: {exc.code().name}"
+                log.warning("worker_failed", worker=self.worker_id, code=exc.code().name, details=exc.details(),
+                            plans_in_flight=len(in_flight))
+                self.failure = f"ExecuteStream: {exc.code().name}"
+                return
+            except LinkTimeout as exc:
+                log.warning("worker_failed", worker=self.worker_id, code="DEADLINE_EXCEEDED", details=str(exc))
+                self.failure = "ExecuteStream: DEADLINE_EXCEEDED"
                 return
             except Exception as exc:  # a reply the core cannot apply: this worker is not trustworthy
                 log.exception("iteration_failed", worker=self.worker_id)
@@ -191,15 +215,26 @@ class WorkerLane:
                 core.forget(r.request_id)
             self.stats.iterations += 1
             self.stats.last_iteration_s = reply.elapsed_s
-            self.stats.decision_s.append(decision)
             # The write task exists before the next await, so stopping the loop cannot lose an
             # iteration the core has applied; the loop stays at most one iteration ahead of Redis.
             previous = self.commits.last
             self.commits.iteration(changes)
             if previous is not None:
                 await asyncio.shield(previous)
-            self._learn_overhead(time.perf_counter() - t0 - reply.elapsed_s)
+            done = time.perf_counter()
+            # Time outside the model per iteration: from when the worker could start this plan
+            # (its decision began, or the previous result was in) to its result being applied.
+            self._learn_overhead(done - max(t0, self._last_done) - reply.elapsed_s)
+            self._last_done = done
             self._learn_time_correction(plan.predicted_time_s, reply.elapsed_s)
+
+    async def _nap(self, timeout_s: float | None) -> None:
+        """Until something wakes the lane (an arrival, a cancel, stop), at most ``timeout_s``."""
+        self.wakeup.clear()
+        try:
+            await asyncio.wait_for(self.wakeup.wait(), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            pass
 
     def _learn_overhead(self, overhead_s: float) -> None:
         """EWMA of the time an iteration spends outside the model; the policy budgets around it."""
@@ -228,7 +263,7 @@ class WorkerLane:
         for rid, (toks, _times) in ch.tokens.items():  # what Redis holds before these (idempotent appends)
             r = core.requests.get(rid)
             if r is not None:
-                ch.offsets[rid] = len(r.output_token_ids) - len(toks)
+                ch.offsets[rid] = r.num_known_outputs - len(toks)
         for rid in plan.preempted_request_ids:
             r = core.requests.get(rid)
             if r is not None:

@@ -12,7 +12,7 @@ import math
 
 from accelgen.v1 import worker_pb2
 from accelgen.wire.sampling import UNBOUNDED_MAX_TOKENS, sampling_from_proto, sampling_to_proto
-from worker_service.plan import ChunkSpec, ExecResult, WorkerPlan
+from worker_service.plan import SAMPLED_INPUT, ChunkSpec, ExecResult, WorkerPlan
 
 
 # -- the plan ------------------------------------------------------------------------------
@@ -21,7 +21,13 @@ def _chunk_from_proto(i: int, msg: worker_pb2.ScheduledChunk, default_max_tokens
     where = f"chunks[{i}] (request {rid!r})"
     if not rid:
         raise ValueError(f"chunks[{i}].request_id is empty: every chunk names its request")
-    if not msg.token_ids:
+    token_ids = list(msg.token_ids)
+    if msg.sampled_input:
+        if msg.is_new or token_ids:
+            raise ValueError(f"{where}: sampled_input is a decode of a request this worker holds: "
+                             "is_new must be false and token_ids empty")
+        token_ids = [SAMPLED_INPUT]
+    elif not token_ids:
         raise ValueError(f"{where}.token_ids is empty: a chunk runs at least one token")
     sampling = None
     if msg.is_new:
@@ -44,7 +50,7 @@ def _chunk_from_proto(i: int, msg: worker_pb2.ScheduledChunk, default_max_tokens
     return ChunkSpec(
         request_id=rid,
         num_computed_tokens=msg.num_computed_tokens,
-        token_ids=list(msg.token_ids),
+        token_ids=token_ids,
         new_block_ids=list(msg.new_block_ids),
         is_new=msg.is_new,
         block_table=list(msg.block_table),
@@ -52,6 +58,7 @@ def _chunk_from_proto(i: int, msg: worker_pb2.ScheduledChunk, default_max_tokens
         samples=msg.samples,
         num_output_tokens=msg.num_output_tokens,
         prompt_len=msg.prompt_len,
+        sampled_input=msg.sampled_input,
     )
 
 
@@ -89,7 +96,8 @@ def plan_to_proto(plan: WorkerPlan) -> worker_pb2.BatchPlan:
     )
     for c in plan.chunks:
         chunk = msg.chunks.add(
-            request_id=c.request_id, num_computed_tokens=c.num_computed_tokens, token_ids=c.token_ids,
+            request_id=c.request_id, num_computed_tokens=c.num_computed_tokens,
+            token_ids=[] if c.sampled_input else c.token_ids, sampled_input=c.sampled_input,
             new_block_ids=c.new_block_ids, is_new=c.is_new, block_table=c.block_table, samples=c.samples,
             num_output_tokens=c.num_output_tokens, prompt_len=c.prompt_len,
         )

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 
 from accelgen.core.request import SamplingParams
 
+SAMPLED_INPUT = -1
+"""The token id of a ``sampled_input`` chunk: the token this worker sampled for the request in
+the previous plan (the scheduler decided this plan before it learnt that token)."""
+
 
 @dataclass(frozen=True, slots=True)
 class ChunkSpec:
@@ -19,7 +23,8 @@ class ChunkSpec:
     ``token_ids`` run at positions ``num_computed_tokens ..``; ``samples`` asks for one token
     after the last of them. The full state (``block_table``, ``sampling``, ``prompt_len``)
     travels only when ``is_new``: the first time this worker sees the request, or a resync.
-    Otherwise only ``new_block_ids`` (blocks appended this iteration) do.
+    Otherwise only ``new_block_ids`` (blocks appended this iteration) do. A ``sampled_input``
+    decode (pipelined plans) runs the token this worker sampled for it in the previous plan.
     """
 
     request_id: str
@@ -32,6 +37,7 @@ class ChunkSpec:
     samples: bool
     num_output_tokens: int
     prompt_len: int
+    sampled_input: bool = False  # token_ids == [SAMPLED_INPUT]: feed the token sampled last
 
     @property
     def num_new_tokens(self) -> int:

@@ -1,7 +1,8 @@
 """The Worker gRPC service: a thin shell over an executor.
 
-Each ``ExecuteIteration`` decodes the plan (``convert``), runs it on the executor thread and
-encodes the result. Errors become status codes here and only here: a plan that is malformed
+Each plan, from ``ExecuteStream`` (a scheduler lane's long-lived stream, plans and results in
+order, pipelined) or ``ExecuteIteration`` (one round trip per plan), is decoded (``convert``),
+run on the executor thread and its result encoded. Errors become status codes here and only here: a plan that is malformed
 or contradicts the worker's state is ``INVALID_ARGUMENT`` with the executor's message; a plan
 from a deposed scheduler (its fence is below the highest this worker has seen) is
 ``FAILED_PRECONDITION`` and touches nothing; an executor crash is ``INTERNAL``. After
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 import grpc
 import structlog
@@ -38,7 +39,29 @@ log = structlog.get_logger(service="worker")
 
 WORKER_SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 # With mutual TLS, plans and descriptions are for the scheduler's certificate only.
-ROLES = method_rules(WORKER_SERVICE_NAME, {"ExecuteIteration": "scheduler", "Describe": "scheduler"})
+ROLES = method_rules(WORKER_SERVICE_NAME, {"ExecuteIteration": "scheduler", "ExecuteStream": "scheduler",
+                                           "Describe": "scheduler"})
+
+
+MAX_PLANS_AHEAD = 4  # plans one stream may queue on the executor thread (a scheduler sends <= 2)
+
+
+class _StreamRun:
+    """One ExecuteStream call: whether a plan of it failed (later ones are then skipped)."""
+
+    __slots__ = ("failed",)
+
+    def __init__(self) -> None:
+        self.failed = False
+
+
+class _Skipped(Exception):
+    """A plan queued behind a failed one on the same stream."""
+
+
+def _outcome_seen(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class StalePlan(Exception):
@@ -128,21 +151,88 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         try:
             plan = plan_from_proto(request, default_max_tokens=self.info.max_model_len)
             result = await self._loop.run_in_executor(self._thread, self.runner.run, plan)
-        except ValueError as exc:
-            log.warning("plan_rejected", iteration=request.iteration, epoch=request.epoch, error=str(exc))
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"iteration {request.iteration}: {exc}")
-        except StalePlan as exc:
-            log.warning("plan_refused", iteration=request.iteration, epoch=request.epoch, error=str(exc))
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"iteration {request.iteration}: {exc}")
-        except DeviceFailed as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"iteration {request.iteration}: {exc}")
-        except Exception as exc:  # the executor crashed: the scheduler treats the worker as failed
-            log.exception("executor_failed", iteration=request.iteration,
-                          consecutive_failures=self.runner.consecutive_failures)
-            await context.abort(grpc.StatusCode.INTERNAL, f"executor failed on iteration {request.iteration}: {exc!r}")
+        except Exception as exc:
+            await context.abort(*self._status(request.iteration, request.epoch, exc))
+        self._log_done(plan, result)
+        return result_to_proto(result)
+
+    async def ExecuteStream(self, request_iterator: AsyncIterator[worker_pb2.BatchPlan],
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.IterationResult]:
+        """Plans in arrival order, each handed to the executor thread as soon as it is decoded,
+        so plan k+1 starts the moment k ends, without waiting for the event loop or the
+        scheduler (the thread runs its queue in order). At most ``MAX_PLANS_AHEAD`` are queued.
+        The first failure ends the stream; plans queued behind it are not run."""
+        loop = self._loop = asyncio.get_running_loop()
+        run = _StreamRun()
+        ahead = asyncio.Semaphore(MAX_PLANS_AHEAD)
+        queue: asyncio.Queue[tuple[worker_pb2.BatchPlan, WorkerPlan | None, asyncio.Future] | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for msg in request_iterator:
+                    await ahead.acquire()
+                    try:
+                        plan = plan_from_proto(msg, default_max_tokens=self.info.max_model_len)
+                    except ValueError as exc:
+                        failed = loop.create_future()
+                        failed.set_exception(exc)
+                        queue.put_nowait((msg, None, failed))
+                        return
+                    queue.put_nowait((msg, plan, loop.run_in_executor(self._thread, self._run_in_stream, run, plan)))
+            finally:
+                queue.put_nowait(None)
+
+        reader = asyncio.create_task(read(), name="worker-stream-reader")
+        try:
+            while (item := await queue.get()) is not None:
+                msg, plan, future = item
+                try:
+                    result = await future
+                except Exception as exc:
+                    run.failed = True
+                    await context.abort(*self._status(msg.iteration, msg.epoch, exc))
+                self._log_done(plan, result)
+                yield result_to_proto(result)
+                ahead.release()
+            await reader  # the scheduler closed its side: a read error, if any, surfaces here
+        finally:
+            run.failed = True  # queued plans of an ended stream must not run
+            reader.cancel()
+            while not queue.empty():  # their outcomes (skipped) are nobody's news
+                if (item := queue.get_nowait()) is not None:
+                    item[2].add_done_callback(_outcome_seen)
+
+    def _run_in_stream(self, run: "_StreamRun", plan: WorkerPlan) -> ExecResult:
+        """On the executor thread: one plan of a stream, unless an earlier one of it failed."""
+        if run.failed:
+            raise _Skipped(f"iteration {plan.iteration}: not run, an earlier plan of this stream failed")
+        try:
+            return self.runner.run(plan)
+        except BaseException:
+            run.failed = True
+            raise
+
+    def _status(self, iteration: int, epoch: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
+        """The one mapping of a failed plan to its status (both RPCs)."""
+        if isinstance(exc, ValueError):
+            log.warning("plan_rejected", iteration=iteration, epoch=epoch, error=str(exc))
+            return grpc.StatusCode.INVALID_ARGUMENT, f"iteration {iteration}: {exc}"
+        if isinstance(exc, StalePlan):
+            log.warning("plan_refused", iteration=iteration, epoch=epoch, error=str(exc))
+            return grpc.StatusCode.FAILED_PRECONDITION, f"iteration {iteration}: {exc}"
+        if isinstance(exc, DeviceFailed):
+            return grpc.StatusCode.UNAVAILABLE, f"iteration {iteration}: {exc}"
+        if isinstance(exc, _Skipped):
+            return grpc.StatusCode.ABORTED, str(exc)
+        # the executor crashed: the scheduler treats the worker as failed
+        log.error("executor_failed", iteration=iteration, consecutive_failures=self.runner.consecutive_failures,
+                  exc_info=exc)
+        return grpc.StatusCode.INTERNAL, f"executor failed on iteration {iteration}: {exc!r}"
+
+    @staticmethod
+    def _log_done(plan: WorkerPlan, result: ExecResult) -> None:
         log.debug("iteration_done", iteration=plan.iteration, chunks=len(plan.chunks), tokens=plan.num_tokens,
                   elapsed_s=round(result.elapsed_s, 6), predicted_s=round(plan.predicted_time_s, 6))
-        return result_to_proto(result)
 
     def _device_failed_on_thread(self) -> None:
         """Hand the news to the event loop (the runner calls this on the executor thread, even

@@ -85,6 +85,8 @@ class BatchBuilder:
         rid = request.request_id
         if rid in self._pending or request.status.is_done:
             return self._fail("done")
+        if request.num_pending_outputs and not self._can_run_ahead(request):
+            return self._fail("pending")
         if request.status is RequestStatus.RUNNING and max_new_tokens is None:
             k = request.num_computed_tokens
             if k > 0 and request.num_prompt_tokens + len(request.output_token_ids) - k == 1:
@@ -128,6 +130,15 @@ class BatchBuilder:
         self.tokens_used += 1
         self.cost.add_decode(k)
         return 1
+
+    def _can_run_ahead(self, request: Request) -> bool:
+        """Whether a request with tokens still in flight (a pipelined lane) may run again now:
+        only on the worker that holds those tokens (a waiting one must be recomputed from real
+        ids, after its result), and only if it does not already reach ``max_tokens`` or the
+        context with them (it stops when they arrive)."""
+        return (request.status is RequestStatus.RUNNING
+                and len(request.output_token_ids) < request.sampling.max_tokens
+                and request.num_tokens < self.core.profile.max_model_len)
 
     def _fail(self, reason: str) -> int:
         self.last_failure = reason

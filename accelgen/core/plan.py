@@ -40,6 +40,10 @@ class BatchPlan:
     token_budget: int = 0
     slo_min_s: float | None = None
     predicted_time_s: float = 0.0
+    # Set by ``SchedulerCore.dispatch``: the core already counts this plan as run (computed
+    # tokens advanced, a ``PENDING_TOKEN`` per sampled token) so the next plan can be decided
+    # while it executes; ``complete`` then fills the tokens in instead of appending them.
+    dispatched: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from accelgen.core.fields import FieldError
 from accelgen.core.slo import SLO, slo_group
 
+PENDING_TOKEN = -1
+"""Stands in ``output_token_ids`` for a token an in-flight plan samples (pipelined lanes): the
+worker holds it, the scheduler learns it with that plan's result. No real token id is negative."""
+
 
 class RequestStatus(enum.IntEnum):
     """Ordered so that ``status >= FINISHED`` means the request is done."""
@@ -90,6 +94,9 @@ class Request:
     finish_s: float | None = None
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    # Trailing ``PENDING_TOKEN`` entries of ``output_token_ids``: tokens sampled by plans still in
+    # flight (``SchedulerCore.dispatch``). Always 0 where each plan completes before the next.
+    num_pending_outputs: int = 0
     group: int = field(init=False)
     num_prompt_tokens: int = field(init=False)  # cached: read on every scheduling decision
 
@@ -102,6 +109,17 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def num_known_outputs(self) -> int:
+        """Outputs whose ids are known (``num_output_tokens`` less those still in flight)."""
+        return len(self.output_token_ids) - self.num_pending_outputs
+
+    def drop_pending_outputs(self) -> None:
+        """Forget the tokens of plans in flight (the request ended, or its worker is gone)."""
+        if self.num_pending_outputs:
+            del self.output_token_ids[-self.num_pending_outputs:]
+            self.num_pending_outputs = 0
 
     @property
     def num_tokens(self) -> int:

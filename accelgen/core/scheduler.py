@@ -7,6 +7,18 @@ with a virtual clock and the cost model — the same objects either way.
 
 Stops are decided here (EOS, stop ids, ``max_tokens``, model context), never by the worker:
 the worker's model runner would happily keep generating.
+
+Pipelining (what vLLM calls async scheduling): a lane that wants plan k+1 decided while the
+worker runs plan k calls ``dispatch(plan)`` after ``step``. The core then counts the plan as
+run: computed tokens advance, and each token it samples is a ``PENDING_TOKEN`` at the end of
+the request's outputs, so the next ``step`` schedules that request's decode with the worker's
+own sampled token as input. ``complete`` fills the pending tokens in, in plan order. A request
+that stops at step k may already be in plan k+1: its k+1 token is discarded (the request is
+done when that result arrives), and its KV blocks, freed at the stop, are reused only by plans
+that run after k+1 on the worker. A request whose tokens are still pending is never admitted
+(a recompute must send real token ids), and one whose pending tokens already reach
+``max_tokens`` or the context is not scheduled again. Without ``dispatch`` none of this
+happens: the simulator and unpipelined lanes see exactly the old behaviour.
 """
 
 from __future__ import annotations
@@ -18,7 +30,7 @@ from accelgen.core.batch_builder import BatchBuilder
 from accelgen.core.kv_blocks import KVBlockManager
 from accelgen.core.plan import BatchPlan, IterationResult
 from accelgen.core.profile import DeviceProfile
-from accelgen.core.request import FinishReason, Request, RequestStatus
+from accelgen.core.request import PENDING_TOKEN, FinishReason, Request, RequestStatus
 from accelgen.core.request_queue import RequestQueue
 
 if TYPE_CHECKING:
@@ -114,6 +126,7 @@ class SchedulerCore:
         out = [r for r in self.requests.values() if not r.status.is_done]
         for r in out:
             self.kv.free(r.request_id)
+            r.drop_pending_outputs()  # never computed anywhere that survives
         self.running.clear()
         for r in list(self.waiting):
             self.waiting.remove(r.request_id)
@@ -161,42 +174,69 @@ class SchedulerCore:
             self.on_worker.add(chunk.request_id)
         return plan
 
+    def dispatch(self, plan: BatchPlan) -> None:
+        """Count ``plan`` as run before its result arrives, so that the next ``step`` can be
+        decided while the worker executes it (see the module docstring)."""
+        for chunk in plan.chunks:
+            request = self.requests[chunk.request_id]
+            request.num_computed_tokens = chunk.num_computed_tokens + chunk.num_new_tokens
+            if chunk.samples:
+                request.output_token_ids.append(PENDING_TOKEN)
+                request.num_pending_outputs += 1
+        plan.dispatched = True
+
     def complete(self, plan: BatchPlan, result: IterationResult, now: float) -> StepOutcome:
-        """Apply a worker's result for ``plan``; returns the delivered tokens and finishes."""
+        """Apply a worker's result for ``plan``; returns the delivered tokens and finishes.
+        Results of dispatched plans must come in the order the plans were stepped."""
         outcome = StepOutcome()
         for chunk in plan.chunks:
             request = self.requests.get(chunk.request_id)
-            if request is None or request.status is not RequestStatus.RUNNING:
-                continue  # cancelled (or preempted by a later plan) while the iteration ran
-            request.num_computed_tokens = chunk.num_computed_tokens + chunk.num_new_tokens
-            if not chunk.samples:
-                continue
+            if plan.dispatched:
+                # Computed tokens were counted at dispatch. A request preempted by a later plan
+                # still gets its token (it is real: recomputing keeps it); a done one does not.
+                if request is None or request.status.is_done or not chunk.samples:
+                    continue
+                index = len(request.output_token_ids) - request.num_pending_outputs
+            else:
+                if request is None or request.status is not RequestStatus.RUNNING:
+                    continue  # cancelled while the iteration ran
+                request.num_computed_tokens = chunk.num_computed_tokens + chunk.num_new_tokens
+                if not chunk.samples:
+                    continue
+                index = request.num_output_tokens
             token = result.sampled_token_ids.get(chunk.request_id)
             if token is None:
                 raise ValueError(f"worker returned no token for {chunk.request_id!r}, which the plan samples")
-            outcome.tokens.append(TokenEvent(chunk.request_id, token, request.num_output_tokens, now))
-            request.output_token_ids.append(token)
+            if plan.dispatched:
+                request.output_token_ids[index] = token
+                request.num_pending_outputs -= 1
+            else:
+                request.output_token_ids.append(token)
+            outcome.tokens.append(TokenEvent(chunk.request_id, token, index, now))
             if request.first_token_s is None:
                 request.first_token_s = now
             request.last_token_s = now
-            reason = self._stop_reason(request, token)
+            reason = self._stop_reason(request, token, index + 1)
             if reason is not None:
                 self._finish(request, reason, now, RequestStatus.FINISHED)
                 outcome.finished.append(request)
         self.policy.after_iteration(plan, result, now)
         return outcome
 
-    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+    def _stop_reason(self, request: Request, token: int, num_outputs: int) -> FinishReason | None:
+        """Why the request stops after ``token``, its output number ``num_outputs``."""
         sp = request.sampling
         if not sp.ignore_eos and request.eos_token_id is not None and token == request.eos_token_id:
             return FinishReason.STOP
         if token in sp.stop_token_ids:
             return FinishReason.STOP
-        if request.num_output_tokens >= sp.max_tokens or request.num_tokens >= self.profile.max_model_len:
+        if num_outputs >= sp.max_tokens or request.num_prompt_tokens + num_outputs >= self.profile.max_model_len:
             return FinishReason.LENGTH
         return None
 
     def _finish(self, request: Request, reason: FinishReason, now: float, status: RequestStatus) -> None:
+        # Tokens of plans still in flight are never delivered; their results find it done.
+        request.drop_pending_outputs()
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         else:

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScheduledChunk(_message.Message):
-    __slots__ = ("request_id", "num_computed_tokens", "token_ids", "new_block_ids", "is_new", "block_table", "sampling_params", "samples", "num_output_tokens", "prompt_len")
+    __slots__ = ("request_id", "num_computed_tokens", "token_ids", "new_block_ids", "is_new", "block_table", "sampling_params", "samples", "num_output_tokens", "prompt_len", "sampled_input")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class ScheduledChunk(_message.Message):
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     NUM_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_INPUT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     num_computed_tokens: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -29,7 +30,8 @@ class ScheduledChunk(_message.Message):
     samples: bool
     num_output_tokens: int
     prompt_len: int
-    def __init__(self, request_id: _Optional[str] = ..., num_computed_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., is_new: _Optional[bool] = ..., block_table: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., samples: _Optional[bool] = ..., num_output_tokens: _Optional[int] = ..., prompt_len: _Optional[int] = ...) -> None: ...
+    sampled_input: bool
+    def __init__(self, request_id: _Optional[str] = ..., num_computed_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., is_new: _Optional[bool] = ..., block_table: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., samples: _Optional[bool] = ..., num_output_tokens: _Optional[int] = ..., prompt_len: _Optional[int] = ..., sampled_input: _Optional[bool] = ...) -> None: ...
 
 class BatchPlan(_message.Message):
     __slots__ = ("iteration", "epoch", "chunks", "freed_request_ids", "predicted_time_s", "fence")

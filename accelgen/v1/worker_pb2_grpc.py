@@ -40,6 +40,11 @@ class WorkerStub:
                 request_serializer=accelgen_dot_v1_dot_worker__pb2.BatchPlan.SerializeToString,
                 response_deserializer=accelgen_dot_v1_dot_worker__pb2.IterationResult.FromString,
                 _registered_method=True)
+        self.ExecuteStream = channel.stream_stream(
+                '/accelgen.v1.Worker/ExecuteStream',
+                request_serializer=accelgen_dot_v1_dot_worker__pb2.BatchPlan.SerializeToString,
+                response_deserializer=accelgen_dot_v1_dot_worker__pb2.IterationResult.FromString,
+                _registered_method=True)
         self.Describe = channel.unary_unary(
                 '/accelgen.v1.Worker/Describe',
                 request_serializer=accelgen_dot_v1_dot_worker__pb2.DescribeRequest.SerializeToString,
@@ -51,7 +56,19 @@ class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ExecuteIteration(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One plan, one result: a round trip per iteration (unpipelined; kept for older schedulers).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExecuteStream(self, request_iterator, context):
+        """The per-step transport: one long-lived stream per scheduler lane. Plans run in the order
+        they arrive, one result per plan in the same order, so the scheduler may send plan k+1
+        before k's result (pipelining). The first plan that fails ends the stream with its status
+        (INVALID_ARGUMENT, FAILED_PRECONDITION, INTERNAL, UNAVAILABLE as for ExecuteIteration);
+        plans after it are not run.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -67,6 +84,11 @@ def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ExecuteIteration': grpc.unary_unary_rpc_method_handler(
                     servicer.ExecuteIteration,
+                    request_deserializer=accelgen_dot_v1_dot_worker__pb2.BatchPlan.FromString,
+                    response_serializer=accelgen_dot_v1_dot_worker__pb2.IterationResult.SerializeToString,
+            ),
+            'ExecuteStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExecuteStream,
                     request_deserializer=accelgen_dot_v1_dot_worker__pb2.BatchPlan.FromString,
                     response_serializer=accelgen_dot_v1_dot_worker__pb2.IterationResult.SerializeToString,
             ),
@@ -101,6 +123,33 @@ class Worker:
             request,
             target,
             '/accelgen.v1.Worker/ExecuteIteration',
+            accelgen_dot_v1_dot_worker__pb2.BatchPlan.SerializeToString,
+            accelgen_dot_v1_dot_worker__pb2.IterationResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/accelgen.v1.Worker/ExecuteStream',
             accelgen_dot_v1_dot_worker__pb2.BatchPlan.SerializeToString,
             accelgen_dot_v1_dot_worker__pb2.IterationResult.FromString,
             options,

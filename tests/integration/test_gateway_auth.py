@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from accelgen.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.auth import default_tenant
 from tests.support.gateway_stack import GatewayStack
+from tests.support.in_process_worker import InProcessWorker
 from tests.support.spy_tokenizer import SpyTokenizer, gateway_with_spy
 
 pytestmark = pytest.mark.integration
@@ -348,25 +349,6 @@ def test_a_grpc_message_over_max_message_bytes_is_refused_by_grpc(fresh: Gateway
 
 
 # -- with the real scheduler -------------------------------------------------------------------------
-class _Context:
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
-
-
-class _SimWorker:
-    """A sim worker called in-process in place of the lane's gRPC stub."""
-
-    def __init__(self) -> None:
-        from worker_service.executors.sim import SimExecutor
-        from worker_service.server import WorkerServicer
-
-        self.servicer = WorkerServicer(SimExecutor(time_scale=0))
-
-    async def ExecuteIteration(self, msg: Any, timeout: float | None = None) -> Any:
-        await asyncio.sleep(0.002)
-        return await self.servicer.ExecuteIteration(msg, _Context())
-
-
 def test_tenants_are_kept_by_the_real_scheduler_and_enforced(tmp_path: Path) -> None:
     """The tenant and label travel through a real scheduler and its Redis record: the owner reads
     its request back, another key gets the NOT_FOUND of an id nobody has."""
@@ -382,9 +364,9 @@ def test_tenants_are_kept_by_the_real_scheduler_and_enforced(tmp_path: Path) -> 
 
     async def up() -> tuple[Any, Any]:
         scheduler = await start_scheduler(SchedulerConfig(port=0, redis_url=url, heartbeat_ttl_s=60.0))
-        worker = _SimWorker()
+        worker = InProcessWorker()
         await scheduler.app.workers.register("w0", "127.0.0.1:1", worker.servicer.info)
-        scheduler.app.workers.lanes["w0"].stub = worker
+        scheduler.app.workers.lanes["w0"].link.stub = worker
         gateway = await start_gateway(GatewayConfig(scheduler_address=scheduler.address, host="127.0.0.1",
                                                     grpc_port=0, http_port=-1, api_key=[KEY_A, KEY_B]))
         return scheduler, gateway

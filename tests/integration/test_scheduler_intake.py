@@ -23,8 +23,7 @@ from scheduler_service.config import SchedulerConfig
 from scheduler_service.errors import ServiceError
 from scheduler_service.main import SchedulerHandle, start_scheduler
 from scheduler_service.workers import WorkerRegistry
-from worker_service.executors.sim import SimExecutor
-from worker_service.server import WorkerServicer
+from tests.support.in_process_worker import InProcessWorker
 
 pytestmark = pytest.mark.integration
 
@@ -36,32 +35,13 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc.stop()
 
 
-class _Context:
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
-
-
-class SimStub:
-    """A sim worker called in-process; ``hang`` makes every iteration wait for ever (requests stay live)."""
-
-    def __init__(self, hang: bool = False) -> None:
-        self.servicer = WorkerServicer(SimExecutor(time_scale=0))
-        self.hang = hang
-
-    async def ExecuteIteration(self, msg: worker_pb2.BatchPlan, timeout: float | None = None):
-        if self.hang:
-            await asyncio.Event().wait()
-        await asyncio.sleep(0.002)
-        return await self.servicer.ExecuteIteration(msg, _Context())
-
-
 async def _scheduler(url: str, prefix: str, hang: bool = False, **settings) -> SchedulerHandle:
     config = SchedulerConfig(port=0, redis_url=url, redis_prefix=prefix, heartbeat_interval_s=0.5,
                              heartbeat_ttl_s=60.0, lease_ttl_s=2.0, **settings)
     handle = await start_scheduler(config)
-    worker = SimStub(hang)
+    worker = InProcessWorker(hang)
     await handle.app.workers.register("w0", "127.0.0.1:1", worker.servicer.info)
-    handle.app.workers.lanes["w0"].stub = worker  # before the lane's first await
+    handle.app.workers.lanes["w0"].link.stub = worker  # before the lane's first await
     return handle
 
 

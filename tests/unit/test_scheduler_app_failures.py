@@ -18,8 +18,8 @@ from scheduler_service.app import SchedulerApp
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.errors import ServiceError
 from scheduler_service.state.store import IterationChanges, status_text
-from worker_service.executors.sim import SimExecutor, sim_token
-from worker_service.server import WorkerServicer
+from worker_service.executors.sim import sim_token
+from tests.support.in_process_worker import InProcessWorker
 
 
 class ScriptedStore:
@@ -91,22 +91,6 @@ class ScriptedStore:
             self.status[rid] = status_text(status)
 
 
-class _Context:
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
-
-
-class InProcessWorker:
-    """A sim worker called directly instead of over gRPC (it stands in for the lane's stub)."""
-
-    def __init__(self) -> None:
-        self.servicer = WorkerServicer(SimExecutor(time_scale=0))
-
-    async def ExecuteIteration(self, msg: worker_pb2.BatchPlan, timeout: float | None = None):
-        await asyncio.sleep(0.002)  # a real iteration yields to the loop; so does this one
-        return await self.servicer.ExecuteIteration(msg, _Context())
-
-
 def _run(scenario: Callable[[SchedulerApp, ScriptedStore], Awaitable[None]], workers: tuple[str, ...] = ("w0",)) -> None:
     """Start an app on a scripted store with in-process workers, run ``scenario``, always stop."""
 
@@ -130,7 +114,7 @@ def _run(scenario: Callable[[SchedulerApp, ScriptedStore], Awaitable[None]], wor
 async def _add_worker(app: SchedulerApp, worker_id: str) -> None:
     worker = InProcessWorker()
     await app.workers.register(worker_id, "127.0.0.1:1", worker.servicer.info)
-    app.workers.lanes[worker_id].stub = worker  # before the lane's first await: it never sees the real stub
+    app.workers.lanes[worker_id].link.stub = worker  # before the lane's first await: it never sees the real stub
 
 
 def _submit(request_id: str, max_tokens: int) -> scheduler_pb2.SubmitRequest:
@@ -325,13 +309,12 @@ def test_cancel_during_a_submits_write_applies_once_it_is_in() -> None:
 
 def test_a_reply_the_core_cannot_apply_drops_the_worker_and_requeues() -> None:
     class Garbled(InProcessWorker):
-        async def ExecuteIteration(self, msg, timeout=None):
-            reply = await super().ExecuteIteration(msg, timeout)
+        def received(self, reply):
             reply.sampled_token_ids.clear()  # claims to have sampled nothing
             return reply
 
     async def scenario(app: SchedulerApp, store: ScriptedStore) -> None:
-        app.workers.lanes["w0"].stub = Garbled()
+        app.workers.lanes["w0"].link.stub = Garbled()
         await app.intake.submit(_submit("r1", 10))
         await _until(lambda: "w0" not in app.workers.lanes and app.workers.orphans, "the worker to be dropped")
         assert [r.request_id for r in app.workers.orphans] == ["r1"]  # kept, waiting for a worker

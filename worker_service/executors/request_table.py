@@ -107,6 +107,9 @@ class RequestTable:
             prompt_len, table, sampling = old.prompt_len, old.block_table + tuple(c.new_block_ids), old.sampling
             known_len = old.known_len
             start, stop = c.num_computed_tokens, c.num_computed_tokens + len(c.token_ids)
+            if c.sampled_input and start < known_len:
+                raise ValueError(f"{where}: sampled_input at position {start}, but this worker sampled no token "
+                                 f"there (the {known_len} tokens sent with is_new reach past it); send its id")
             if start < known_len < stop:
                 raise ValueError(f"{where}: positions {start}..{stop - 1} straddle the end of the tokens sent "
                                  f"with is_new ({known_len}) on this worker; resend it with is_new")

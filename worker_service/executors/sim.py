@@ -115,8 +115,8 @@ class SimExecutor(Executor):
         """A decode feeds back tokens this worker sampled; vLLM's runner refuses others, and so
         does the sim (its samples are a function of request and index, so it needs no memory)."""
         for i, (c, state) in enumerate(zip(plan.chunks, states)):
-            if c.is_new or c.num_computed_tokens < state.known_len:
-                continue
+            if c.is_new or c.sampled_input or c.num_computed_tokens < state.known_len:
+                continue  # a sampled_input decode runs the token this worker sampled (RequestTable)
             expected = [sim_token(c.request_id, p - state.prompt_len, self.vocab_size)
                         for p in range(c.num_computed_tokens, state.num_computed_tokens)]
             if list(c.token_ids) != expected:

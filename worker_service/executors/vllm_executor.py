@@ -25,7 +25,8 @@ the tokens it sampled itself, its block table and its sampling parameters:
   tokens only at positions it is told to compute, so a placeholder is never run.
 * A decode chunk is ``CachedRequestData``: new blocks appended, ``num_computed_tokens`` and
   ``num_output_tokens`` given. The runner feeds the token it sampled itself; the chunk's
-  token is checked against it (a mismatch is a ``ValueError``: resend with ``is_new``).
+  token is checked against it (a mismatch is a ``ValueError``: resend with ``is_new``); a
+  ``sampled_input`` chunk (pipelined plans) carries no token: the runner's own is the input.
 * ``is_new`` for an id the runner already holds (a resync) frees the old copy first
   (``finished_req_ids`` is applied before new requests are added).
 * ``freed_request_ids`` become ``finished_req_ids``. The runner never decides stops itself:
@@ -402,7 +403,7 @@ class VllmExecutor(Executor):
                 else:  # decode (RequestTable.prepare refused chunks straddling `total`): the runner
                     # feeds back tokens it sampled itself
                     expected = r.outputs[start - total:end - total]
-                    if end - total > len(r.outputs) or list(c.token_ids) != expected:
+                    if end - total > len(r.outputs) or (not c.sampled_input and list(c.token_ids) != expected):
                         raise ValueError(
                             f"{where}: token_ids {list(c.token_ids)[:8]} at positions {start}..{end - 1} are not "
                             f"the tokens this worker sampled there ({expected[:8]}); resend it with is_new"

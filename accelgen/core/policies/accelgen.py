@@ -126,7 +126,7 @@ class AccelGenPolicy(Policy):
                 continue
             r = requests.get(c.request_id)
             # Its first token just came: if late, the request can no longer attain its SLO.
-            if (r is not None and r.num_output_tokens == 1 and r.status is RequestStatus.RUNNING
+            if (r is not None and r.num_known_outputs == 1 and r.status is RequestStatus.RUNNING
                     and r.first_token_s is not None and r.first_token_s > r.next_deadline_after_arrival_s()):
                 self._late.add(r.request_id)
 
