@@ -35,6 +35,46 @@ MAX_NUM_SEQS = 128
 MAX_NUM_BATCHED_TOKENS = 2048
 DTYPE = "float32"
 
+# -- device: "cpu" (the default; what docs/vllm_comparison.md measures) or "gpu" ------------------
+# ``set_device("gpu")`` (``make_vllm_comparison.py --device gpu``, run by scripts/gpu_check.sh) swaps
+# the sizes above for GPU ones, drops the CPU-only environment (VLLM_CPU_KVCACHE_SPACE) and gives
+# ``vllm serve`` the same sizes explicitly (its GPU defaults depend on the GPU). The servers run one
+# after the other, so each may take the GPU; vllm serve's --gpu-memory-utilization only feeds its
+# start-up check (its KV cache is --kv-cache-memory-bytes), and the worker's is --kv-cache-space-gb.
+# The functions below read these module globals when called; the CPU path is unchanged.
+DEVICE = "cpu"
+_CPU_SIZES = {"DTYPE": DTYPE, "KV_CACHE_GIB": KV_CACHE_GIB, "MAX_NUM_SEQS": MAX_NUM_SEQS,
+              "MAX_NUM_BATCHED_TOKENS": MAX_NUM_BATCHED_TOKENS}
+GPU_SIZES = {"DTYPE": "float16", "KV_CACHE_GIB": 4, "MAX_NUM_SEQS": 256, "MAX_NUM_BATCHED_TOKENS": 8192}
+GPU_MEMORY_UTILIZATION = 0.5
+
+
+def set_device(device: str) -> None:
+    """Size every server this module starts for ``device`` ("cpu" or "gpu")."""
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be cpu or gpu, got {device!r}")
+    global DEVICE
+    DEVICE = device
+    globals().update(GPU_SIZES if device == "gpu" else _CPU_SIZES)
+
+
+def device_settings() -> dict[str, Any]:
+    """What the servers are sized with now (the comparison's JSON records it)."""
+    out = {"device": DEVICE, "dtype": DTYPE, "kv_cache_gib": KV_CACHE_GIB, "max_num_seqs": MAX_NUM_SEQS,
+           "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS, "max_model_len": MAX_MODEL_LEN}
+    if DEVICE == "gpu":
+        out["vllm_serve_extra_args"] = _device_serve_args()
+    return out
+
+
+def _device_serve_args() -> list[str]:
+    if DEVICE != "gpu":
+        return []
+    return ["--kv-cache-memory-bytes", str(int(KV_CACHE_GIB * (1 << 30))), "--max-num-seqs", str(MAX_NUM_SEQS),
+            "--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS),
+            "--gpu-memory-utilization", str(GPU_MEMORY_UTILIZATION)]
+# -- end of the device section --------------------------------------------------------------------
+
 
 @dataclass
 class Server:
@@ -80,7 +120,7 @@ def ensure_model(model_dir: Path = DEFAULT_MODEL_DIR) -> Path:
 
 
 def _vllm_env() -> dict[str, str]:
-    return {"VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)}
+    return {} if DEVICE == "gpu" else {"VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)}
 
 
 def _get_json(url: str, timeout: float = 2.0) -> Any:
@@ -116,7 +156,7 @@ def start_vllm_serve(model_dir: Path, log_dir: Path | None = None, port: int | N
     t0 = time.perf_counter()
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--dtype", DTYPE, "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
-            "--host", "127.0.0.1", "--port", str(port), "--seed", "0", *extra_args]
+            "--host", "127.0.0.1", "--port", str(port), "--seed", "0", *_device_serve_args(), *extra_args]
     proc = spawn("vllm-serve", argv, log_dir, env=_vllm_env())
     base = f"http://127.0.0.1:{port}"
     try:

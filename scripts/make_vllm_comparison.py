@@ -16,6 +16,12 @@ times (odd rounds in reverse order); cells are medians over all runs, runs durin
 took more than 10% of the machine are left out. In the last round vllm serve and the vllm-policy
 stack also get a saturation run under py-spy (where the CPU time goes; not in the comparison).
 Finally a microbenchmark of the worker's decode step with 2 vs 1 torch threads.
+
+``--device gpu`` (what scripts/gpu_check.sh runs, writing --md/--json outside docs/): the same
+comparison on a CUDA GPU -- float16, GPU sizes given to both servers alike, no CPU-only
+environment (``bench/vs_vllm_server.py``'s device section), no decode microbenchmark; the
+Markdown gets a note on top saying so. ``--model-shape opt-125m`` serves the OPT-125m-shaped
+test model (``scripts/make_test_model.py --shape``).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import vs_vllm, vs_vllm_diagnostics  # noqa: E402
+from bench import vs_vllm, vs_vllm_diagnostics, vs_vllm_server  # noqa: E402
 from bench.vs_vllm import BenchConfig, Server  # noqa: E402
 from scripts.vllm_comparison_report import _rate_name, build_table, findings, fmt_table, render_md  # noqa: E402
 
@@ -56,6 +62,55 @@ def systems(model_dir: Path, log_root: Path, cpu_profile: Path | None) -> list[t
         name = "accelgen, accelgen policy (CPU profile)"
         out.append((name, stack(name, "accelgen", cpu_profile)))
     return out
+
+
+def gpu_notes() -> dict[str, Any]:
+    """--device gpu: which GPU, for the JSON and the Markdown note. Asks nvidia-smi rather than
+    torch, so this process makes no CUDA context (it would hold GPU memory the servers count on)."""
+    import subprocess
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--device gpu: torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+    notes: dict[str, Any] = {"cuda": torch.version.cuda, "gpu_count": torch.cuda.device_count()}
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30).stdout
+        name, mib, driver = [x.strip() for x in out.splitlines()[0].split(",")][:3]
+        notes.update(gpu=name, gpu_memory_gib=round(float(mib) / 1024, 1), driver=driver)
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        notes["gpu"] = "?"
+    return notes
+
+
+def gpu_note(data: dict[str, Any]) -> str:
+    """The note on top of a --device gpu report: render_md's set-up text describes the CPU run."""
+    c, m = data["config"], data["machine"]
+    extra = " ".join(c.get("vllm_serve_extra_args") or [])
+    return (f"> **GPU run** (`--device gpu`, e.g. by `scripts/gpu_check.sh`) on {m.get('gpu', '?')} "
+            f"({m.get('gpu_memory_gib', '?')} GiB, CUDA {m.get('cuda', '?')}); model `{c.get('model_dir', '?')}` "
+            f"(shape {c.get('model_shape', '?')}). The set-up text below was written for the CPU comparison; "
+            f"on this run both servers used dtype {c['dtype']}, KV cache {c['kv_cache_gib']} GiB, max_num_seqs "
+            f"{c['max_num_seqs']}, max_num_batched_tokens {c['max_num_batched_tokens']}, max_model_len "
+            f"{c['max_model_len']}, `--enforce-eager`; vllm serve got `{extra}` and no VLLM_CPU_KVCACHE_SPACE "
+            "(otherwise its GPU defaults), the worker `--kv-cache-space-gb` with the same GiB.")
+
+
+def render(data: dict[str, Any], table, results, rates, profiles, names) -> str:
+    md = render_md(data, table, results, rates, profiles, names)
+    if data["config"].get("device") == "gpu":
+        title, _, rest = md.partition("\n")
+        md = f"{title}\n\n{gpu_note(data)}\n{rest}"
+    return md
+
+
+def _shown(path: Path) -> str:
+    """A path as the report shows it: relative to the checkout when inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def machine_notes() -> dict[str, Any]:
@@ -104,6 +159,10 @@ def main() -> int:
     ap.add_argument("--no-microbench", action="store_true", help="skip the worker decode-step microbenchmark")
     ap.add_argument("--py-spy-prompts", type=int, default=300)
     ap.add_argument("--model-dir", type=Path, default=vs_vllm.DEFAULT_MODEL_DIR)
+    ap.add_argument("--model-shape", default="tiny", choices=["tiny", "opt-125m"],
+                    help="the test model --model-dir holds or gets (scripts/make_test_model.py --shape)")
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                    help="gpu: float16 and GPU sizes for both servers, no decode microbenchmark (scripts/gpu_check.sh)")
     ap.add_argument("--log-dir", type=Path, default=None, help="keep every server's log here (default: a temp dir)")
     ap.add_argument("--md", type=Path, default=DOCS / "vllm_comparison.md")
     ap.add_argument("--json", type=Path, default=DOCS / "vllm_comparison.json")
@@ -116,7 +175,7 @@ def main() -> int:
         names, results, profiles = data["systems"], data["runs"], data.get("py_spy") or {}
         table = build_table(results, rates)
         data["verdict"] = findings(table, rates, names)
-        args.md.write_text(render_md(data, table, results, rates, profiles, names) + "\n")
+        args.md.write_text(render(data, table, results, rates, profiles, names) + "\n")
         if args.render_from.resolve() == args.json.resolve():  # keep the JSON's verdict in step
             args.json.write_text(json.dumps(data, indent=2, default=str) + "\n")
         print(f"wrote {args.md} from {args.render_from}")
@@ -126,9 +185,17 @@ def main() -> int:
     rates = [float(r) for r in args.rates.split(",")]
     cfg = BenchConfig(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
                       seed=args.seed)
-    model_dir = vs_vllm.ensure_model(args.model_dir)
+    from scripts.make_test_model import make_test_model
+
+    vs_vllm_server.set_device(args.device)
+    model_dir = Path(make_test_model(args.model_dir, shape=args.model_shape))
     log_root = args.log_dir or Path(tempfile.mkdtemp(prefix="vllm-comparison-"))
     notes = machine_notes()
+    if args.device == "gpu":
+        notes.update(gpu_notes())
+        if not args.no_microbench:
+            print("--device gpu: no decode microbenchmark (it times CPU torch threads)", flush=True)
+            args.no_microbench = True
     print(f"logs: {log_root}", flush=True)
 
     cpu_profile = None
@@ -200,16 +267,14 @@ def main() -> int:
             "config": {"rates": [_rate_name(r) for r in rates], "num_prompts": cfg.num_prompts,
                        "input_len": cfg.input_len, "output_len": cfg.output_len, "seed": cfg.seed, "rounds": args.rounds,
                        "single_stream_prompts": args.single_stream, "saturation_repeats": args.saturation_repeats,
-                       "probe_requests": args.probe,
-                       "max_num_seqs": vs_vllm.MAX_NUM_SEQS, "max_num_batched_tokens": vs_vllm.MAX_NUM_BATCHED_TOKENS,
-                       "kv_cache_gib": vs_vllm.KV_CACHE_GIB, "max_model_len": vs_vllm.MAX_MODEL_LEN,
-                       "dtype": vs_vllm.DTYPE, "cpu_profile": profile_info},
+                       "probe_requests": args.probe, **vs_vllm_server.device_settings(),
+                       "model_dir": _shown(model_dir), "model_shape": args.model_shape, "cpu_profile": profile_info},
             "systems": names, "table": table, "runs": results, "py_spy": profiles, "decode_microbench": microbench,
             "failures": failures,
             "verdict": findings(table, rates, names)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    args.md.write_text(render_md(data, table, results, rates, profiles, names) + "\n")
+    args.md.write_text(render(data, table, results, rates, profiles, names) + "\n")
     if not args.log_dir:
         print(f"server logs and py-spy samples left in {log_root}", flush=True)
     print(f"wrote {args.md} and {args.json} in {elapsed:.0f} s", flush=True)

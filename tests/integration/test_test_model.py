@@ -83,6 +83,22 @@ def test_make_test_model_is_idempotent(mtm, model_dir: Path):
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == before
 
 
+def test_a_directory_of_another_shape_is_refused(mtm, model_dir: Path, tmp_path: Path):
+    """--shape opt-125m (the GPU check's model) never overwrites the tiny model, nor the reverse;
+    the tiny model's marker is what it always was (no shape key)."""
+    assert "shape" not in json.loads((model_dir / mtm.MARKER).read_text())
+    with pytest.raises(mtm.ShapeMismatch, match="'tiny'"):
+        mtm.make_test_model(model_dir, seed=0, shape="opt-125m")
+    other = tmp_path / "gpu-model"
+    other.mkdir()
+    (other / mtm.MARKER).write_text(json.dumps({"seed": 0, "version": mtm.GENERATOR_VERSION, "shape": "opt-125m"}))
+    with pytest.raises(mtm.ShapeMismatch, match="'opt-125m'"):
+        mtm.make_test_model(other, seed=0)
+    assert mtm.main(["--out", str(other)]) == 2
+    with pytest.raises(ValueError, match="unknown shape"):
+        mtm.make_test_model(tmp_path / "x", shape="opt-13b")
+
+
 def test_vllm_scheduler_timing(model_dir: Path):
     pytest.importorskip("vllm")
     from bench.vllm_sched_overhead import time_vllm_schedule
