@@ -32,7 +32,13 @@ from accelgen.profiles import load_profile
 from scheduler_service.state.store import RedisStore
 
 
-async def _lane_iterations(redis_url: str, queue_size: int, repeats: int) -> dict[str, float]:
+async def _lane_iterations(redis_url: str, queue_size: int, repeats: int, pipeline: bool = True) -> dict[str, float]:
+    """One lane's iterations against a zero-time worker, timed in three parts as the lane runs
+    them: the decision (``step`` + the plan's protobuf + ``dispatch``), the result's application
+    and the commit hand-off (``complete``, the changes, queueing the Redis write), and the Redis
+    write itself, which the lane overlaps with the next iteration (it is awaited here, after
+    the clock stopped, so each write is timed alone)."""
+    from scheduler_service import convert
     from scheduler_service.committer import Committer
     from scheduler_service.config import SchedulerConfig
     from scheduler_service.lane import WorkerLane
@@ -43,14 +49,14 @@ async def _lane_iterations(redis_url: str, queue_size: int, repeats: int) -> dic
     profile = load_profile()
     info = WorkerInfo(model=profile.name, executor="sim", block_size=128, num_blocks=NUM_BLOCKS,
                       max_model_len=profile.max_model_len, profile_json="", eos_token_id=0, vocab_size=0)
-    # The lane's loop is not run: each iteration is driven here, its write awaited and timed.
-    config = SchedulerConfig(policy="accelgen", max_num_seqs=MAX_NUM_SEQS)
-    lane = WorkerLane("w0", "127.0.0.1:1", info, profile, config, catalog,
-                      Committer(store, deliver=lambda _changes: None).chain())
+    # The lane's loop is not run: each iteration is driven here, its parts timed.
+    config = SchedulerConfig(policy="accelgen", max_num_seqs=MAX_NUM_SEQS, pipeline=pipeline)
+    chain = Committer(store, deliver=lambda _changes: None).chain()
+    lane = WorkerLane("w0", "127.0.0.1:1", info, profile, config, catalog, chain)
     core = lane.core
     counter = iter(range(10**9))
     now = time.time()
-    samples, decisions = [], []
+    decisions, applies, writes = [], [], []
     for step in range(MAX_TOKENS + 32 + repeats):
         while len(core.waiting) < queue_size:
             i = next(counter)
@@ -59,21 +65,37 @@ async def _lane_iterations(redis_url: str, queue_size: int, repeats: int) -> dic
             core.add_request(r)
         t0 = time.perf_counter()
         plan = core.step(now)
+        convert.plan_to_proto(plan, core.requests, "bench", 0)
+        if pipeline:
+            core.dispatch(plan)
         t1 = time.perf_counter()
         now += 0.03
-        outcome = core.complete(plan, IterationResult(plan.iteration, {c.request_id: 100 for c in plan.chunks if c.samples}, 0.0), now)
-        await store.commit_iteration(lane.changes_for(plan, outcome))  # not overlapped here: measured
+        result = IterationResult(plan.iteration, {c.request_id: 100 for c in plan.chunks if c.samples}, 0.0)
         t2 = time.perf_counter()
+        outcome = core.complete(plan, result, now)
+        changes = lane.changes_for(plan, outcome)
         for r in outcome.finished:
             core.forget(r.request_id)
+        write = chain.iteration(changes)
+        t3 = time.perf_counter()
+        await write
+        t4 = time.perf_counter()
         if step >= MAX_TOKENS + 32:
-            samples.append(t2 - t0)
             decisions.append(t1 - t0)
+            applies.append(t3 - t2)
+            writes.append(t4 - t3)
     await store.close()
     await lane.channel.close()
-    a, d = np.array(samples) * 1000, np.array(decisions) * 1000
-    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
-            "decision_p50_ms": float(np.percentile(d, 50)), "redis_p50_ms": float(np.percentile(a - d, 50))}
+    d, a, w = (np.array(x) * 1000 for x in (decisions, applies, writes))
+    path = d + a
+
+    def pct(x: np.ndarray, q: float) -> float:
+        return float(np.percentile(x, q))
+
+    return {"decision_p50_ms": pct(d, 50), "decision_p99_ms": pct(d, 99),
+            "decision_commit_p50_ms": pct(path, 50), "decision_commit_p99_ms": pct(path, 99),
+            "redis_write_p50_ms": pct(w, 50), "redis_write_p99_ms": pct(w, 99),
+            "serial_p50_ms": pct(path + w, 50), "serial_p99_ms": pct(path + w, 99)}
 
 
 def lane_overhead(sizes: Sequence[int], repeats: int) -> dict[str, Any]:
@@ -84,7 +106,15 @@ def lane_overhead(sizes: Sequence[int], repeats: int) -> dict[str, Any]:
         proc.stop()
 
 
-def throughput(workers: int, seconds: float = 5.0, per_worker: int = 16) -> dict[str, float]:
+def hops(info: scheduler_pb2.ServerInfo) -> dict[str, dict[str, float]]:
+    """The scheduler's own timings of where a token's time goes after the model (``ServerInfo``)."""
+    return {name: {"p50_ms": h.p50_ms, "p99_ms": h.p99_ms, "samples": h.samples}
+            for name, h in (("worker_to_scheduler", info.worker_to_scheduler),
+                            ("applied_to_durable", info.applied_to_durable),
+                            ("applied_to_gateway", info.applied_to_gateway))}
+
+
+def throughput(workers: int, seconds: float = 5.0, per_worker: int = 16, pipeline: bool = True) -> dict[str, Any]:
     """Iterations/s of one scheduler process over ``workers`` zero-time sim workers."""
     stack = Stack()
     redis_proc, stack.redis_url = start_redis()
@@ -92,7 +122,8 @@ def throughput(workers: int, seconds: float = 5.0, per_worker: int = 16) -> dict
     try:
         port = free_port()
         stack.scheduler_address = f"127.0.0.1:{port}"
-        stack.procs.append(start_scheduler_proc(stack, port, ["--log-level", "WARNING"]))
+        stack.procs.append(start_scheduler_proc(stack, port, ["--log-level", "WARNING",
+                                                              "--pipeline", "true" if pipeline else "false"]))
         for i in range(workers):
             stack.procs.append(start_worker_proc(stack, f"worker-{i}", ["--executor", "sim", "--time-scale", "0",
                                                                         "--log-level", "WARNING"]))
@@ -110,7 +141,7 @@ def throughput(workers: int, seconds: float = 5.0, per_worker: int = 16) -> dict
             b = stub.GetServerInfo(scheduler_pb2.GetServerInfoRequest(), timeout=5)
             dt = time.monotonic() - t0
         return {"iterations_per_s": (b.iterations - a.iterations) / dt, "sched_ms_p50": b.sched_ms_p50,
-                "sched_ms_p99": b.sched_ms_p99}
+                "sched_ms_p99": b.sched_ms_p99, "hops": hops(b)}
     finally:
         stack.stop()
 
@@ -122,17 +153,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=200)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--pipeline", default="true,false", help="scheduler runs with pipelining on and/or off")
     args = ap.parse_args(argv)
+    pipelines = [p.strip() == "true" for p in args.pipeline.split(",")]
     out: dict[str, Any] = {"lane_iteration_with_redis": lane_overhead([int(s) for s in args.sizes.split(",")], args.repeats),
                            "scheduler_iterations_per_s": {}}
     for n, row in out["lane_iteration_with_redis"].items():
-        print(f"queued {n:>6}: decision+Redis p50 {row['p50_ms']:.3f} ms p99 {row['p99_ms']:.3f} ms "
-              f"(decision p50 {row['decision_p50_ms']:.3f}, Redis p50 {row['redis_p50_ms']:.3f})")
+        print(f"queued {n:>6}: decision + commit p50 {row['decision_commit_p50_ms']:.3f} ms "
+              f"p99 {row['decision_commit_p99_ms']:.3f} ms (decision p50 {row['decision_p50_ms']:.3f} "
+              f"p99 {row['decision_p99_ms']:.3f}); Redis write, overlapped, p50 {row['redis_write_p50_ms']:.3f} "
+              f"p99 {row['redis_write_p99_ms']:.3f} ms")
     for w in [int(x) for x in args.workers.split(",")]:
-        row = throughput(w, args.seconds)
-        out["scheduler_iterations_per_s"][str(w)] = row
-        print(f"{w:>2} zero-time workers: {row['iterations_per_s']:.0f} iterations/s "
-              f"(decision p50 {row['sched_ms_p50']:.3f} ms, p99 {row['sched_ms_p99']:.3f} ms)")
+        for pipeline in pipelines:
+            row = throughput(w, args.seconds, pipeline=pipeline)
+            key = str(w) if pipeline else f"{w} unpipelined"
+            out["scheduler_iterations_per_s"][key] = row
+            print(f"{key:>14} zero-time workers: {row['iterations_per_s']:.0f} iterations/s "
+                  f"(decision p50 {row['sched_ms_p50']:.3f} ms, p99 {row['sched_ms_p99']:.3f} ms)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

@@ -230,6 +230,9 @@ class SchedulerApp:
             vocab_size=self.workers.vocab_size() or 0,
             iterations=sum(ln.stats.iterations for ln in lanes),
             overhead_ms=1000 * sum(ln.stats.overhead_s for ln in lanes) / max(1, len(lanes)),
+            worker_to_scheduler=_hop([s for ln in lanes for s in list(ln.stats.result_hop_s)[-2000:]]),
+            applied_to_durable=_hop(list(self.committer.durable_lag_s)),
+            applied_to_gateway=_hop(list(self.delivery.sent_lag_s)),
             **self._decision_percentiles(lanes))
 
     @staticmethod
@@ -240,3 +243,11 @@ class SchedulerApp:
         recent.sort()
         pick = lambda q: recent[min(len(recent) - 1, int(q * len(recent)))] * 1000.0  # noqa: E731
         return {"sched_ms_p50": pick(0.5), "sched_ms_p99": pick(0.99)}
+
+
+def _hop(samples_s: list[float]) -> scheduler_pb2.HopLatency:
+    if not samples_s:
+        return scheduler_pb2.HopLatency()
+    samples_s.sort()
+    pick = lambda q: samples_s[min(len(samples_s) - 1, int(q * len(samples_s)))] * 1000.0  # noqa: E731
+    return scheduler_pb2.HopLatency(p50_ms=pick(0.5), p99_ms=pick(0.99), samples=len(samples_s))

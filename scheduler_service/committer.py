@@ -32,6 +32,8 @@ so a later recovery does not produce a different output.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import deque
 from typing import Any, Callable, Coroutine
 
 import structlog
@@ -58,6 +60,7 @@ class Committer:
         self.on_request_failed = on_request_failed  # (request id, error): e.g. cancel it in its lane
         self.failed: set[str] = set()  # requests whose write failed for good: nothing more is written
         self.lease_lost = False  # a write was fenced off: every later write is given up
+        self.durable_lag_s: deque[float] = deque(maxlen=5000)  # iteration applied -> its write landed
 
     def chain(self) -> CommitChain:
         """The ordered write queue of one lane."""
@@ -75,6 +78,8 @@ class Committer:
         landed, failed = await self._land(changes)  # Redis down: hold the tokens until they are durable
         if landed is None:
             return
+        if changes.applied_at:
+            self.durable_lag_s.append(time.time() - changes.applied_at)
         for rid in failed:
             landed.status[rid] = (RequestStatus.CANCELLED, FinishReason.CANCELLED.value)
             landed.finished.append(rid)

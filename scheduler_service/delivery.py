@@ -29,6 +29,7 @@ the rest (a tuple each, not a task), so a stream watching 10^5 unknown ids canno
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterable
@@ -97,6 +98,7 @@ class Delivery:
         self.lookup_slots = asyncio.Semaphore(limits.store_lookups)  # shared by every stream
         self.channels: dict[str, RequestChannel] = {}
         self.owners = OwnerBook(store, self.channels)
+        self.sent_lag_s: deque[float] = deque(maxlen=5000)  # a token applied -> sent to its gateway
 
     def start_owner_sweep(self, cancel: CancelFn, owner_gone_cancel_s: float) -> None:
         """After recovery: cancel (with ``cancel``, the intake's) the requests of gateways gone
@@ -283,6 +285,10 @@ class WatchSession:
                 await self._event.wait()
                 resp = self.take()
                 if resp is not None:
+                    now, lags = time.time(), self.delivery.sent_lag_s
+                    for b in resp.batches:
+                        if b.emitted_at:
+                            lags.append(now - b.emitted_at[-1])
                     yield resp
                 if reader.done():
                     reader.result()  # re-raise what broke the request stream

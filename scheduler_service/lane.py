@@ -62,6 +62,7 @@ class LaneStats:
     overhead_s: float = 0.0
     time_correction: float = 1.0
     decision_s: deque = field(default_factory=lambda: deque(maxlen=5000))
+    result_hop_s: deque = field(default_factory=lambda: deque(maxlen=5000))  # worker's result ready -> applied
 
 
 class WorkerLane:
@@ -194,7 +195,8 @@ class WorkerLane:
             try:
                 reply = await link.receive()
                 plan, t0 = in_flight.popleft()
-                outcome = core.complete(plan, convert.result_from_proto(reply), time.time())
+                applied_at = time.time()
+                outcome = core.complete(plan, convert.result_from_proto(reply), applied_at)
             except grpc.aio.AioRpcError as exc:
                 if self._deposed(exc):
                     return
@@ -211,6 +213,9 @@ class WorkerLane:
                 self.failure = f"bad iteration result: {exc}"
                 return
             changes = self.changes_for(plan, outcome)
+            changes.applied_at = applied_at
+            if reply.finished_at:
+                self.stats.result_hop_s.append(applied_at - reply.finished_at)
             for r in outcome.finished:  # its record and tokens travel in ``changes`` from here on
                 core.forget(r.request_id)
             self.stats.iterations += 1

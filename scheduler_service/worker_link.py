@@ -9,7 +9,9 @@ A worker that does not serve ``ExecuteStream`` (an older worker during a rolling
 answers UNIMPLEMENTED before running anything; the link then falls back to one
 ``ExecuteIteration`` per plan, resending the plans the stream never ran, in order, and reports
 ``streaming = False`` so the lane stops pipelining (unary calls in flight together could reach
-the worker's executor out of order).
+the worker's executor out of order). Until the stream's first result proves it is served, later
+plans wait here instead of on the wire: a write racing the UNIMPLEMENTED answer would turn the
+call's status into a local INTERNAL error, indistinguishable from a broken worker.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class WorkerLink:
         self.streaming = use_stream
         self._call: grpc.aio.StreamStreamCall | None = None
         self._unanswered: deque[worker_pb2.BatchPlan] = deque()  # sent, result not yet received
+        self._served = False  # the stream has answered once: plans go straight onto it
+        self._held: list[worker_pb2.BatchPlan] = []  # sent before that, written once it has
 
     @property
     def in_flight(self) -> int:
@@ -49,6 +53,13 @@ class WorkerLink:
             return  # run by ``receive``, one call at a time, in order
         if self._call is None:
             self._call = self.stub.ExecuteStream()
+        elif not self._served:
+            self._held.append(plan)
+            return
+        await self._write(plan)
+
+    async def _write(self, plan: worker_pb2.BatchPlan) -> None:
+        assert self._call is not None
         try:
             await self._call.write(plan)
         except grpc.aio.AioRpcError:
@@ -74,11 +85,17 @@ class WorkerLink:
                          detail="falling back to one ExecuteIteration per plan, unpipelined")
                 self.streaming = False
                 self._call = None
+                self._held.clear()  # still in _unanswered: resent one call each
                 return await self.receive()
             if reply is grpc.aio.EOF:
                 raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                            details="the worker ended the plan stream")
             self._unanswered.popleft()
+            if not self._served:
+                self._served = True
+                for held in self._held:
+                    await self._write(held)
+                self._held.clear()
             return reply
         plan = self._unanswered[0]
         try:
@@ -96,3 +113,4 @@ class WorkerLink:
             self._call.cancel()
             self._call = None
         self._unanswered.clear()
+        self._held.clear()

@@ -21,6 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import grpc  # noqa: E402
+
+from accelgen.v1 import scheduler_pb2, scheduler_pb2_grpc  # noqa: E402
 from launcher.stack import start_stack  # noqa: E402
 from bench import service_overhead  # noqa: E402
 from bench.compare import RunSpec, WorkloadSpec, headline, run_many  # noqa: E402
@@ -38,11 +41,15 @@ def track(policy: str, spec: WorkloadSpec) -> dict:
                         worker_args=["--log-level", "WARNING"], gateway_args=["--log-level", "WARNING"])
     try:
         service = run_load(stack.gateway_address, workload, SLOCatalog(), profile.s_pf)
+        with grpc.insecure_channel(stack.scheduler_address) as channel:
+            info = scheduler_pb2_grpc.SchedulerStub(channel).GetServerInfo(scheduler_pb2.GetServerInfoRequest(),
+                                                                           timeout=10)
     finally:
         stack.stop()
     sim = run_many([RunSpec(spec, policy, time_noise=0.0)])[0]  # the sim worker has no timing noise
     return {"service": headline(service.summary), "service (scheduler clock)": headline(service.server_summary),
-            "sim": headline(sim), "errors": service.errors}
+            "sim": headline(sim), "errors": service.errors,
+            "hops": {**service_overhead.hops(info), "applied_to_client": service.client_lag_ms}}
 
 
 def _rel(a: float, b: float) -> str:
@@ -58,7 +65,9 @@ def main() -> int:
     spec = WorkloadSpec(name="paper-mix", rate=args.rate, duration_s=args.duration, seed=0)
     tracking = {p: track(p, spec) for p in args.policies.split(",")}
     overhead = {"lane_iteration_with_redis": service_overhead.lane_overhead([100, 1000, 10000], 200),
-                "scheduler_iterations_per_s": {str(w): service_overhead.throughput(w) for w in (1, 4, 16)}}
+                "scheduler_iterations_per_s": {
+                    (str(w) if pipeline else f"{w} unpipelined"): service_overhead.throughput(w, pipeline=pipeline)
+                    for w in (1, 4, 16) for pipeline in (True, False)}}
     (DOCS / "service.json").write_text(json.dumps({"tracking": tracking, "overhead": overhead}, indent=2) + "\n")
     rows = ["| policy | source | throughput (tok/s) | goodput (tok/s) | SLO attainment | p99 TBT (ms) | p50 TTFT (ms) |"
             " goodput diff | attainment diff |", "|---|---|---|---|---|---|---|---|---|"]
@@ -70,15 +79,28 @@ def main() -> int:
             rows.append(f"| {p} | {src} | {r['throughput_tok_s']:.1f} | {r['goodput_tok_s']:.1f} | "
                         f"{r['slo_attainment']:.1%} | {r['p99_tbt_ms']:.0f} | {r['p50_ttft_ms']:.0f} | {diff[0]} | {diff[1]} |")
     lane = overhead["lane_iteration_with_redis"]
-    lane_rows = ["| queued requests | decision + Redis write p50 (ms) | p99 (ms) | of which decision p50 | Redis p50 |",
-                 "|---|---|---|---|---|"]
-    lane_rows += [f"| {n} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['decision_p50_ms']:.3f} | {r['redis_p50_ms']:.3f} |"
+    lane_rows = ["| queued requests | decision + commit p50 (ms) | p99 (ms) | decision p50 | decision p99 |"
+                 " Redis write p50 (overlapped) | p99 | all of it, one after the other: p50 | p99 |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+    lane_rows += [f"| {n} | {r['decision_commit_p50_ms']:.3f} | {r['decision_commit_p99_ms']:.3f} | "
+                  f"{r['decision_p50_ms']:.3f} | {r['decision_p99_ms']:.3f} | {r['redis_write_p50_ms']:.3f} | "
+                  f"{r['redis_write_p99_ms']:.3f} | {r['serial_p50_ms']:.3f} | {r['serial_p99_ms']:.3f} |"
                   for n, r in lane.items()]
+    hop_names = [("worker_to_scheduler", "worker's result ready -> applied by the scheduler"),
+                 ("applied_to_durable", "applied -> durable in Redis"),
+                 ("applied_to_gateway", "applied -> sent to the gateway (WatchMany)"),
+                 ("applied_to_client", "applied -> received by the client (through the gateway)")]
+    hop_rows = ["| policy | hop | p50 (ms) | p99 (ms) |", "|---|---|---|---|"]
+    for p, t in tracking.items():
+        for key, what in hop_names:
+            h = t["hops"].get(key) or {}
+            if h:
+                hop_rows.append(f"| {p} | {what} | {h['p50_ms']:.2f} | {h['p99_ms']:.2f} |")
     thr = overhead["scheduler_iterations_per_s"]
-    thr_rows = ["| zero-time sim workers | iterations/s (whole scheduler) | decision p50 (ms) | decision p99 (ms) |",
-                "|---|---|---|---|"]
-    thr_rows += [f"| {w} | {r['iterations_per_s']:.0f} | {r['sched_ms_p50']:.3f} | {r['sched_ms_p99']:.3f} |"
-                 for w, r in thr.items()]
+    thr_rows = ["| zero-time sim workers | iterations/s (whole scheduler) | decision p50 (ms) | decision p99 (ms) |"
+                " applied -> durable p50 (ms) |", "|---|---|---|---|---|"]
+    thr_rows += [f"| {w} | {r['iterations_per_s']:.0f} | {r['sched_ms_p50']:.3f} | {r['sched_ms_p99']:.3f} | "
+                 f"{r['hops']['applied_to_durable']['p50_ms']:.2f} |" for w, r in thr.items()]
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     (DOCS / "service.md").write_text(f"""# The service: tracking the simulator, and its overhead
 
@@ -101,17 +123,32 @@ Where the service falls behind, it is the per-iteration time outside the model: 
 worker RPC and the Redis write, measured by the scheduler (`ServerInfo.overhead_ms`) and budgeted
 for by the AccelGen policy. The baselines do not budget for it.
 
-## Scheduler time per iteration, Redis write included (one lane, in process)
+### Where a token's time goes after the model (the same runs)
 
-256-token prompts, 128 output tokens, 4,096 blocks, up to 256 running; `python -m bench.service_overhead`.
+The scheduler's own timings (`ServerInfo`: `worker_to_scheduler`, `applied_to_durable`,
+`applied_to_gateway`) over its last iterations, and the client's (`accelgen load`: arrival time
+minus the token's `emitted_at`); every hop after the first is counted from the moment the
+scheduler applied the iteration, so each row includes the ones above it. A token is sent on only
+once durable.
+
+{chr(10).join(hop_rows)}
+
+## Scheduler time per iteration (one lane, in process, pipelined)
+
+256-token prompts, 128 output tokens, 4,096 blocks, up to 256 running, AccelGen policy;
+`python -m bench.service_overhead`. *Decision + commit* is what the lane spends per iteration on
+the worker's critical path: the decision (`step`, the plan's protobuf, `dispatch`) plus applying
+the result and handing its changes to the commit chain. The Redis write itself runs while the
+worker computes the next iteration (the lane keeps at most one write outstanding); the last two
+columns are the total if nothing overlapped, what one iteration cost before pipelining.
 
 {chr(10).join(lane_rows)}
 
 ## Iterations per second across zero-time workers (pure overhead)
 
 One scheduler process, N sim workers with `--time-scale 0` (each iteration returns at once), 16
-requests per worker: decision + gRPC round trip + Redis write per iteration, all processes on
-the same 2 cores.
+requests per worker: decision + gRPC stream hop + Redis write per iteration, all processes on
+the same 2 cores; pipelined (the default) and with `--pipeline false`.
 
 {chr(10).join(thr_rows)}
 """)

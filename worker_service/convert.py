@@ -107,9 +107,12 @@ def plan_to_proto(plan: WorkerPlan) -> worker_pb2.BatchPlan:
 
 
 # -- results and description ---------------------------------------------------------------
-def result_to_proto(result: ExecResult) -> worker_pb2.IterationResult:
+def result_to_proto(result: ExecResult, finished_at: float = 0.0) -> worker_pb2.IterationResult:
+    """``finished_at``: this worker's clock when the result was ready (the scheduler measures the
+    hop back to it)."""
     return worker_pb2.IterationResult(
         iteration=result.iteration, sampled_token_ids=result.sampled_token_ids, elapsed_s=result.elapsed_s,
+        finished_at=finished_at,
     )
 
 

@@ -19,6 +19,7 @@ plan start beside it. One thread is also what CUDA-bound model runners expect.
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable
 
@@ -154,7 +155,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except Exception as exc:
             await context.abort(*self._status(request.iteration, request.epoch, exc))
         self._log_done(plan, result)
-        return result_to_proto(result)
+        return result_to_proto(result, time.time())
 
     async def ExecuteStream(self, request_iterator: AsyncIterator[worker_pb2.BatchPlan],
                             context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.IterationResult]:
@@ -192,7 +193,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     run.failed = True
                     await context.abort(*self._status(msg.iteration, msg.epoch, exc))
                 self._log_done(plan, result)
-                yield result_to_proto(result)
+                yield result_to_proto(result, time.time())
                 ahead.release()
             await reader  # the scheduler closed its side: a read error, if any, surfaces here
         finally:

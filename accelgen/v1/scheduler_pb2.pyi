@@ -98,7 +98,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model", "max_model_len", "block_size", "live_workers", "queued_requests", "policy", "app_classes", "iterations", "sched_ms_p50", "sched_ms_p99", "overhead_ms", "classes", "vocab_size")
+    __slots__ = ("model", "max_model_len", "block_size", "live_workers", "queued_requests", "policy", "app_classes", "iterations", "sched_ms_p50", "sched_ms_p99", "overhead_ms", "classes", "vocab_size", "worker_to_scheduler", "applied_to_durable", "applied_to_gateway")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,9 @@ class ServerInfo(_message.Message):
     OVERHEAD_MS_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_TO_SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_TO_DURABLE_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_TO_GATEWAY_FIELD_NUMBER: _ClassVar[int]
     model: str
     max_model_len: int
     block_size: int
@@ -125,7 +128,20 @@ class ServerInfo(_message.Message):
     overhead_ms: float
     classes: _containers.RepeatedCompositeFieldContainer[AppClass]
     vocab_size: int
-    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., live_workers: _Optional[int] = ..., queued_requests: _Optional[int] = ..., policy: _Optional[str] = ..., app_classes: _Optional[_Iterable[str]] = ..., iterations: _Optional[int] = ..., sched_ms_p50: _Optional[float] = ..., sched_ms_p99: _Optional[float] = ..., overhead_ms: _Optional[float] = ..., classes: _Optional[_Iterable[_Union[AppClass, _Mapping]]] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    worker_to_scheduler: HopLatency
+    applied_to_durable: HopLatency
+    applied_to_gateway: HopLatency
+    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., live_workers: _Optional[int] = ..., queued_requests: _Optional[int] = ..., policy: _Optional[str] = ..., app_classes: _Optional[_Iterable[str]] = ..., iterations: _Optional[int] = ..., sched_ms_p50: _Optional[float] = ..., sched_ms_p99: _Optional[float] = ..., overhead_ms: _Optional[float] = ..., classes: _Optional[_Iterable[_Union[AppClass, _Mapping]]] = ..., vocab_size: _Optional[int] = ..., worker_to_scheduler: _Optional[_Union[HopLatency, _Mapping]] = ..., applied_to_durable: _Optional[_Union[HopLatency, _Mapping]] = ..., applied_to_gateway: _Optional[_Union[HopLatency, _Mapping]] = ...) -> None: ...
+
+class HopLatency(_message.Message):
+    __slots__ = ("p50_ms", "p99_ms", "samples")
+    P50_MS_FIELD_NUMBER: _ClassVar[int]
+    P99_MS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    p50_ms: float
+    p99_ms: float
+    samples: int
+    def __init__(self, p50_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class AppClass(_message.Message):
     __slots__ = ("name", "slo")

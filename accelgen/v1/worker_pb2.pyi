@@ -50,7 +50,7 @@ class BatchPlan(_message.Message):
     def __init__(self, iteration: _Optional[int] = ..., epoch: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[ScheduledChunk, _Mapping]]] = ..., freed_request_ids: _Optional[_Iterable[str]] = ..., predicted_time_s: _Optional[float] = ..., fence: _Optional[int] = ...) -> None: ...
 
 class IterationResult(_message.Message):
-    __slots__ = ("iteration", "sampled_token_ids", "elapsed_s")
+    __slots__ = ("iteration", "sampled_token_ids", "elapsed_s", "finished_at")
     class SampledTokenIdsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -61,10 +61,12 @@ class IterationResult(_message.Message):
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     sampled_token_ids: _containers.ScalarMap[str, int]
     elapsed_s: float
-    def __init__(self, iteration: _Optional[int] = ..., sampled_token_ids: _Optional[_Mapping[str, int]] = ..., elapsed_s: _Optional[float] = ...) -> None: ...
+    finished_at: float
+    def __init__(self, iteration: _Optional[int] = ..., sampled_token_ids: _Optional[_Mapping[str, int]] = ..., elapsed_s: _Optional[float] = ..., finished_at: _Optional[float] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ()

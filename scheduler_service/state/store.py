@@ -105,6 +105,7 @@ class IterationChanges:
     # id -> output tokens before this iteration's: appends are checked against it (idempotent
     # retries, lost writes detected). A request without one is appended unchecked.
     offsets: dict[str, int] = field(default_factory=dict)
+    applied_at: float = 0.0  # when the lane applied the iteration (Unix time; 0: not an iteration)
 
 
 class LeaseLost(Exception):

@@ -101,6 +101,10 @@ def test_200_concurrent_mixed_slo_requests_complete(stack: Stack) -> None:
         futures = [pool.submit(generate, stack.gateway_address, n, p, c) for n, p, c in jobs]
         results = [f.result(timeout=300) for f in futures]
     assert [len(t) for t, _ in results] == [n for n, _, _ in jobs]
+    # The scheduler timed each hop of those tokens after the model, in order along the path.
+    info = server_info(stack.scheduler_address)
+    hops = [info.worker_to_scheduler, info.applied_to_durable, info.applied_to_gateway]
+    assert all(h.samples > 0 and 0 < h.p50_ms <= h.p99_ms < 60_000 for h in hops), hops
 
 
 def test_openai_client_streams_a_completion(stack: Stack) -> None:
