@@ -180,7 +180,7 @@ def worker_args(model_dir: Path, profile: Path | None = None) -> list[str]:
 
 def start_accelgen(model_dir: Path, policy: str = "vllm", profile: Path | None = None, log_dir: Path | None = None,
                    http_port: int | None = None, label: str | None = None,
-                   env: dict[str, str] | None = None) -> Server:
+                   env: dict[str, str] | None = None, scheduler_args: Sequence[str] = ()) -> Server:
     """The AccelGen stack as ``accelgen up --executor vllm`` starts it: Redis, scheduler, one vLLM
     worker, gateway (each its own process), services at their default log levels. ``env`` is
     added to every service's environment (``start_stack`` passes this process's on)."""
@@ -195,7 +195,8 @@ def start_accelgen(model_dir: Path, policy: str = "vllm", profile: Path | None =
     try:
         stack = start_stack(workers=1, executor="vllm", worker_args=worker_args(model_dir, profile),
                             gateway_args=["--model", str(model_dir)],
-                            scheduler_args=["--policy", policy, "--max-num-seqs", str(MAX_NUM_SEQS)],
+                            scheduler_args=["--policy", policy, "--max-num-seqs", str(MAX_NUM_SEQS),
+                                            *scheduler_args],
                             log_dir=log_dir, http_port=http_port or None, worker_timeout_s=300.0)
     finally:
         for k, v in saved.items():

@@ -56,6 +56,9 @@ def systems(model_dir: Path, log_root: Path, cpu_profile: Path | None) -> list[t
     out: list[tuple[str, Callable[[], Server]]] = [
         ("vllm serve", lambda: vs_vllm.start_vllm_serve(model_dir, log_dir=log_root / "vllm-serve")),
         ("accelgen, vllm policy", stack("accelgen, vllm policy", "vllm")),
+        # The same with each plan waiting for the previous result: what pipelining buys.
+        ("accelgen, vllm policy, unpipelined", stack("accelgen, vllm policy, unpipelined", "vllm",
+                                                     scheduler_args=["--pipeline", "false"])),
         ("accelgen, accelgen policy (A100 profile)", stack("accelgen, accelgen policy (A100 profile)", "accelgen")),
     ]
     if cpu_profile is not None:
