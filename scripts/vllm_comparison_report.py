@@ -108,8 +108,11 @@ def render_md(data: dict[str, Any], table: dict[str, dict[str, Any]], results: d
         "* **accelgen**: what `accelgen up --executor vllm --model .cache/test-model` starts (Redis, scheduler, "
         "one vLLM CPU worker, gateway; default log levels), the worker sized like vllm serve: `--dtype float32 "
         f"--max-model-len {c['max_model_len']} --kv-cache-space-gb {c['kv_cache_gib']} --max-num-seqs "
-        f"{c['max_num_seqs']} --max-num-batched-tokens {c['max_num_batched_tokens']}`. Scheduler set-ups: "
-        "`--policy vllm` (vLLM's FCFS policy, so what differs from vllm serve is the architecture), the default "
+        f"{c['max_num_seqs']} --max-num-batched-tokens {c['max_num_batched_tokens']}`, and the worker's default "
+        "torch threads, which are what vllm serve gives its CPU model worker (every core but one: 1 here). The "
+        "scheduler pipelines plans (plan k+1 decided and sent while the worker runs plan k; the default). "
+        "Scheduler set-ups: `--policy vllm` (vLLM's FCFS policy, so what differs from vllm serve is the "
+        "architecture), the same with `--pipeline false` (each plan waits for the previous result), the default "
         "`accelgen` policy on the shipped OPT-13B/A100 profile, and the `accelgen` policy on a profile measured "
         "on this CPU by `accelgen profile` and passed to the worker with `--profile`"
         + (f" (S_pf {cp.get('s_pf')} tokens, T_pf {cp.get('t_pf_ms')} ms)" if cp else "") + ".",

@@ -97,6 +97,9 @@ class WorkerConfig:
                                        "vLLM's default", default=0)
     num_blocks: int = _doc("vllm: use exactly this many KV blocks (vLLM's num_gpu_blocks_override); 0 = what "
                            "the KV memory holds", default=0)
+    cpu_threads: int = _doc("vllm on a CPU: torch (OpenMP) threads of the model; 0 = what vllm serve gives its "
+                            "CPU worker: every core this process may use but one, kept for the rest of the node, "
+                            "at least 1 (an explicit OMP_NUM_THREADS is respected)", default=0)
 
     def __post_init__(self) -> None:
         if not self.scheduler or any(":" not in a for a in self.scheduler.split(",")):
@@ -116,7 +119,8 @@ class WorkerConfig:
             raise ValueError(f"vocab_size must be > 10, got {self.vocab_size}")
         if self.dtype not in _VLLM_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_VLLM_DTYPES)}, got {self.dtype!r}")
-        for name in ("max_model_len", "kv_cache_space_gb", "max_num_seqs", "max_num_batched_tokens", "num_blocks"):
+        for name in ("max_model_len", "kv_cache_space_gb", "max_num_seqs", "max_num_batched_tokens", "num_blocks",
+                     "cpu_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = vLLM's default), got {getattr(self, name)}")
         for name in ("rpc_timeout_s", "register_backoff_max_s"):

@@ -145,7 +145,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.description = worker_info_to_proto(self.info)
         self.on_device_failed: Callable[[], None] | None = None  # called on the event loop, once
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor")
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor",
+                                          initializer=executor.prepare_thread)
 
     async def ExecuteIteration(self, request: worker_pb2.BatchPlan, context: grpc.aio.ServicerContext) -> worker_pb2.IterationResult:
         self._loop = asyncio.get_running_loop()

@@ -13,6 +13,8 @@ reference token for token whatever the batching, chunking and block placement.
 
 from __future__ import annotations
 
+import os
+
 import subprocess
 import sys
 import time
@@ -40,6 +42,8 @@ _prompt = prompt_ids
 
 
 # Every prompt any test runs: the reference is computed once for all of them.
+OMP_AT_START = os.environ.get("OMP_NUM_THREADS")  # before any executor of this module set it
+
 PROMPTS: dict[str, list[int]] = {
     "long": _prompt(1, 300),
     "short1": _prompt(2, 20),
@@ -206,6 +210,10 @@ def test_describe_reports_vllm_kv_cache(ex):
     assert info.max_model_len == MAX_MODEL_LEN
     assert (info.eos_token_id, info.vocab_size) == (2, 3072)
     assert info.profile_json == ""
+    # Torch threads as vllm serve gives its CPU worker: every allowed core but one, at least 1.
+    import torch
+    expected = int(OMP_AT_START) if OMP_AT_START else max(1, len(os.sched_getaffinity(0)) - 1)
+    assert ex.cpu_threads == torch.get_num_threads() == expected
 
 
 def test_chunked_long_prompt_while_requests_join_and_leave(ex, reference):
@@ -342,7 +350,7 @@ def test_module_imports_without_vllm_and_reads_config(monkeypatch):
     VllmExecutor.from_config(cfg)
     assert seen == {"model": "/models/m", "dtype": "bfloat16", "max_model_len": 4096, "kv_cache_space_gb": 2.5,
                     "seed": 7, "max_num_seqs": None, "max_num_batched_tokens": None,
-                    "profile_json": "", "num_blocks": None}  # a shipped profile name is other hardware: not reported
+                    "profile_json": "", "num_blocks": None, "cpu_threads": 0}  # a shipped profile name is other hardware: not reported
     with pytest.raises(ValueError, match="--model"):
         VllmExecutor.from_config(WorkerConfig(executor="vllm"))
     with pytest.raises(ValueError, match="dtype"):
@@ -355,7 +363,7 @@ def test_runs_on_another_thread_as_the_server_does(ex, reference):
 
     d = Driver(ex)
     r = d.add("bystander", PROMPTS["bystander"], chunk=16)
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with ThreadPoolExecutor(max_workers=1, initializer=ex.prepare_thread) as pool:
         pool.submit(d.run, "bystander").result(timeout=120)
     _check(r.outputs, reference, "bystander")
     assert len(r.outputs) == GEN_TOKENS

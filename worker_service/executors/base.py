@@ -40,5 +40,9 @@ class Executor(ABC):
     def reset(self) -> None:
         """Forget every request (the scheduler restarted: its new epoch resends full state)."""
 
+    def prepare_thread(self) -> None:
+        """Per-thread set-up, called on the thread that will run the plans before it runs any
+        (the server's executor thread). Default: nothing."""
+
     def close(self) -> None:
         """Release the device (called once, after the server stopped)."""

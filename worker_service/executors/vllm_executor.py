@@ -115,6 +115,7 @@ class VllmExecutor(Executor):
         max_num_batched_tokens: int | None = None,
         profile_json: str = "",
         num_blocks: int | None = None,
+        cpu_threads: int = 0,
         enforce_eager: bool = True,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -124,6 +125,7 @@ class VllmExecutor(Executor):
             raise ValueError(f"kv_cache_space_gb must be >= 0 (0 = vLLM's default), got {kv_cache_space_gb}")
         _set_vllm_env()
         t0 = time.perf_counter()
+        self.cpu_threads, self._set_num_threads = _set_cpu_threads(cpu_threads)
 
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.engine.arg_utils import EngineArgs
@@ -232,7 +234,8 @@ class VllmExecutor(Executor):
                    kv_cache_space_gb=config.kv_cache_space_gb or None, seed=config.seed,
                    max_num_seqs=config.max_num_seqs or None,
                    max_num_batched_tokens=config.max_num_batched_tokens or None,
-                   profile_json=_measured_profile_json(config.profile), num_blocks=config.num_blocks or None)
+                   profile_json=_measured_profile_json(config.profile), num_blocks=config.num_blocks or None,
+                   cpu_threads=config.cpu_threads)
 
     # -- start-up ---------------------------------------------------------------------------
     @staticmethod
@@ -321,6 +324,10 @@ class VllmExecutor(Executor):
         self.requests.commit(prepared)
         self._reqs = translated.requests
         return ExecResult(iteration=plan.iteration, sampled_token_ids=sampled, elapsed_s=elapsed)
+
+    def prepare_thread(self) -> None:
+        if self.cpu_threads:
+            self._set_num_threads(self.cpu_threads)  # see _set_cpu_threads
 
     def reset(self) -> None:
         """Forget every request: the runner frees all it holds (sent as finished)."""
@@ -486,6 +493,35 @@ class VllmExecutor(Executor):
             log.exception("could not free the runner's requests after a failure")
             self._reqs = {}
             self.requests.reset()
+
+
+def _set_cpu_threads(requested: int) -> tuple[int | None, Any]:
+    """On a CPU, the model's torch threads as vllm serve sets them for its CPU worker (``OMPProcessManager``:
+    the allowed cores but one, reserved for the rest of the node) unless ``requested`` (> 0) or an
+    explicit ``OMP_NUM_THREADS`` says otherwise; None on a GPU. vLLM's in-process executor does
+    not do this itself, and its CPU worker then forbids ``torch.set_num_threads`` for good, so it
+    happens here, before the engine starts. With as many threads as cores, the model's OpenMP
+    threads compete with the worker's own gRPC work and the node's other services: on 2 cores a
+    batch-1 decode step took 2.2 ms instead of 1.3 (docs/vllm_comparison.md).
+
+    OpenMP's thread count is per thread, and vLLM's CPU attention checks that a step runs with the
+    count its metadata was built with, so every thread that runs the model must use the same:
+    this one (warm-up) now, the server's executor thread in ``prepare_thread``. Returns the count
+    and torch's own ``set_num_threads`` (vLLM's CPU worker replaces it with a no-op)."""
+    import torch
+
+    set_num_threads = torch.set_num_threads
+    if torch.cuda.is_available():
+        return None, set_num_threads
+    if requested <= 0:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return torch.get_num_threads(), set_num_threads
+        allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        requested = max(1, allowed - 1)
+    set_num_threads(requested)
+    os.environ["OMP_NUM_THREADS"] = str(requested)  # what vLLM reads as the operator's choice
+    log.info("vllm executor on CPU: %d torch thread(s)", requested)
+    return requested, set_num_threads
 
 
 def _measured_profile_json(profile: str) -> str:
