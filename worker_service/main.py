@@ -151,6 +151,7 @@ async def start_worker(config: WorkerConfig, executor: Executor | None = None) -
     handle = WorkerHandle(config, port, address, server, health_servicer, servicer, registration, channel)
     registration.on_change = handle._on_registration
     servicer.on_device_failed = handle._device_failed
+    servicer.stopping = handle.stop_event
     handle.task = asyncio.create_task(serve_until_stopped(
         server, health_servicer, [WORKER_SERVICE_NAME], handle.stop_event, config.grace_s, handle._on_stop,
         mark_ready=False,

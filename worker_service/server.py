@@ -144,6 +144,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.info = executor.describe()
         self.description = worker_info_to_proto(self.info)
         self.on_device_failed: Callable[[], None] | None = None  # called on the event loop, once
+        # Set when the worker begins to stop: plan streams take no more plans, finish the ones
+        # they hold and end UNAVAILABLE (else a stream would hold the server's grace period open).
+        self.stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor",
                                           initializer=executor.prepare_thread)
@@ -163,7 +166,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         """Plans in arrival order, each handed to the executor thread as soon as it is decoded,
         so plan k+1 starts the moment k ends, without waiting for the event loop or the
         scheduler (the thread runs its queue in order). At most ``MAX_PLANS_AHEAD`` are queued.
-        The first failure ends the stream; plans queued behind it are not run."""
+        The first failure ends the stream; plans queued behind it are not run. Once the worker is
+        stopping, the plans already taken finish and the stream ends UNAVAILABLE."""
         loop = self._loop = asyncio.get_running_loop()
         run = _StreamRun()
         ahead = asyncio.Semaphore(MAX_PLANS_AHEAD)
@@ -185,6 +189,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 queue.put_nowait(None)
 
         reader = asyncio.create_task(read(), name="worker-stream-reader")
+        stop_watch = asyncio.create_task(self.stopping.wait()) if self.stopping is not None else None
+        if stop_watch is not None:
+            stop_watch.add_done_callback(lambda _: reader.cancel())
         try:
             while (item := await queue.get()) is not None:
                 msg, plan, future = item
@@ -196,10 +203,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 self._log_done(plan, result)
                 yield result_to_proto(result, time.time())
                 ahead.release()
+            if self.stopping is not None and self.stopping.is_set():
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "this worker is stopping: it takes no more plans")
             await reader  # the scheduler closed its side: a read error, if any, surfaces here
         finally:
             run.failed = True  # queued plans of an ended stream must not run
             reader.cancel()
+            if stop_watch is not None:
+                stop_watch.cancel()
             while not queue.empty():  # their outcomes (skipped) are nobody's news
                 if (item := queue.get_nowait()) is not None:
                     item[2].add_done_callback(_outcome_seen)

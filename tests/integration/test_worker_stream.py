@@ -155,3 +155,17 @@ def test_link_gives_up_on_a_worker_that_goes_silent():
             await channel.close()
             await server.stop(None)
     run(scenario)
+
+
+def test_a_stopping_worker_ends_its_plan_stream_instead_of_holding_the_grace_period():
+    async def scenario():
+        async with cluster(grace_s=60.0) as (_, handle, stub):
+            call = stub.ExecuteStream()
+            await call.write(batch(1, new("x", [5, 6, 7], [1])))
+            assert (await call.read()).sampled_token_ids["x"] == sim_token("x", 0)
+            # The scheduler keeps its stream open; the worker must still stop well inside its grace.
+            await asyncio.wait_for(handle.stop(), timeout=20)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call.read()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "stopping" in info.value.details()
+    run(scenario)
