@@ -114,16 +114,43 @@ def hops(info: scheduler_pb2.ServerInfo) -> dict[str, dict[str, float]]:
                             ("applied_to_gateway", info.applied_to_gateway))}
 
 
-def throughput(workers: int, seconds: float = 5.0, per_worker: int = 16, pipeline: bool = True) -> dict[str, Any]:
-    """Iterations/s of one scheduler process over ``workers`` zero-time sim workers."""
+def _profile_scheduler(pid: int, seconds: float, rate_hz: int = 200) -> dict[str, Any] | None:
+    """py-spy on the scheduler process for ``seconds``: its on-CPU seconds by category (None
+    without py-spy)."""
+    import subprocess
+    import tempfile
+
+    from bench.vs_vllm_diagnostics import py_spy_binary, summarise_py_spy
+
+    spy = py_spy_binary()
+    if spy is None:
+        print("py-spy not found: no profile of the scheduler (pip install py-spy)")
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "scheduler.txt"
+        subprocess.run([spy, "record", "--pid", str(pid), "--rate", str(rate_hz), "--format", "raw", "--nonblocking",
+                        "--duration", str(int(seconds)), "--output", str(path)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=seconds + 60, check=False)
+        if not path.exists() or path.stat().st_size == 0:
+            return None
+        summary = summarise_py_spy(path, rate_hz)
+    summary["wall_s"] = seconds
+    return summary
+
+
+def throughput(workers: int, seconds: float = 5.0, per_worker: int = 16, pipeline: bool = True,
+               profile_s: float = 0.0) -> dict[str, Any]:
+    """Iterations/s of one scheduler process over ``workers`` zero-time sim workers; with
+    ``profile_s``, then that long under py-spy (after the measured window: sampling costs CPU)."""
     stack = Stack()
     redis_proc, stack.redis_url = start_redis()
     stack.procs.append(redis_proc)
     try:
         port = free_port()
         stack.scheduler_address = f"127.0.0.1:{port}"
-        stack.procs.append(start_scheduler_proc(stack, port, ["--log-level", "WARNING",
-                                                              "--pipeline", "true" if pipeline else "false"]))
+        scheduler = start_scheduler_proc(stack, port, ["--log-level", "WARNING",
+                                                       "--pipeline", "true" if pipeline else "false"])
+        stack.procs.append(scheduler)
         for i in range(workers):
             stack.procs.append(start_worker_proc(stack, f"worker-{i}", ["--executor", "sim", "--time-scale", "0",
                                                                         "--log-level", "WARNING"]))
@@ -140,8 +167,9 @@ def throughput(workers: int, seconds: float = 5.0, per_worker: int = 16, pipelin
             time.sleep(seconds)
             b = stub.GetServerInfo(scheduler_pb2.GetServerInfoRequest(), timeout=5)
             dt = time.monotonic() - t0
+        profile = _profile_scheduler(scheduler.popen.pid, profile_s) if profile_s > 0 else None
         return {"iterations_per_s": (b.iterations - a.iterations) / dt, "sched_ms_p50": b.sched_ms_p50,
-                "sched_ms_p99": b.sched_ms_p99, "hops": hops(b)}
+                "sched_ms_p99": b.sched_ms_p99, "hops": hops(b), "scheduler_profile": profile}
     finally:
         stack.stop()
 
