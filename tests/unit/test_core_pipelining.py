@@ -188,17 +188,24 @@ def test_preemption_under_the_lag_recomputes_to_the_same_outputs() -> None:
         assert r.output_token_ids == run.tokens[r.request_id] and r.num_pending_outputs == 0
 
 
-def test_a_cancel_with_two_plans_in_flight_delivers_nothing_more_and_frees_everything() -> None:
+def two_plans_in_flight(requests: list[Request], cycles: int) -> tuple[SchedulerCore, Driver]:
+    """A pipelined core after ``cycles`` results, with two plans sent and not yet answered."""
     core = make_core()
-    victim, other = req("c", 20, 100), req("o", 20, 30)
-    core.add_request(victim)
-    core.add_request(other)
+    for r in requests:
+        core.add_request(r)
     driver = Driver(core, depth=2)
-    for _ in range(5):
+    for _ in range(cycles):
         driver.cycle()
     while driver.send():
         pass
-    assert len(driver.in_flight) == 2 and victim.num_pending_outputs == 2
+    assert len(driver.in_flight) == 2
+    return core, driver
+
+
+def test_a_cancel_with_two_plans_in_flight_delivers_nothing_more_and_frees_everything() -> None:
+    victim, other = req("c", 20, 100), req("o", 20, 30)
+    core, driver = two_plans_in_flight([victim, other], cycles=5)
+    assert victim.num_pending_outputs == 2
     delivered = list(driver.run.tokens["c"])
     assert core.cancel("c", driver.now)
     assert victim.output_token_ids == delivered and PENDING_TOKEN not in victim.output_token_ids
@@ -211,15 +218,7 @@ def test_a_cancel_with_two_plans_in_flight_delivers_nothing_more_and_frees_every
 
 def test_a_worker_lost_with_two_plans_in_flight_hands_back_requests_without_placeholders() -> None:
     requests = [req("a", 30, 40), req("b", 200, 20)]
-    core = make_core()
-    for r in requests:
-        core.add_request(r)
-    driver = Driver(core, depth=2)
-    for _ in range(6):
-        driver.cycle()
-    while driver.send():
-        pass
-    assert len(driver.in_flight) == 2
+    core, driver = two_plans_in_flight(requests, cycles=6)
     delivered = {rid: list(t) for rid, t in driver.run.tokens.items()}
     moved = core.release_unfinished()  # the worker died: both plans' tokens are lost
     assert {r.request_id for r in moved} == {"a", "b"}
