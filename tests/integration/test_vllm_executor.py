@@ -404,7 +404,7 @@ def test_measured_profile_is_what_the_scheduler_budgets_with(ex, tmp_path):
     from accelgen.profiles import load_profile
     from scheduler_service.config import SchedulerConfig
     from scheduler_service.lane import lane_profile
-    from worker_service.executors.vllm_executor import _measured_profile_json
+    from worker_service.executors.vllm_startup import measured_profile_json
     from worker_service.profiler import Profiler
 
     measured = Profiler(ex, repeats=1).run("tiny-opt_cpu", grid=(16, 64, 256, 512), decode_batch=4)
@@ -415,7 +415,7 @@ def test_measured_profile_is_what_the_scheduler_budgets_with(ex, tmp_path):
     measured.save(path)
 
     configured = load_profile(SchedulerConfig(port=0).profile)
-    info = dataclasses.replace(ex.describe(), profile_json=_measured_profile_json(str(path)),
+    info = dataclasses.replace(ex.describe(), profile_json=measured_profile_json(str(path)),
                                max_model_len=MAX_MODEL_LEN)
     profile = lane_profile(configured, info)
     assert profile.name == "tiny-opt_cpu"
@@ -424,5 +424,5 @@ def test_measured_profile_is_what_the_scheduler_budgets_with(ex, tmp_path):
     # gets a bigger budget from the measured profile than from the configured one.
     assert TokenBudget(profile).for_slo(0.05) > TokenBudget(configured).for_slo(0.05)
     # Without a measured file the worker reports nothing and the configured profile stays.
-    unmeasured = dataclasses.replace(info, profile_json=_measured_profile_json("opt-13b_a100-80g"), max_model_len=0)
+    unmeasured = dataclasses.replace(info, profile_json=measured_profile_json("opt-13b_a100-80g"), max_model_len=0)
     assert lane_profile(configured, unmeasured) is configured

@@ -7,7 +7,7 @@ into the ``SchedulerOutput`` vLLM's model runner expects, calls ``execute_model`
 Every vLLM internal the worker touches lives in this one module, and vLLM is imported only
 when a ``VllmExecutor`` is constructed (the sim path never needs it).
 
-Engine start-up mirrors ``EngineCore._initialize_kv_caches`` (vLLM 0.32.0): KV-cache specs,
+Engine start-up (``vllm_startup``) mirrors ``EngineCore._initialize_kv_caches`` (vLLM 0.32.0): KV-cache specs,
 layout, memory profile, ``get_kv_cache_configs``, ``initialize_from_config``, warm-up. The
 block size and block count vLLM chose are what ``describe()`` reports, so the scheduler's
 block accounting is vLLM's (block 0 is vLLM's reserved null block and is never handed out).
@@ -41,15 +41,15 @@ them with ``is_new``) and the error is raised as a ``RuntimeError``.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from accelgen.core.request import SamplingParams
 from worker_service.executors.base import Executor
 from worker_service.executors.request_table import RequestTable
+from worker_service.executors.vllm_startup import (GiB, eos_token_id, init_kv_cache, measured_profile_json,
+                                                   set_cpu_threads, set_vllm_env)
 from worker_service.plan import ChunkSpec, ExecResult, WorkerPlan
 from accelgen.core.worker_info import WorkerInfo
 
@@ -58,19 +58,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GiB = 1 << 30
 _PLACEHOLDER_TOKEN = 0  # fills prompt positions not yet sent; never run (see module doc)
-
-
-def _set_vllm_env() -> None:
-    """Environment vLLM reads at import / config time; set before the first ``import vllm``."""
-    # Keep everything in this process: on CPU vLLM would otherwise switch the uni-process
-    # executor to multiprocessing (we build UniProcExecutor ourselves, but the config
-    # should say what runs).
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    # The translation below targets the V1 GPUModelRunner/CPUModelRunner (persistent batch,
-    # streaming-input updates). Model Runner V2 is the default on GPUs with Triton.
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
 
 
 @dataclass(slots=True)
@@ -123,22 +111,14 @@ class VllmExecutor(Executor):
             raise ValueError("model must name a model (HF id or local directory)")
         if kv_cache_space_gb is not None and kv_cache_space_gb < 0:
             raise ValueError(f"kv_cache_space_gb must be >= 0 (0 = vLLM's default), got {kv_cache_space_gb}")
-        _set_vllm_env()
+        set_vllm_env()
         t0 = time.perf_counter()
-        self.cpu_threads, self._set_num_threads = _set_cpu_threads(cpu_threads)
+        self.cpu_threads, self._set_num_threads = set_cpu_threads(cpu_threads)
 
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.engine.arg_utils import EngineArgs
         from vllm.usage.usage_lib import UsageContext
-        from vllm.v1.attention.backends.utils import resolve_kv_cache_layout
-        from vllm.v1.core.kv_cache_utils import (
-            generate_scheduler_kv_cache_config,
-            get_kv_cache_configs,
-            resolve_cache_hit_alignment_tokens,
-            resolve_kv_cache_block_sizes,
-        )
         from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
-        from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
         from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
         self._VllmSamplingParams = VllmSamplingParams
@@ -181,9 +161,7 @@ class VllmExecutor(Executor):
         executor = UniProcExecutor(config)
         self._executor = executor
         try:
-            kv_config = self._init_kv_cache(config, executor, register_all_kvcache_specs, resolve_kv_cache_layout,
-                                            get_kv_cache_configs, generate_scheduler_kv_cache_config,
-                                            resolve_kv_cache_block_sizes, resolve_cache_hit_alignment_tokens)
+            kv_config = init_kv_cache(config, executor)
         except BaseException:
             executor.shutdown()
             raise
@@ -204,7 +182,7 @@ class VllmExecutor(Executor):
         self.max_num_batched_tokens = int(config.scheduler_config.max_num_batched_tokens)
         self.max_blocks_per_request = -(-self.max_model_len // block_size)
         vocab_size = int(model_config.get_vocab_size())
-        eos = self._eos_token_id(model_config)
+        eos = eos_token_id(model_config)
         self._generation_config = model_config.try_get_generation_config()
         self._info = WorkerInfo(
             model=model,
@@ -234,56 +212,8 @@ class VllmExecutor(Executor):
                    kv_cache_space_gb=config.kv_cache_space_gb or None, seed=config.seed,
                    max_num_seqs=config.max_num_seqs or None,
                    max_num_batched_tokens=config.max_num_batched_tokens or None,
-                   profile_json=_measured_profile_json(config.profile), num_blocks=config.num_blocks or None,
+                   profile_json=measured_profile_json(config.profile), num_blocks=config.num_blocks or None,
                    cpu_threads=config.cpu_threads)
-
-    # -- start-up ---------------------------------------------------------------------------
-    @staticmethod
-    def _init_kv_cache(config, executor, register_all_kvcache_specs, resolve_kv_cache_layout, get_kv_cache_configs,
-                       generate_scheduler_kv_cache_config, resolve_kv_cache_block_sizes,
-                       resolve_cache_hit_alignment_tokens):
-        """``EngineCore._initialize_kv_caches`` without the scheduler: returns the scheduler-side
-        ``KVCacheConfig`` (block count, groups) the workers were initialised with."""
-        register_all_kvcache_specs(config)
-        specs = executor.get_kv_cache_specs()
-        layout = resolve_kv_cache_layout(config, executor.get_supported_kv_cache_layouts(),
-                                         [s for worker_specs in specs for s in worker_specs.values()])
-        executor.set_kv_cache_layout(layout.name)
-        if not any(specs):
-            raise NotImplementedError("attention-free model: nothing to schedule KV blocks for")
-        available = executor.determine_available_memory()
-        len_before = config.model_config.max_model_len
-        kv_configs = get_kv_cache_configs(config, specs, available)
-        for c in kv_configs:
-            c.kv_cache_layout = config.cache_config.kv_cache_layout
-        if config.model_config.max_model_len != len_before:
-            executor.collective_rpc("update_max_model_len", args=(config.model_config.max_model_len,))
-        sched_config = generate_scheduler_kv_cache_config(kv_configs)
-        config.cache_config.num_gpu_blocks = sched_config.num_blocks
-        groups = sched_config.kv_cache_groups
-        if groups:
-            participating = [g.kv_cache_spec.block_size for g in groups if g.kv_cache_spec.prefix_cacheable]
-            config.cache_config.block_size = min(participating or [g.kv_cache_spec.block_size for g in groups])
-        config.validate_block_size()
-        block_size, hash_block_size = resolve_kv_cache_block_sizes(sched_config, config)
-        alignment = resolve_cache_hit_alignment_tokens(sched_config, config, block_size, hash_block_size)
-        for c in (*kv_configs, sched_config):
-            c.hash_block_size = hash_block_size
-            c.cache_hit_alignment_tokens = alignment
-        executor.initialize_from_config(kv_configs)
-        executor.compile_or_warm_up_model()
-        return sched_config
-
-    @staticmethod
-    def _eos_token_id(model_config) -> int:
-        candidates = [getattr(model_config.hf_text_config, "eos_token_id", None),
-                      model_config.try_get_generation_config().get("eos_token_id")]
-        for eos in candidates:
-            if isinstance(eos, (list, tuple)):
-                eos = eos[0] if eos else None
-            if eos is not None:
-                return int(eos)
-        return -1  # the model names no EOS: requests end by length (no token id is negative)
 
     # -- Executor ---------------------------------------------------------------------------
     def describe(self) -> WorkerInfo:
@@ -327,7 +257,7 @@ class VllmExecutor(Executor):
 
     def prepare_thread(self) -> None:
         if self.cpu_threads:
-            self._set_num_threads(self.cpu_threads)  # see _set_cpu_threads
+            self._set_num_threads(self.cpu_threads)  # see vllm_startup.set_cpu_threads
 
     def reset(self) -> None:
         """Forget every request: the runner frees all it holds (sent as finished)."""
@@ -493,42 +423,3 @@ class VllmExecutor(Executor):
             log.exception("could not free the runner's requests after a failure")
             self._reqs = {}
             self.requests.reset()
-
-
-def _set_cpu_threads(requested: int) -> tuple[int | None, Any]:
-    """On a CPU, the model's torch threads as vllm serve sets them for its CPU worker (``OMPProcessManager``:
-    the allowed cores but one, reserved for the rest of the node) unless ``requested`` (> 0) or an
-    explicit ``OMP_NUM_THREADS`` says otherwise; None on a GPU. vLLM's in-process executor does
-    not do this itself, and its CPU worker then forbids ``torch.set_num_threads`` for good, so it
-    happens here, before the engine starts. With as many threads as cores, the model's OpenMP
-    threads compete with the worker's own gRPC work and the node's other services: on 2 cores a
-    batch-1 decode step took 2.2 ms instead of 1.3 (docs/vllm_comparison.md).
-
-    OpenMP's thread count is per thread, and vLLM's CPU attention checks that a step runs with the
-    count its metadata was built with, so every thread that runs the model must use the same:
-    this one (warm-up) now, the server's executor thread in ``prepare_thread``. Returns the count
-    and torch's own ``set_num_threads`` (vLLM's CPU worker replaces it with a no-op)."""
-    import torch
-
-    set_num_threads = torch.set_num_threads
-    if torch.cuda.is_available():
-        return None, set_num_threads
-    if requested <= 0:
-        if os.environ.get("OMP_NUM_THREADS"):
-            return torch.get_num_threads(), set_num_threads
-        allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        requested = max(1, allowed - 1)
-    set_num_threads(requested)
-    os.environ["OMP_NUM_THREADS"] = str(requested)  # what vLLM reads as the operator's choice
-    log.info("vllm executor on CPU: %d torch thread(s)", requested)
-    return requested, set_num_threads
-
-
-def _measured_profile_json(profile: str) -> str:
-    """A profile measured on this worker (``accelgen profile --out FILE``; pass ``--profile FILE``)
-    travels to the scheduler, which then budgets with this device's real iteration times. A
-    shipped profile name describes other hardware, so it is not reported for a vLLM worker."""
-    path = Path(profile)
-    if path.suffix == ".json" and path.exists():
-        return path.read_text()
-    return ""
