@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -84,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
 
         make_test_model(args.model_dir)
     fuzz = run_fuzz(args.fuzz)
+    # Each phase starts from empty data directories: a sentinel keeps the configuration it rewrote,
+    # and a Redis its append-only file, so a second campaign into the same --work found the last
+    # one's master port in sentinel.conf and waited for it for ever.
+    shutil.rmtree(args.work / "logs", ignore_errors=True)
     result = run_campaign(settings)
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "raw.json").write_text(json.dumps(result))
