@@ -230,24 +230,33 @@ class SchedulerApp:
             vocab_size=self.workers.vocab_size() or 0,
             iterations=sum(ln.stats.iterations for ln in lanes),
             overhead_ms=1000 * sum(ln.stats.overhead_s for ln in lanes) / max(1, len(lanes)),
-            worker_to_scheduler=_hop([s for ln in lanes for s in list(ln.stats.result_hop_s)[-2000:]]),
+            worker_to_scheduler=_hop(_recent(lanes, "result_hop_s")),
             applied_to_durable=_hop(list(self.committer.durable_lag_s)),
             applied_to_gateway=_hop(list(self.delivery.sent_lag_s)),
             **self._decision_percentiles(lanes))
 
     @staticmethod
     def _decision_percentiles(lanes: list[WorkerLane]) -> dict[str, float]:
-        recent = [d for ln in lanes for d in list(ln.stats.decision_s)[-2000:]]
-        if not recent:
-            return {"sched_ms_p50": 0.0, "sched_ms_p99": 0.0}
-        recent.sort()
-        pick = lambda q: recent[min(len(recent) - 1, int(q * len(recent)))] * 1000.0  # noqa: E731
-        return {"sched_ms_p50": pick(0.5), "sched_ms_p99": pick(0.99)}
+        p50, p99 = _p50_p99_ms(_recent(lanes, "decision_s"))
+        return {"sched_ms_p50": p50, "sched_ms_p99": p99}
+
+
+def _recent(lanes: list[WorkerLane], stat: str, per_lane: int = 2000) -> list[float]:
+    """The last ``per_lane`` samples of one of the lanes' ``LaneStats`` windows, all lanes together."""
+    return [x for ln in lanes for x in list(getattr(ln.stats, stat))[-per_lane:]]
+
+
+def _p50_p99_ms(samples_s: list[float]) -> tuple[float, float]:
+    """Nearest-rank p50 and p99 of samples in seconds, in ms; (0, 0) without samples."""
+    if not samples_s:
+        return 0.0, 0.0
+    samples_s = sorted(samples_s)
+    pick = lambda q: samples_s[min(len(samples_s) - 1, int(q * len(samples_s)))] * 1000.0  # noqa: E731
+    return pick(0.5), pick(0.99)
 
 
 def _hop(samples_s: list[float]) -> scheduler_pb2.HopLatency:
     if not samples_s:
         return scheduler_pb2.HopLatency()
-    samples_s.sort()
-    pick = lambda q: samples_s[min(len(samples_s) - 1, int(q * len(samples_s)))] * 1000.0  # noqa: E731
-    return scheduler_pb2.HopLatency(p50_ms=pick(0.5), p99_ms=pick(0.99), samples=len(samples_s))
+    p50, p99 = _p50_p99_ms(samples_s)
+    return scheduler_pb2.HopLatency(p50_ms=p50, p99_ms=p99, samples=len(samples_s))
