@@ -40,8 +40,9 @@ class WorkerLink:
         self.streaming = use_stream
         self._call: grpc.aio.StreamStreamCall | None = None
         self._unanswered: deque[worker_pb2.BatchPlan] = deque()  # sent, result not yet received
-        self._served = False  # the stream has answered once: plans go straight onto it
-        self._held: list[worker_pb2.BatchPlan] = []  # sent before that, written once it has
+        # The stream has answered once: plans go straight onto it. Until then only the first plan
+        # is written; the rest of ``_unanswered`` is written when that first result comes.
+        self._served = False
 
     @property
     def in_flight(self) -> int:
@@ -54,8 +55,7 @@ class WorkerLink:
         if self._call is None:
             self._call = self.stub.ExecuteStream()
         elif not self._served:
-            self._held.append(plan)
-            return
+            return  # held in _unanswered until the stream answers
         await self._write(plan)
 
     async def _write(self, plan: worker_pb2.BatchPlan) -> None:
@@ -84,8 +84,7 @@ class WorkerLink:
                 log.info("worker_without_stream", worker=self.worker_id,
                          detail="falling back to one ExecuteIteration per plan, unpipelined")
                 self.streaming = False
-                self._call = None
-                self._held.clear()  # still in _unanswered: resent one call each
+                self._call = None  # every plan still in _unanswered is resent, one call each
                 return await self.receive()
             if reply is grpc.aio.EOF:
                 raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
@@ -93,9 +92,8 @@ class WorkerLink:
             self._unanswered.popleft()
             if not self._served:
                 self._served = True
-                for held in self._held:
+                for held in list(self._unanswered):
                     await self._write(held)
-                self._held.clear()
             return reply
         plan = self._unanswered[0]
         try:
@@ -113,4 +111,3 @@ class WorkerLink:
             self._call.cancel()
             self._call = None
         self._unanswered.clear()
-        self._held.clear()
