@@ -137,8 +137,7 @@ class BatchBuilder:
         ids, after its result), and only if it does not already reach ``max_tokens`` or the
         context with them (it stops when they arrive)."""
         return (request.status is RequestStatus.RUNNING
-                and len(request.output_token_ids) < request.sampling.max_tokens
-                and request.num_tokens < self.core.profile.max_model_len)
+                and not request.reaches_length_limit(len(request.output_token_ids), self.core.profile.max_model_len))
 
     def _fail(self, reason: str) -> int:
         self.last_failure = reason

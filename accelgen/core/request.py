@@ -125,6 +125,10 @@ class Request:
     def num_tokens(self) -> int:
         return self.num_prompt_tokens + len(self.output_token_ids)
 
+    def reaches_length_limit(self, num_outputs: int, max_model_len: int) -> bool:
+        """Whether ``num_outputs`` outputs end the request by length: ``max_tokens``, or a full context."""
+        return num_outputs >= self.sampling.max_tokens or self.num_prompt_tokens + num_outputs >= max_model_len
+
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_prompt_tokens + len(self.output_token_ids) - self.num_computed_tokens

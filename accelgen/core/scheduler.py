@@ -230,7 +230,7 @@ class SchedulerCore:
             return FinishReason.STOP
         if token in sp.stop_token_ids:
             return FinishReason.STOP
-        if num_outputs >= sp.max_tokens or request.num_prompt_tokens + num_outputs >= self.profile.max_model_len:
+        if request.reaches_length_limit(num_outputs, self.profile.max_model_len):
             return FinishReason.LENGTH
         return None
 
