@@ -27,7 +27,7 @@ from accelgen.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.auth import default_tenant
 from tests.support.gateway_stack import GatewayStack
 from tests.support.in_process_worker import InProcessWorker
-from tests.support.spy_tokenizer import SpyTokenizer, gateway_with_spy
+from tests.support.spy_tokenizer import SpyTokenizer, fresh_spied, gateway_with_spy
 
 pytestmark = pytest.mark.integration
 
@@ -59,9 +59,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayStack]:
 
 @pytest.fixture
 def fresh(stack: GatewayStack) -> GatewayStack:
-    stack.reset()
-    SpyTokenizer.seen.clear()
-    return stack
+    return fresh_spied(stack)
 
 
 @pytest.fixture

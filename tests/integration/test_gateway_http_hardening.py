@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.support.gateway_stack import GatewayStack
-from tests.support.spy_tokenizer import SpyTokenizer, gateway_with_spy
+from tests.support.spy_tokenizer import SpyTokenizer, fresh_spied, gateway_with_spy
 
 pytestmark = pytest.mark.integration
 
@@ -35,9 +35,7 @@ def stack() -> Iterator[GatewayStack]:
 
 @pytest.fixture
 def fresh(stack: GatewayStack) -> GatewayStack:
-    stack.reset()
-    SpyTokenizer.seen.clear()
-    return stack
+    return fresh_spied(stack)
 
 
 def _h(key: str) -> dict[str, str]:

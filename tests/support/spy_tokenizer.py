@@ -35,3 +35,11 @@ def gateway_with_spy(**config: Any) -> "GatewayStack":
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("gateway.main.load_tokenizer", lambda _path: SpyTokenizer())
         return GatewayStack(**config)
+
+
+def fresh_spied(stack: "GatewayStack") -> "GatewayStack":
+    """``stack`` (from ``gateway_with_spy``) reset for a test: its fake scheduler's record and what
+    the spy has seen."""
+    stack.reset()
+    SpyTokenizer.seen.clear()
+    return stack
