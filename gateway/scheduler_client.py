@@ -265,5 +265,6 @@ def _trim(batch: scheduler_pb2.TokenBatch, next_index: int) -> scheduler_pb2.Tok
         return batch
     out = scheduler_pb2.TokenBatch(token_ids=batch.token_ids[skip:], start_index=next_index,
                                    emitted_at=batch.emitted_at[skip:], finished=batch.finished,
-                                   finish_reason=batch.finish_reason, prompt_tokens=batch.prompt_tokens)
+                                   finish_reason=batch.finish_reason, prompt_tokens=batch.prompt_tokens,
+                                   logprobs=batch.logprobs[skip:])  # aligned with token_ids (or empty)
     return out

@@ -38,6 +38,7 @@ from typing import Any, Callable, Coroutine
 
 import structlog
 
+from accelgen.core.logprobs import TokenLogprob
 from accelgen.core.request import FinishReason, RequestStatus
 from scheduler_service.state.redis_conn import is_lease_lost, is_transient
 from scheduler_service.state.store import IterationChanges, OutputGap, RedisStore
@@ -52,10 +53,11 @@ class Committer:
 
     def __init__(self, store: RedisStore, deliver: Callable[[IterationChanges], None],
                  on_request_failed: Callable[[str, str], None] | None = None,
-                 history: Callable[[str], tuple[list[int], list[float]] | None] | None = None) -> None:
+                 history: Callable[[str], tuple[list[int], list[float], list[TokenLogprob]] | None] | None = None
+                 ) -> None:
         self.store = store
         self._deliver = deliver
-        # request id -> (tokens, times) its clients have been delivered (None: unknown here)
+        # request id -> (tokens, times, logprobs) its clients have been delivered (None: unknown here)
         self.history = history
         self.on_request_failed = on_request_failed  # (request id, error): e.g. cancel it in its lane
         self.failed: set[str] = set()  # requests whose write failed for good: nothing more is written
@@ -207,7 +209,8 @@ def _only(ch: IterationChanges, rid: str) -> IterationChanges:
         status={rid: ch.status[rid]} if rid in ch.status else {},
         preemptions={rid: ch.preemptions[rid]} if rid in ch.preemptions else {},
         finished=[rid] if rid in ch.finished else [],
-        offsets={rid: ch.offsets[rid]} if rid in ch.offsets else {})
+        offsets={rid: ch.offsets[rid]} if rid in ch.offsets else {},
+        logprobs={rid: ch.logprobs[rid]} if rid in ch.logprobs else {})
 
 
 def _without(ch: IterationChanges, rids: set[str]) -> IterationChanges:
@@ -218,7 +221,8 @@ def _without(ch: IterationChanges, rids: set[str]) -> IterationChanges:
         status={r: v for r, v in ch.status.items() if r not in rids},
         preemptions={r: v for r, v in ch.preemptions.items() if r not in rids},
         finished=[r for r in ch.finished if r not in rids],
-        offsets={r: v for r, v in ch.offsets.items() if r not in rids})
+        offsets={r: v for r, v in ch.offsets.items() if r not in rids},
+        logprobs={r: v for r, v in ch.logprobs.items() if r not in rids})
 
 
 def _merge(into: IterationChanges, part: IterationChanges) -> None:
@@ -227,6 +231,7 @@ def _merge(into: IterationChanges, part: IterationChanges) -> None:
     into.preemptions.update(part.preemptions)
     into.finished.extend(part.finished)
     into.offsets.update(part.offsets)
+    into.logprobs.update(part.logprobs)
 
 
 def _describe(exc: BaseException) -> str:

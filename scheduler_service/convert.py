@@ -10,6 +10,7 @@ import re
 
 from accelgen.core.fields import FieldError
 from accelgen.v1 import scheduler_pb2, worker_pb2
+from accelgen.wire.logprobs import logprobs_map_from_proto
 from accelgen.wire.sampling import sampling_from_proto, sampling_to_proto
 from accelgen.wire.slo import slo_from_proto
 from accelgen.core.plan import BatchPlan, IterationResult
@@ -156,4 +157,4 @@ def plan_to_proto(plan: BatchPlan, requests: dict[str, Request], epoch: str, fen
 
 def result_from_proto(msg: worker_pb2.IterationResult) -> IterationResult:
     return IterationResult(iteration=msg.iteration, sampled_token_ids=dict(msg.sampled_token_ids),
-                           elapsed_s=msg.elapsed_s)
+                           elapsed_s=msg.elapsed_s, logprobs=logprobs_map_from_proto(msg.logprobs))

@@ -36,7 +36,9 @@ from typing import AsyncIterator, Iterable
 
 import grpc
 
+from accelgen.core.logprobs import TokenLogprob
 from accelgen.v1 import scheduler_pb2
+from accelgen.wire.logprobs import logprob_to_proto
 from scheduler_service import convert
 from scheduler_service.errors import ServiceError, status_of
 from scheduler_service.owners import CancelFn, OwnerBook
@@ -47,12 +49,16 @@ CHANNEL_KEPT_S = 60.0
 
 
 def token_batch(request_id: str, prompt_tokens: int, tokens: list[int], times: list[float], start: int, end: int,
-                finish_reason: str | None) -> scheduler_pb2.TokenBatch:
+                finish_reason: str | None, logprobs: list[TokenLogprob] | None = None) -> scheduler_pb2.TokenBatch:
     """The one place a ``TokenBatch`` is built: tokens ``start:end`` of a request's output (with
-    their emission times); ``finish_reason`` None while the request runs."""
-    return scheduler_pb2.TokenBatch(request_id=request_id, token_ids=tokens[start:end], start_index=start,
-                                    emitted_at=times[start:end], finished=finish_reason is not None,
-                                    finish_reason=finish_reason or "", prompt_tokens=prompt_tokens)
+    their emission times, and their logprobs when it asked: ``logprobs`` aligned with ``tokens``);
+    ``finish_reason`` None while the request runs."""
+    batch = scheduler_pb2.TokenBatch(request_id=request_id, token_ids=tokens[start:end], start_index=start,
+                                     emitted_at=times[start:end], finished=finish_reason is not None,
+                                     finish_reason=finish_reason or "", prompt_tokens=prompt_tokens)
+    if logprobs and len(logprobs) >= end:  # never a list that does not line up with token_ids
+        batch.logprobs.extend(logprob_to_proto(lp) for lp in logprobs[start:end])
+    return batch
 
 
 @dataclass(eq=False)
@@ -63,6 +69,7 @@ class RequestChannel:
     prompt_tokens: int
     tokens: list[int] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token; empty: not asked
     finished: bool = False
     finish_reason: str = ""
     watchers: set[WatchSession] = field(default_factory=set)  # WatchMany streams watching it
@@ -77,7 +84,7 @@ class RequestChannel:
         if start >= end and not finished:
             return None, start
         return token_batch(self.request_id, self.prompt_tokens, self.tokens, self.times, start, end,
-                           self.finish_reason if finished else None), end
+                           self.finish_reason if finished else None, self.logprobs), end
 
 
 @dataclass(frozen=True)
@@ -109,10 +116,10 @@ class Delivery:
         await self.owners.stop()
 
     def open(self, request_id: str, prompt_tokens: int, tokens: Iterable[int] = (),
-             times: Iterable[float] = ()) -> None:
+             times: Iterable[float] = (), logprobs: Iterable[TokenLogprob] = ()) -> None:
         """A channel for an accepted (or recovered, with its outputs so far) request."""
         self.channels[request_id] = RequestChannel(request_id=request_id, prompt_tokens=prompt_tokens,
-                                                   tokens=list(tokens), times=list(times))
+                                                   tokens=list(tokens), times=list(times), logprobs=list(logprobs))
 
     def publish(self, changes: IterationChanges) -> None:
         """One committed iteration: its tokens into their channels, its finished requests closed."""
@@ -122,6 +129,7 @@ class Delivery:
             if ch is not None and not ch.finished:  # a cancelled request's channel takes no more
                 ch.tokens.extend(tokens)
                 ch.times.extend(times)
+                ch.logprobs.extend(changes.logprobs.get(rid, ()))
                 touched.add(rid)
         for rid in changes.finished:
             self.close(rid, changes.status[rid][1])
@@ -129,11 +137,11 @@ class Delivery:
         for rid in touched:
             self.channels[rid].notify()
 
-    def history(self, request_id: str) -> tuple[list[int], list[float]] | None:
-        """The tokens (and emission times) a request's clients have been delivered: what Redis
-        holds for it (the committer restores it from here if Redis lost some). None: unknown."""
+    def history(self, request_id: str) -> tuple[list[int], list[float], list[TokenLogprob]] | None:
+        """The tokens (and emission times, logprobs) a request's clients have been delivered: what
+        Redis holds for it (the committer restores it from here if Redis lost some). None: unknown."""
         ch = self.channels.get(request_id)
-        return None if ch is None else (list(ch.tokens), list(ch.times))
+        return None if ch is None else (list(ch.tokens), list(ch.times), list(ch.logprobs))
 
     def close(self, request_id: str, reason: str) -> None:
         """The request is done: its watchers get the end, and the channel goes a while later."""
@@ -157,7 +165,7 @@ class Delivery:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"request {request_id!r} is being recovered; watch again")
         out = r.output_token_ids
         return token_batch(request_id, r.num_prompt_tokens, out, rec.emitted_at, start_index, len(out),
-                           r.finish_reason.value if r.finish_reason else "")
+                           r.finish_reason.value if r.finish_reason else "", rec.logprobs)
 
     def watch_many(self, requests: AsyncIterator[scheduler_pb2.WatchManyRequest]
                    ) -> AsyncIterator[scheduler_pb2.WatchManyResponse]:

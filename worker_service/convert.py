@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from accelgen.v1 import worker_pb2
+from accelgen.wire.logprobs import logprob_to_proto, logprobs_map_from_proto
 from accelgen.wire.sampling import UNBOUNDED_MAX_TOKENS, sampling_from_proto, sampling_to_proto
 from worker_service.plan import SAMPLED_INPUT, ChunkSpec, ExecResult, WorkerPlan
 
@@ -110,11 +111,15 @@ def plan_to_proto(plan: WorkerPlan) -> worker_pb2.BatchPlan:
 def result_to_proto(result: ExecResult, finished_at: float = 0.0) -> worker_pb2.IterationResult:
     """``finished_at``: this worker's clock when the result was ready (the scheduler measures the
     hop back to it)."""
-    return worker_pb2.IterationResult(
+    msg = worker_pb2.IterationResult(
         iteration=result.iteration, sampled_token_ids=result.sampled_token_ids, elapsed_s=result.elapsed_s,
         finished_at=finished_at,
     )
+    for rid, lp in result.logprobs.items():
+        msg.logprobs[rid].CopyFrom(logprob_to_proto(lp))
+    return msg
 
 
 def result_from_proto(msg: worker_pb2.IterationResult) -> ExecResult:
-    return ExecResult(iteration=msg.iteration, sampled_token_ids=dict(msg.sampled_token_ids), elapsed_s=msg.elapsed_s)
+    return ExecResult(iteration=msg.iteration, sampled_token_ids=dict(msg.sampled_token_ids),
+                      elapsed_s=msg.elapsed_s, logprobs=logprobs_map_from_proto(msg.logprobs))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from accelgen.core.logprobs import TokenLogprob
 from accelgen.core.request import SamplingParams
 
 SAMPLED_INPUT = -1
@@ -73,8 +74,10 @@ class WorkerPlan:
 
 @dataclass(frozen=True, slots=True)
 class ExecResult:
-    """The answer to one plan: a token per sampling chunk and the time the model took."""
+    """The answer to one plan: a token per sampling chunk and the time the model took, and the
+    sampled token's logprobs for each sampling chunk whose request asked (``sampling.logprobs``)."""
 
     iteration: int
     sampled_token_ids: dict[str, int]
     elapsed_s: float
+    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from accelgen.core.logprobs import TokenLogprob
 
 @dataclass(slots=True)
 class ScheduledChunk:
@@ -64,3 +65,5 @@ class IterationResult:
     iteration: int
     sampled_token_ids: dict[str, int]  # request id -> token, for chunks with ``samples``
     elapsed_s: float
+    # request id -> the sampled token's logprobs, for the sampled requests that asked for them
+    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 from accelgen.core.fields import FieldError
+from accelgen.core.logprobs import MAX_LOGPROBS
 from accelgen.core.slo import SLO, slo_group
 
 PENDING_TOKEN = -1
@@ -57,6 +58,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None = no logprobs; k = the sampled token's plus the top k (vLLM's meaning)
 
     def __post_init__(self) -> None:
         """The one place sampling parameters are range-checked: ``accelgen.wire.sampling``
@@ -72,6 +74,9 @@ class SamplingParams:
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise FieldError("stop_token_ids", f"may hold at most {MAX_STOP_TOKEN_IDS} ids",
                              f"{len(self.stop_token_ids)} ids")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise FieldError("logprobs", f"must be in 0..{MAX_LOGPROBS} (the number of most likely tokens "
+                             "returned with each sampled token; unset = no logprobs)", self.logprobs)
 
 
 @dataclass(slots=True, eq=False)

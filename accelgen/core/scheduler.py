@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from accelgen.core.batch_builder import BatchBuilder
 from accelgen.core.kv_blocks import KVBlockManager
+from accelgen.core.logprobs import TokenLogprob
 from accelgen.core.plan import BatchPlan, IterationResult
 from accelgen.core.profile import DeviceProfile
 from accelgen.core.request import PENDING_TOKEN, FinishReason, Request, RequestStatus
@@ -57,6 +58,7 @@ class TokenEvent:
     token_id: int
     index: int  # 0 = first output token
     time_s: float
+    logprob: TokenLogprob | None = None  # only when the request asked for logprobs
 
 
 @dataclass(slots=True)
@@ -212,7 +214,8 @@ class SchedulerCore:
                 request.num_pending_outputs -= 1
             else:
                 request.output_token_ids.append(token)
-            outcome.tokens.append(TokenEvent(chunk.request_id, token, index, now))
+            outcome.tokens.append(TokenEvent(chunk.request_id, token, index, now,
+                                             self._logprob(request, token, result)))
             if request.first_token_s is None:
                 request.first_token_s = now
             request.last_token_s = now
@@ -222,6 +225,21 @@ class SchedulerCore:
                 outcome.finished.append(request)
         self.policy.after_iteration(plan, result, now)
         return outcome
+
+    @staticmethod
+    def _logprob(request: Request, token: int, result: IterationResult) -> TokenLogprob | None:
+        """The token's logprobs if its request asked for them (the worker computed them when it
+        sampled the token; a recompute never samples it again, so they are never replaced)."""
+        if request.sampling.logprobs is None:
+            return None
+        lp = result.logprobs.get(request.request_id)
+        if lp is None:
+            raise ValueError(f"worker returned no logprobs for {request.request_id!r}, which asked for them")
+        if lp.token_id != token or len(lp.top) > request.sampling.logprobs:
+            raise ValueError(f"worker's logprobs for {request.request_id!r} are for token {lp.token_id} with "
+                             f"{len(lp.top)} top tokens; it sampled {token}, and "
+                             f"{request.sampling.logprobs} were asked")
+        return lp
 
     def _stop_reason(self, request: Request, token: int, num_outputs: int) -> FinishReason | None:
         """Why the request stops after ``token``, its output number ``num_outputs``."""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61\x63\x63\x65lgen/v1/common.proto\x12\x0b\x61\x63\x63\x65lgen.v1\"\xbb\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x1b\n\x0emax_new_tokens\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x11\n\x04seed\x18\x14 \x01(\x03H\x01\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x07\n\x05_seed\":\n\x0eTokenizedInput\x12\x15\n\roriginal_text\x18\x01 \x01(\t\x12\x11\n\tinput_ids\x18\x02 \x03(\r\":\n\x07SLOSpec\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0e\n\x06tbt_ms\x18\x02 \x01(\x01\x12\x0e\n\x06jct_ms\x18\x03 \x01(\x01\"!\n\x0bTokenTiming\x12\x12\n\nemitted_at\x18\x01 \x01(\x01\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"?\n\x11GetRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0einclude_prompt\x18\x02 \x01(\x08\"\x8f\x02\n\x0cRequestState\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x12\n\noutput_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x11\n\tapp_class\x18\x05 \x01(\t\x12!\n\x03slo\x18\x06 \x01(\x0b\x32\x14.accelgen.v1.SLOSpec\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x05\x12\x17\n\x0fnum_preemptions\x18\x08 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\t \x03(\r\x12\x11\n\tarrival_s\x18\n \x01(\x01\x12\x0e\n\x06tenant\x18\x0b \x01(\t\x12\r\n\x05label\x18\x0c \x01(\t\"\xe9\x01\n\x11WorkerDescription\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x65xecutor\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x14\n\x0cprofile_json\x18\x06 \x01(\t\x12\x14\n\x0c\x65os_token_id\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\t \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\n \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61\x63\x63\x65lgen/v1/common.proto\x12\x0b\x61\x63\x63\x65lgen.v1\"\xdf\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x1b\n\x0emax_new_tokens\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x11\n\x04seed\x18\x14 \x01(\x03H\x01\x88\x01\x01\x12\x15\n\x08logprobs\x18\x15 \x01(\x05H\x02\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x07\n\x05_seedB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"e\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.accelgen.v1.TopLogprob\":\n\x0eTokenizedInput\x12\x15\n\roriginal_text\x18\x01 \x01(\t\x12\x11\n\tinput_ids\x18\x02 \x03(\r\":\n\x07SLOSpec\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0e\n\x06tbt_ms\x18\x02 \x01(\x01\x12\x0e\n\x06jct_ms\x18\x03 \x01(\x01\"!\n\x0bTokenTiming\x12\x12\n\nemitted_at\x18\x01 \x01(\x01\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"?\n\x11GetRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0einclude_prompt\x18\x02 \x01(\x08\"\x8f\x02\n\x0cRequestState\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x12\n\noutput_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x11\n\tapp_class\x18\x05 \x01(\t\x12!\n\x03slo\x18\x06 \x01(\x0b\x32\x14.accelgen.v1.SLOSpec\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x05\x12\x17\n\x0fnum_preemptions\x18\x08 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\t \x03(\r\x12\x11\n\tarrival_s\x18\n \x01(\x01\x12\x0e\n\x06tenant\x18\x0b \x01(\t\x12\r\n\x05label\x18\x0c \x01(\t\"\xe9\x01\n\x11WorkerDescription\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x65xecutor\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x14\n\x0cprofile_json\x18\x06 \x01(\t\x12\x14\n\x0c\x65os_token_id\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\t \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\n \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,21 +32,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'accelgen.v1.common_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS']._serialized_start=42
-  _globals['_SAMPLINGPARAMS']._serialized_end=229
-  _globals['_TOKENIZEDINPUT']._serialized_start=231
-  _globals['_TOKENIZEDINPUT']._serialized_end=289
-  _globals['_SLOSPEC']._serialized_start=291
-  _globals['_SLOSPEC']._serialized_end=349
-  _globals['_TOKENTIMING']._serialized_start=351
-  _globals['_TOKENTIMING']._serialized_end=384
-  _globals['_CANCELREQUEST']._serialized_start=386
-  _globals['_CANCELREQUEST']._serialized_end=421
-  _globals['_CANCELRESPONSE']._serialized_start=423
-  _globals['_CANCELRESPONSE']._serialized_end=458
-  _globals['_GETREQUESTREQUEST']._serialized_start=460
-  _globals['_GETREQUESTREQUEST']._serialized_end=523
-  _globals['_REQUESTSTATE']._serialized_start=526
-  _globals['_REQUESTSTATE']._serialized_end=797
-  _globals['_WORKERDESCRIPTION']._serialized_start=800
-  _globals['_WORKERDESCRIPTION']._serialized_end=1033
+  _globals['_SAMPLINGPARAMS']._serialized_end=265
+  _globals['_TOPLOGPROB']._serialized_start=267
+  _globals['_TOPLOGPROB']._serialized_end=314
+  _globals['_TOKENLOGPROB']._serialized_start=316
+  _globals['_TOKENLOGPROB']._serialized_end=417
+  _globals['_TOKENIZEDINPUT']._serialized_start=419
+  _globals['_TOKENIZEDINPUT']._serialized_end=477
+  _globals['_SLOSPEC']._serialized_start=479
+  _globals['_SLOSPEC']._serialized_end=537
+  _globals['_TOKENTIMING']._serialized_start=539
+  _globals['_TOKENTIMING']._serialized_end=572
+  _globals['_CANCELREQUEST']._serialized_start=574
+  _globals['_CANCELREQUEST']._serialized_end=609
+  _globals['_CANCELRESPONSE']._serialized_start=611
+  _globals['_CANCELRESPONSE']._serialized_end=646
+  _globals['_GETREQUESTREQUEST']._serialized_start=648
+  _globals['_GETREQUESTREQUEST']._serialized_end=711
+  _globals['_REQUESTSTATE']._serialized_start=714
+  _globals['_REQUESTSTATE']._serialized_end=985
+  _globals['_WORKERDESCRIPTION']._serialized_start=988
+  _globals['_WORKERDESCRIPTION']._serialized_end=1221
 # @@protoc_insertion_point(module_scope)

@@ -48,7 +48,7 @@ class WatchRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., start_index: _Optional[int] = ...) -> None: ...
 
 class TokenBatch(_message.Message):
-    __slots__ = ("token_ids", "start_index", "emitted_at", "finished", "finish_reason", "prompt_tokens", "request_id")
+    __slots__ = ("token_ids", "start_index", "emitted_at", "finished", "finish_reason", "prompt_tokens", "request_id", "logprobs")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     START_INDEX_FIELD_NUMBER: _ClassVar[int]
     EMITTED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class TokenBatch(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     start_index: int
     emitted_at: _containers.RepeatedScalarFieldContainer[float]
@@ -63,7 +64,8 @@ class TokenBatch(_message.Message):
     finish_reason: str
     prompt_tokens: int
     request_id: str
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., start_index: _Optional[int] = ..., emitted_at: _Optional[_Iterable[float]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., start_index: _Optional[int] = ..., emitted_at: _Optional[_Iterable[float]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., request_id: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class WatchManyRequest(_message.Message):
     __slots__ = ("watch", "unwatch", "owner")
@@ -176,10 +178,16 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("known",)
+    __slots__ = ("known", "draining", "assigned", "drain_left_s")
     KNOWN_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNED_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_LEFT_S_FIELD_NUMBER: _ClassVar[int]
     known: bool
-    def __init__(self, known: _Optional[bool] = ...) -> None: ...
+    draining: bool
+    assigned: int
+    drain_left_s: float
+    def __init__(self, known: _Optional[bool] = ..., draining: _Optional[bool] = ..., assigned: _Optional[int] = ..., drain_left_s: _Optional[float] = ...) -> None: ...
 
 class DeregisterWorkerRequest(_message.Message):
     __slots__ = ("worker_id",)
@@ -190,3 +198,23 @@ class DeregisterWorkerRequest(_message.Message):
 class DeregisterWorkerResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class DrainWorkerRequest(_message.Message):
+    __slots__ = ("worker_id", "grace_s", "query")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    GRACE_S_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    grace_s: float
+    query: bool
+    def __init__(self, worker_id: _Optional[str] = ..., grace_s: _Optional[float] = ..., query: _Optional[bool] = ...) -> None: ...
+
+class DrainWorkerResponse(_message.Message):
+    __slots__ = ("assigned", "drain_left_s", "draining")
+    ASSIGNED_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_LEFT_S_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    assigned: int
+    drain_left_s: float
+    draining: bool
+    def __init__(self, assigned: _Optional[int] = ..., drain_left_s: _Optional[float] = ..., draining: _Optional[bool] = ...) -> None: ...

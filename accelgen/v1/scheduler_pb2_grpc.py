@@ -75,6 +75,11 @@ class SchedulerStub:
                 request_serializer=accelgen_dot_v1_dot_scheduler__pb2.DeregisterWorkerRequest.SerializeToString,
                 response_deserializer=accelgen_dot_v1_dot_scheduler__pb2.DeregisterWorkerResponse.FromString,
                 _registered_method=True)
+        self.DrainWorker = channel.unary_unary(
+                '/accelgen.v1.Scheduler/DrainWorker',
+                request_serializer=accelgen_dot_v1_dot_scheduler__pb2.DrainWorkerRequest.SerializeToString,
+                response_deserializer=accelgen_dot_v1_dot_scheduler__pb2.DrainWorkerResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -136,6 +141,17 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainWorker(self, request, context):
+        """Take a worker out of service without recomputing anything: the scheduler routes it no new
+        request (durably: a scheduler that takes over keeps the drain), its requests run to the end,
+        and those still unfinished when the grace period ends are handed to other workers
+        (recomputed there). The worker learns it from its heartbeats and exits once it has none left.
+        Called by the worker itself on SIGTERM, or by an operator (`accelgen drain`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +194,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.DeregisterWorker,
                     request_deserializer=accelgen_dot_v1_dot_scheduler__pb2.DeregisterWorkerRequest.FromString,
                     response_serializer=accelgen_dot_v1_dot_scheduler__pb2.DeregisterWorkerResponse.SerializeToString,
+            ),
+            'DrainWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainWorker,
+                    request_deserializer=accelgen_dot_v1_dot_scheduler__pb2.DrainWorkerRequest.FromString,
+                    response_serializer=accelgen_dot_v1_dot_scheduler__pb2.DrainWorkerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -396,6 +417,33 @@ class Scheduler:
             '/accelgen.v1.Scheduler/DeregisterWorker',
             accelgen_dot_v1_dot_scheduler__pb2.DeregisterWorkerRequest.SerializeToString,
             accelgen_dot_v1_dot_scheduler__pb2.DeregisterWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accelgen.v1.Scheduler/DrainWorker',
+            accelgen_dot_v1_dot_scheduler__pb2.DrainWorkerRequest.SerializeToString,
+            accelgen_dot_v1_dot_scheduler__pb2.DrainWorkerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from accelgen.v1 import common_pb2 as accelgen_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61\x63\x63\x65lgen/v1/worker.proto\x12\x0b\x61\x63\x63\x65lgen.v1\x1a\x18\x61\x63\x63\x65lgen/v1/common.proto\"\x9d\x02\n\x0eScheduledChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1b\n\x13num_computed_tokens\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rnew_block_ids\x18\x04 \x03(\r\x12\x0e\n\x06is_new\x18\x05 \x01(\x08\x12\x13\n\x0b\x62lock_table\x18\x06 \x03(\r\x12\x34\n\x0fsampling_params\x18\x07 \x01(\x0b\x32\x1b.accelgen.v1.SamplingParams\x12\x0f\n\x07samples\x18\x08 \x01(\x08\x12\x19\n\x11num_output_tokens\x18\t \x01(\r\x12\x12\n\nprompt_len\x18\n \x01(\r\x12\x15\n\rsampled_input\x18\x0b \x01(\x08\"\x9e\x01\n\tBatchPlan\x12\x11\n\titeration\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\t\x12+\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x1b.accelgen.v1.ScheduledChunk\x12\x19\n\x11\x66reed_request_ids\x18\x04 \x03(\t\x12\x18\n\x10predicted_time_s\x18\x05 \x01(\x01\x12\r\n\x05\x66\x65nce\x18\x06 \x01(\x04\"\xd2\x01\n\x0fIterationResult\x12\x11\n\titeration\x18\x01 \x01(\x04\x12L\n\x11sampled_token_ids\x18\x02 \x03(\x0b\x32\x31.accelgen.v1.IterationResult.SampledTokenIdsEntry\x12\x11\n\telapsed_s\x18\x03 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x04 \x01(\x01\x1a\x36\n\x14SampledTokenIdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x11\n\x0f\x44\x65scribeRequest2\xe7\x01\n\x06Worker\x12H\n\x10\x45xecuteIteration\x12\x16.accelgen.v1.BatchPlan\x1a\x1c.accelgen.v1.IterationResult\x12I\n\rExecuteStream\x12\x16.accelgen.v1.BatchPlan\x1a\x1c.accelgen.v1.IterationResult(\x01\x30\x01\x12H\n\x08\x44\x65scribe\x12\x1c.accelgen.v1.DescribeRequest\x1a\x1e.accelgen.v1.WorkerDescriptionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61\x63\x63\x65lgen/v1/worker.proto\x12\x0b\x61\x63\x63\x65lgen.v1\x1a\x18\x61\x63\x63\x65lgen/v1/common.proto\"\x9d\x02\n\x0eScheduledChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1b\n\x13num_computed_tokens\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rnew_block_ids\x18\x04 \x03(\r\x12\x0e\n\x06is_new\x18\x05 \x01(\x08\x12\x13\n\x0b\x62lock_table\x18\x06 \x03(\r\x12\x34\n\x0fsampling_params\x18\x07 \x01(\x0b\x32\x1b.accelgen.v1.SamplingParams\x12\x0f\n\x07samples\x18\x08 \x01(\x08\x12\x19\n\x11num_output_tokens\x18\t \x01(\r\x12\x12\n\nprompt_len\x18\n \x01(\r\x12\x15\n\rsampled_input\x18\x0b \x01(\x08\"\x9e\x01\n\tBatchPlan\x12\x11\n\titeration\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\t\x12+\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x1b.accelgen.v1.ScheduledChunk\x12\x19\n\x11\x66reed_request_ids\x18\x04 \x03(\t\x12\x18\n\x10predicted_time_s\x18\x05 \x01(\x01\x12\r\n\x05\x66\x65nce\x18\x06 \x01(\x04\"\xdc\x02\n\x0fIterationResult\x12\x11\n\titeration\x18\x01 \x01(\x04\x12L\n\x11sampled_token_ids\x18\x02 \x03(\x0b\x32\x31.accelgen.v1.IterationResult.SampledTokenIdsEntry\x12\x11\n\telapsed_s\x18\x03 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x04 \x01(\x01\x12<\n\x08logprobs\x18\x05 \x03(\x0b\x32*.accelgen.v1.IterationResult.LogprobsEntry\x1a\x36\n\x14SampledTokenIdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1aJ\n\rLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.accelgen.v1.TokenLogprob:\x02\x38\x01\"\x11\n\x0f\x44\x65scribeRequest2\xe7\x01\n\x06Worker\x12H\n\x10\x45xecuteIteration\x12\x16.accelgen.v1.BatchPlan\x1a\x1c.accelgen.v1.IterationResult\x12I\n\rExecuteStream\x12\x16.accelgen.v1.BatchPlan\x1a\x1c.accelgen.v1.IterationResult(\x01\x30\x01\x12H\n\x08\x44\x65scribe\x12\x1c.accelgen.v1.DescribeRequest\x1a\x1e.accelgen.v1.WorkerDescriptionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ITERATIONRESULT_SAMPLEDTOKENIDSENTRY']._loaded_options = None
   _globals['_ITERATIONRESULT_SAMPLEDTOKENIDSENTRY']._serialized_options = b'8\001'
+  _globals['_ITERATIONRESULT_LOGPROBSENTRY']._loaded_options = None
+  _globals['_ITERATIONRESULT_LOGPROBSENTRY']._serialized_options = b'8\001'
   _globals['_SCHEDULEDCHUNK']._serialized_start=68
   _globals['_SCHEDULEDCHUNK']._serialized_end=353
   _globals['_BATCHPLAN']._serialized_start=356
   _globals['_BATCHPLAN']._serialized_end=514
   _globals['_ITERATIONRESULT']._serialized_start=517
-  _globals['_ITERATIONRESULT']._serialized_end=727
-  _globals['_ITERATIONRESULT_SAMPLEDTOKENIDSENTRY']._serialized_start=673
-  _globals['_ITERATIONRESULT_SAMPLEDTOKENIDSENTRY']._serialized_end=727
-  _globals['_DESCRIBEREQUEST']._serialized_start=729
-  _globals['_DESCRIBEREQUEST']._serialized_end=746
-  _globals['_WORKER']._serialized_start=749
-  _globals['_WORKER']._serialized_end=980
+  _globals['_ITERATIONRESULT']._serialized_end=865
+  _globals['_ITERATIONRESULT_SAMPLEDTOKENIDSENTRY']._serialized_start=735
+  _globals['_ITERATIONRESULT_SAMPLEDTOKENIDSENTRY']._serialized_end=789
+  _globals['_ITERATIONRESULT_LOGPROBSENTRY']._serialized_start=791
+  _globals['_ITERATIONRESULT_LOGPROBSENTRY']._serialized_end=865
+  _globals['_DESCRIBEREQUEST']._serialized_start=867
+  _globals['_DESCRIBEREQUEST']._serialized_end=884
+  _globals['_WORKER']._serialized_start=887
+  _globals['_WORKER']._serialized_end=1118
 # @@protoc_insertion_point(module_scope)

@@ -50,7 +50,7 @@ class BatchPlan(_message.Message):
     def __init__(self, iteration: _Optional[int] = ..., epoch: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[ScheduledChunk, _Mapping]]] = ..., freed_request_ids: _Optional[_Iterable[str]] = ..., predicted_time_s: _Optional[float] = ..., fence: _Optional[int] = ...) -> None: ...
 
 class IterationResult(_message.Message):
-    __slots__ = ("iteration", "sampled_token_ids", "elapsed_s", "finished_at")
+    __slots__ = ("iteration", "sampled_token_ids", "elapsed_s", "finished_at", "logprobs")
     class SampledTokenIdsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -58,15 +58,24 @@ class IterationResult(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class LogprobsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _common_pb2.TokenLogprob
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ...) -> None: ...
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     sampled_token_ids: _containers.ScalarMap[str, int]
     elapsed_s: float
     finished_at: float
-    def __init__(self, iteration: _Optional[int] = ..., sampled_token_ids: _Optional[_Mapping[str, int]] = ..., elapsed_s: _Optional[float] = ..., finished_at: _Optional[float] = ...) -> None: ...
+    logprobs: _containers.MessageMap[str, _common_pb2.TokenLogprob]
+    def __init__(self, iteration: _Optional[int] = ..., sampled_token_ids: _Optional[_Mapping[str, int]] = ..., elapsed_s: _Optional[float] = ..., finished_at: _Optional[float] = ..., logprobs: _Optional[_Mapping[str, _common_pb2.TokenLogprob]] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ()

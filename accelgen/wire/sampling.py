@@ -22,6 +22,7 @@ PROTO_NAMES: Mapping[str, str] = {
     "temperature": "sampling_params.temperature",
     "top_p": "sampling_params.top_p",
     "top_k": "sampling_params.top_k",
+    "logprobs": "sampling_params.logprobs",
 }
 
 # proto3 cannot say "no limit" for max_new_tokens except by leaving it unset, and the core
@@ -45,6 +46,7 @@ def sampling_from_proto(msg: common_pb2.SamplingParams, default_max_tokens: int 
             seed=msg.seed if msg.HasField("seed") else None,
             stop_token_ids=tuple(msg.stop_token_ids),
             ignore_eos=msg.ignore_eos,
+            logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         )
     except FieldError as exc:
         raise exc.renamed(names) from None
@@ -56,11 +58,19 @@ def sampling_to_proto(sp: SamplingParams) -> common_pb2.SamplingParams:
                                     ignore_eos=sp.ignore_eos)
     if sp.seed is not None:
         msg.seed = sp.seed
+    if sp.logprobs is not None:
+        msg.logprobs = sp.logprobs
     return msg
 
 
+# Fields written only when set, so that a record of a request that does not use them reads in a
+# scheduler from before they existed (a rolling restart back to it): it refuses unknown fields.
+_OMITTED_WHEN_NONE = frozenset({"logprobs"})
+
+
 def sampling_to_json(sp: SamplingParams) -> str:
-    return json.dumps({f.name: _jsonable(getattr(sp, f.name)) for f in dataclasses.fields(sp)})
+    return json.dumps({f.name: _jsonable(getattr(sp, f.name)) for f in dataclasses.fields(sp)
+                       if not (f.name in _OMITTED_WHEN_NONE and getattr(sp, f.name) is None)})
 
 
 def sampling_from_json(text: str | bytes) -> SamplingParams:

@@ -3,7 +3,7 @@
 One malformed record in ``live`` (a field missing, JSON that does not parse, a key of the wrong
 type, an id that is not UTF-8) used to crash every start-up of the scheduler, so a restart loop
 never recovered the other requests. ``load_live`` now hands such a record here: its keys are
-renamed ``{prefix}quarantine:req:{id}`` (and ``out:``/``tim:``), it leaves ``live``, and its id
+renamed ``{prefix}quarantine:req:{id}`` (and ``out:``/``tim:``/``lp:``), it leaves ``live``, and its id
 goes into the sorted set ``{prefix}quarantine`` (score: when), with one ``record_quarantined``
 log line naming the id and the reason. An operator can inspect it with ``redis-cli`` and either
 delete it or repair it and put it back (RENAME the keys back, ZADD ``live`` its arrival time).
@@ -23,7 +23,7 @@ async def quarantine(redis: aioredis.Redis, prefix: str, member: bytes | str, re
     """Move one live request's keys aside and out of ``live``; log why."""
     raw = member.encode() if isinstance(member, str) else member
     rid = raw.decode("utf-8", errors="backslashreplace")
-    keys = [f"{kind}:".encode() + raw for kind in ("req", "out", "tim")]
+    keys = [f"{kind}:".encode() + raw for kind in ("req", "out", "tim", "lp")]
     async with redis.pipeline(transaction=False) as pipe:
         for key in keys:
             pipe.exists(prefix.encode() + key)

@@ -7,12 +7,17 @@ Layout (every key under a configurable prefix, default ``accelgen:``):
                       absent from records written before them: read as "")
 - ``out:{id}``        string: output token ids, appended 4 bytes a token (APPEND is O(1))
 - ``tim:{id}``        string: emission times, appended 8 bytes a token
+- ``lp:{id}``         string: the output tokens' logprobs, one self-delimiting record a token
+                      appended with it (``accelgen.wire.logprobs.pack_logprobs``); only for a
+                      request that asked (``SamplingParams.logprobs``): others have no such key
 - ``live``            sorted set: unfinished request ids by arrival — the durable queue
 - ``workers``         hash: worker id -> JSON: its address, its ``WorkerInfo`` fields
                       (``accelgen.wire.worker_info``) and "identity", the fingerprint of the
                       certificate the id is bound to (``scheduler_service.worker_identity``;
                       absent from records written before it, or "": unbound)
 - ``alive:{worker}``  string with a TTL, refreshed by heartbeats
+- ``draining``        hash: worker id -> the wall-clock end of its drain's grace period
+                      (``scheduler_service.workers``: it is routed no new request)
 - ``leader``          the scheduler's lease: ``"{instance}:{fence}"`` with a TTL
 - ``fence``           counter: INCR'd by each scheduler that takes the lease (its fencing token)
 - ``owner``           hash: request id -> the gateway that submitted or now watches it
@@ -44,8 +49,10 @@ from typing import Any, Callable
 
 import redis.exceptions as redis_errors
 
+from accelgen.core.logprobs import TokenLogprob
 from accelgen.core.request import FinishReason, Request, RequestStatus
 from accelgen.core.worker_info import WorkerInfo
+from accelgen.wire.logprobs import pack_logprobs, unpack_logprobs
 from accelgen.wire.sampling import sampling_from_json, sampling_to_json
 from accelgen.wire.slo import slo_from_json, slo_to_json
 from accelgen.wire.worker_info import worker_info_from_json, worker_info_to_json
@@ -82,6 +89,7 @@ class StoredRequest:
     # core's (the scheduler never schedules by them); the gateway checks the tenant.
     tenant: str = ""
     label: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token; empty: not asked
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,7 @@ class StoredWorker:
     address: str
     info: WorkerInfo
     identity: str = ""  # "": bound to no certificate
+    draining_until: float = 0.0  # draining (DrainWorker) until this wall-clock time; 0: not draining
 
 
 @dataclass
@@ -106,6 +115,9 @@ class IterationChanges:
     # retries, lost writes detected). A request without one is appended unchecked.
     offsets: dict[str, int] = field(default_factory=dict)
     applied_at: float = 0.0  # when the lane applied the iteration (Unix time; 0: not an iteration)
+    # id -> the logprobs of its ``tokens``, one each, for the requests that asked for them: stored
+    # with the tokens (appended only when they are), delivered with them.
+    logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
 
 
 class LeaseLost(Exception):
@@ -230,7 +242,7 @@ class RedisStore:
             "label": label,
         }
         p = self.p
-        keys = [*self._lease_keys(), p + "live", p + f"req:{rid}", p + f"out:{rid}", p + f"tim:{rid}"]
+        keys = [*self._lease_keys(), p + "live", *(p + f"{kind}:{rid}" for kind in ("req", "out", "tim", "lp"))]
         args = [*self._lease_args(), rid, repr(request.arrival_s)]
         for name, value in fields.items():
             args += (name, value)
@@ -240,7 +252,7 @@ class RedisStore:
             # The client is told UNAVAILABLE (not accepted): a record left in ``live`` would be run
             # by the next scheduler to recover it. Best effort: if this fails too, it is recovered.
             try:
-                await self._withdraw(keys=keys[:6], args=[*self._lease_args(), rid])
+                await self._withdraw(keys=keys, args=[*self._lease_args(), rid])
             except Exception:  # noqa: BLE001 - Redis failing over; the caller's error stands
                 pass
             raise
@@ -255,12 +267,13 @@ class RedisStore:
             pipe.hgetall(self.p + f"req:{request_id}")
             pipe.get(self.p + f"out:{request_id}")
             pipe.get(self.p + f"tim:{request_id}")
-            h, out, tim = await pipe.execute()
+            pipe.get(self.p + f"lp:{request_id}")
+            h, out, tim, lp = await pipe.execute()
         if b"prompt" not in h:
             # Nothing, or only fields an iteration commit or a cancel wrote after Redis lost the
             # record (restarted without persistence): not a request we can describe.
             return None
-        return _decode(request_id, h, out, tim)
+        return _decode(request_id, h, out, tim, lp)
 
     async def load_live(self) -> list[StoredRequest]:
         """Every live request. One that cannot be read (a missing field, bad JSON, a wrong-typed
@@ -297,16 +310,23 @@ class RedisStore:
             keys += (p + f"out:{rid}", p + f"tim:{rid}")
             offset = ch.offsets.get(rid)
             appends += (pack_u32(tokens), array("d", times).tobytes(), -1 if offset is None else 4 * offset)
+        order = {rid: i for i, rid in enumerate(ch.tokens, start=1)}
+        lp_appends: list[Any] = []  # (the append's number, records, expected length of lp in bytes)
+        for rid, lps in ch.logprobs.items():
+            if rid in order and lps:
+                keys.append(p + f"lp:{rid}")
+                records = pack_logprobs(lps)
+                lp_appends += (order[rid], records, _lp_offset(ch.offsets.get(rid), records, len(lps)))
         statuses: list[str] = []
         for rid, (status, reason) in ch.status.items():
             keys.append(p + f"req:{rid}")
             statuses += (status_text(status), reason)
         keys += [p + f"req:{rid}" for rid in ch.preemptions]
         for rid in ch.finished:
-            keys += (p + f"req:{rid}", p + f"out:{rid}", p + f"tim:{rid}")
+            keys += (p + f"req:{rid}", p + f"out:{rid}", p + f"tim:{rid}", p + f"lp:{rid}")
         args: list[Any] = [*self._lease_args(), self.finished_ttl_s, len(ch.tokens), len(ch.status),
-                           len(ch.preemptions), len(ch.finished), *appends, *statuses,
-                           *(str(n) for n in ch.preemptions.values()), *ch.finished]
+                           len(ch.preemptions), len(ch.finished), len(lp_appends) // 3, *appends, *lp_appends,
+                           *statuses, *(str(n) for n in ch.preemptions.values()), *ch.finished]
         result = await self._write(self._commit, keys, args)
         if isinstance(result, list):
             prefix = len(p + "out:")
@@ -314,12 +334,13 @@ class RedisStore:
         if not result:
             raise self._lost(f"the commit of worker {ch.worker_id}'s iteration")
 
-    async def restore_output(self, request_id: str, tokens: list[int], times: list[float]) -> None:
-        """Set a request's stored output to ``tokens`` (and their emission times): what its clients
-        were delivered, after Redis lost some of it. Fenced like every durable write."""
+    async def restore_output(self, request_id: str, tokens: list[int], times: list[float],
+                             logprobs: list[TokenLogprob] | tuple[()] = ()) -> None:
+        """Set a request's stored output to ``tokens`` (and their emission times and logprobs):
+        what its clients were delivered, after Redis lost some of it. Fenced like every durable write."""
         p = self.p
-        keys = [*self._lease_keys(), p + f"out:{request_id}", p + f"tim:{request_id}"]
-        args = [*self._lease_args(), pack_u32(tokens), array("d", times).tobytes()]
+        keys = [*self._lease_keys(), p + f"out:{request_id}", p + f"tim:{request_id}", p + f"lp:{request_id}"]
+        args = [*self._lease_args(), pack_u32(tokens), array("d", times).tobytes(), pack_logprobs(logprobs)]
         if not await self._write(self._restore, keys, args):
             raise self._lost(f"restoring the output of request {request_id!r}")
 
@@ -340,12 +361,20 @@ class RedisStore:
 
     # -- workers -------------------------------------------------------------------------------
     async def register_worker(self, worker_id: str, address: str, info: WorkerInfo, ttl_s: float,
-                              identity: str = "") -> None:
+                              identity: str = "", draining_until: float = 0.0) -> None:
         entry = json.dumps({"address": address, "identity": identity, **json.loads(worker_info_to_json(info))})
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.p + "workers", worker_id, entry)
             pipe.set(self.p + f"alive:{worker_id}", "1", px=int(ttl_s * 1000))
+            if draining_until:
+                pipe.hset(self.p + "draining", worker_id, repr(draining_until))
+            else:
+                pipe.hdel(self.p + "draining", worker_id)
             await pipe.execute()
+
+    async def set_draining(self, worker_id: str, until: float) -> None:
+        """Mark a registered worker draining until ``until`` (wall clock), for a scheduler that takes over."""
+        await self.redis.hset(self.p + "draining", worker_id, repr(until))
 
     async def heartbeat(self, worker_id: str, ttl_s: float) -> None:
         await self.redis.set(self.p + f"alive:{worker_id}", "1", px=int(ttl_s * 1000))
@@ -353,23 +382,35 @@ class RedisStore:
     async def remove_worker(self, worker_id: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hdel(self.p + "workers", worker_id)
+            pipe.hdel(self.p + "draining", worker_id)
             pipe.delete(self.p + f"alive:{worker_id}")
             await pipe.execute()
 
     async def live_worker_records(self) -> dict[str, StoredWorker]:
         """Every registered worker still heart-beating, by id."""
         raw = await self.redis.hgetall(self.p + "workers")
+        draining = await self.redis.hgetall(self.p + "draining")
         out = {}
         for wid_b, entry in raw.items():
             wid = wid_b.decode()
             if await self.redis.exists(self.p + f"alive:{wid}"):
                 data = json.loads(entry)
-                out[wid] = StoredWorker(data["address"], worker_info_from_json(entry), str(data.get("identity") or ""))
+                out[wid] = StoredWorker(data["address"], worker_info_from_json(entry), str(data.get("identity") or ""),
+                                        float(draining.get(wid_b) or 0.0))
         return out
 
     async def live_workers(self) -> dict[str, tuple[str, WorkerInfo]]:
         """Worker id -> (address, WorkerInfo): ``live_worker_records`` without the identities."""
         return {wid: (w.address, w.info) for wid, w in (await self.live_worker_records()).items()}
+
+
+def _lp_offset(token_offset: int | None, records: bytes, num_tokens: int) -> int:
+    """Where a request's logprob records start in ``lp``, in bytes: every record of a request is
+    the same size (the sampled token plus its k top tokens), so the offset of its tokens times that
+    size; -1 (append exactly when the tokens are appended) when unknown or the sizes differ."""
+    if token_offset is None or len(records) % num_tokens:
+        return -1
+    return token_offset * (len(records) // num_tokens)
 
 
 def status_text(status: RequestStatus) -> str:
@@ -385,14 +426,16 @@ class BadRecord(ValueError):
     """A stored request that cannot be decoded (``load_live`` quarantines it)."""
 
 
-def _decode(rid: str, h: dict[bytes, bytes], out: bytes | None, tim: bytes | None) -> StoredRequest:
+def _decode(rid: str, h: dict[bytes, bytes], out: bytes | None, tim: bytes | None,
+            lp: bytes | None = None) -> StoredRequest:
     try:
-        return _decode_fields(rid, h, out, tim)
+        return _decode_fields(rid, h, out, tim, lp)
     except Exception as exc:  # noqa: BLE001 - whatever is wrong with the bytes, say which and what
         raise BadRecord(f"request {rid!r}: malformed record: {type(exc).__name__}: {exc}") from exc
 
 
-def _decode_fields(rid: str, h: dict[bytes, bytes], out: bytes | None, tim: bytes | None) -> StoredRequest:
+def _decode_fields(rid: str, h: dict[bytes, bytes], out: bytes | None, tim: bytes | None,
+                   lp: bytes | None) -> StoredRequest:
     g = {k.decode(): v for k, v in h.items()}
     eos = g.get("eos", b"").decode()
     request = Request(
@@ -414,4 +457,5 @@ def _decode_fields(rid: str, h: dict[bytes, bytes], out: bytes | None, tim: byte
     if reason:
         request.finish_reason = FinishReason(reason)
     return StoredRequest(request=request, emitted_at=times, worker_id=g.get("worker", b"").decode(),
-                         tenant=g.get("tenant", b"").decode(), label=g.get("label", b"").decode())
+                         tenant=g.get("tenant", b"").decode(), label=g.get("label", b"").decode(),
+                         logprobs=unpack_logprobs(lp))

@@ -426,3 +426,61 @@ def test_measured_profile_is_what_the_scheduler_budgets_with(ex, tmp_path):
     # Without a measured file the worker reports nothing and the configured profile stays.
     unmeasured = dataclasses.replace(info, profile_json=measured_profile_json("opt-13b_a100-80g"), max_model_len=0)
     assert lane_profile(configured, unmeasured) is configured
+
+
+def test_greedy_logprobs_are_the_models_log_softmax(ex, reference, vllm_model_dir):
+    """``sampling.logprobs`` = k: per sampled token its logprob, rank 1 (greedy) and the k most
+    likely tokens, the row of the right request in a mixed batch (another k, none, a chunked
+    prefill), kept across a recompute; the values are the model's log_softmax (HF, float32)."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    class Recording:  # the driver's executor, keeping each result
+        def __init__(self) -> None:
+            self.results = []
+
+        def describe(self):
+            return ex.describe()
+
+        def execute(self, plan):
+            self.results.append(ex.execute(plan))
+            return self.results[-1]
+
+    rec = Recording()
+    d = Driver(rec)
+    asked = d.add("short2", PROMPTS["short2"], max_tokens=8, chunk=16,
+                  sampling=dataclasses.replace(GREEDY, logprobs=5))
+    other_k = d.add("short1", PROMPTS["short1"], max_tokens=4, sampling=dataclasses.replace(GREEDY, logprobs=1))
+    d.add("bystander", PROMPTS["bystander"], max_tokens=8)  # asks for none
+    while len(asked.outputs) < 4:
+        d.step()
+    d.preempt("short2")
+    d.step(only={"bystander"})
+    d.run("short2", "short1", "bystander")
+    _check(asked.outputs, reference, "short2")  # asking for logprobs changes no token
+
+    got: dict[str, list] = {"short2": [], "short1": []}
+    for result in rec.results:
+        assert "bystander" not in result.logprobs
+        assert set(result.logprobs) <= set(result.sampled_token_ids)
+        for rid, lp in result.logprobs.items():
+            got[rid].append(lp)
+            assert lp.token_id == result.sampled_token_ids[rid] and lp.rank == 1
+            assert lp.top[0][0] == lp.token_id and lp.top[0][1] == pytest.approx(lp.logprob, abs=1e-6)
+            assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+    assert [lp.token_id for lp in got["short2"]] == asked.outputs and all(len(lp.top) == 5 for lp in got["short2"])
+    assert [lp.token_id for lp in got["short1"]] == other_k.outputs and all(len(lp.top) == 1 for lp in got["short1"])
+
+    model = AutoModelForCausalLM.from_pretrained(str(vllm_model_dir), torch_dtype=torch.float32)
+    for r, lps in ((asked, got["short2"]), (other_k, got["short1"])):
+        with torch.no_grad():
+            logits = model(torch.tensor([r.prompt + r.outputs])).logits[0].float()
+        log_softmax = torch.log_softmax(logits, dim=-1)
+        for i, lp in enumerate(lps):
+            row = log_softmax[len(r.prompt) - 1 + i]
+            assert int(row.argmax()) == lp.token_id
+            assert lp.logprob == pytest.approx(float(row.max()), abs=1e-3)
+            for token, value in lp.top:
+                assert value == pytest.approx(float(row[token]), abs=1e-3)

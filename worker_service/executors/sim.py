@@ -7,6 +7,13 @@ overhead benchmark measures the scheduler and gRPC alone). Sampled tokens are a 
 request preempted and recomputed produces the same output, as greedy decoding would. They
 are never below 10, hence never EOS; requests end by length, as in the paper's traces.
 
+Logprobs (a request with ``sampling.logprobs`` = k) come from a fake distribution, as
+deterministic as the tokens (``sim_logprob``): the tokens at one output position are ranked
+consecutive ids around the sampled one, and the token of rank r has probability 2^-r (so every
+logprob is -r ln 2 < 0 and the probabilities of any listed tokens sum to < 1). The sampled token
+has rank 1 when the request is greedy (temperature 0), else rank 1..3 by a hash of (request id,
+index); the top k are ranks 1..k, most likely first.
+
 It checks plans like vLLM's runner would (``RequestTable``), so the sim catches the same
 scheduler bugs the real worker would.
 
@@ -18,11 +25,14 @@ of a failed device (answer INTERNAL, then exit with status 4) is tested on a rea
 from __future__ import annotations
 
 import json
+import math
 import time
 import zlib
 from typing import TYPE_CHECKING
 
+from accelgen.core.logprobs import TokenLogprob
 from accelgen.core.profile import DeviceProfile
+from accelgen.core.request import SamplingParams
 from accelgen.profiles import DEFAULT_PROFILE, load_profile
 from worker_service.executors.base import Executor
 from worker_service.executors.request_table import RequestTable
@@ -44,6 +54,24 @@ class SimulatedDeviceError(RuntimeError):
 def sim_token(request_id: str, index: int, vocab_size: int = DEFAULT_VOCAB_SIZE) -> int:
     """The token the sim samples as output number ``index`` of ``request_id``."""
     return FIRST_SAMPLED_TOKEN + zlib.crc32(f"{request_id}:{index}".encode()) % (vocab_size - FIRST_SAMPLED_TOKEN)
+
+
+def sim_logprob(request_id: str, index: int, sampling: SamplingParams | None,
+                vocab_size: int = DEFAULT_VOCAB_SIZE) -> TokenLogprob | None:
+    """The logprobs of output ``index`` of ``request_id`` (the token ``sim_token`` samples there)
+    under the sim's fake distribution (module docstring); None if the request did not ask."""
+    if sampling is None or sampling.logprobs is None:
+        return None
+    token = sim_token(request_id, index, vocab_size)
+    span = vocab_size - FIRST_SAMPLED_TOKEN
+    rank = 1 if sampling.temperature == 0 else 1 + zlib.crc32(f"{request_id}:{index}:rank".encode()) % 3
+    rank = min(rank, span)
+
+    def ranked(r: int) -> int:  # the token of rank r: consecutive ids, the sampled one at ``rank``
+        return FIRST_SAMPLED_TOKEN + (token - FIRST_SAMPLED_TOKEN + r - rank) % span
+
+    top = tuple((ranked(r), -r * math.log(2)) for r in range(1, min(sampling.logprobs, span) + 1))
+    return TokenLogprob(token_id=token, logprob=-rank * math.log(2), rank=rank, top=top)
 
 
 class SimExecutor(Executor):
@@ -101,15 +129,19 @@ class SimExecutor(Executor):
             start = time.perf_counter()
             time.sleep(modeled * self.time_scale)
             elapsed = time.perf_counter() - start
-        sampled = {
-            c.request_id: sim_token(c.request_id, c.num_computed_tokens + len(c.token_ids) - state.prompt_len,
-                                    self.vocab_size)
-            for c, state in zip(plan.chunks, prepared.states)
-            if c.samples
-        }
+        sampled: dict[str, int] = {}
+        logprobs: dict[str, TokenLogprob] = {}
+        for c, state in zip(plan.chunks, prepared.states):
+            if not c.samples:
+                continue
+            index = c.num_computed_tokens + len(c.token_ids) - state.prompt_len
+            sampled[c.request_id] = sim_token(c.request_id, index, self.vocab_size)
+            lp = sim_logprob(c.request_id, index, state.sampling, self.vocab_size)
+            if lp is not None:
+                logprobs[c.request_id] = lp
         self.requests.commit(prepared)
         self.iterations_run += 1
-        return ExecResult(iteration=plan.iteration, sampled_token_ids=sampled, elapsed_s=elapsed)
+        return ExecResult(iteration=plan.iteration, sampled_token_ids=sampled, elapsed_s=elapsed, logprobs=logprobs)
 
     def _check_decode_tokens(self, plan: WorkerPlan, states) -> None:
         """A decode feeds back tokens this worker sampled; vLLM's runner refuses others, and so

@@ -31,6 +31,14 @@ the tokens it sampled itself, its block table and its sampling parameters:
   (``finished_req_ids`` is applied before new requests are added).
 * ``freed_request_ids`` become ``finished_req_ids``. The runner never decides stops itself:
   the scheduler does, and frees the request.
+* Logprobs: a request's ``sampling.logprobs`` = k goes to ``vllm.SamplingParams.logprobs``; the
+  runner's sampler then returns, per row of the batch (a row per request, ``req_id_to_index``;
+  ``cu_num_generated_tokens`` offsets rows when a request generates several tokens), the sampled
+  token first and the batch's largest k most likely tokens after it, with their raw logprobs
+  (vLLM's default ``raw_logprobs``: before temperature, top-p, top-k) and the sampled token's
+  rank (``_token_logprob``). Only chunks that sample report them; a prefill chunk that stops
+  short of the end samples nothing, and a recomputed request never samples its earlier tokens
+  again, so each token's logprobs are those of the moment it was sampled.
 
 Plans are checked before anything runs (``RequestTable``, as the sim does, plus the runner's
 own limits), so a rejected plan leaves the worker unchanged. If vLLM itself fails mid-plan,
@@ -45,6 +53,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from accelgen.core.logprobs import TokenLogprob
 from accelgen.core.request import SamplingParams
 from worker_service.executors.base import Executor
 from worker_service.executors.request_table import RequestTable
@@ -242,6 +251,7 @@ class VllmExecutor(Executor):
         elapsed = time.perf_counter() - start if plan.chunks else 0.0
         index = result.req_id_to_index if result is not None else {}
         sampled: dict[str, int] = {}
+        logprobs: dict[str, TokenLogprob] = {}
         for c in translated.sampling_chunks:
             i = index.get(c.request_id)
             toks = result.sampled_token_ids[i] if i is not None else ()
@@ -250,10 +260,19 @@ class VllmExecutor(Executor):
                 raise RuntimeError(f"vLLM sampled no token for request {c.request_id!r} (iteration {plan.iteration})")
             tok = int(toks[-1])
             sampled[c.request_id] = tok
-            translated.requests[c.request_id].outputs.append(tok)
+            runner_req = translated.requests[c.request_id]
+            runner_req.outputs.append(tok)
+            k = runner_req.sampling.logprobs
+            if k is not None:
+                lp = _token_logprob(getattr(result, "logprobs", None), i, len(toks), tok, k)
+                if isinstance(lp, str):
+                    self._recover()
+                    raise RuntimeError(f"vLLM's logprobs for request {c.request_id!r} "
+                                       f"(iteration {plan.iteration}): {lp}")
+                logprobs[c.request_id] = lp
         self.requests.commit(prepared)
         self._reqs = translated.requests
-        return ExecResult(iteration=plan.iteration, sampled_token_ids=sampled, elapsed_s=elapsed)
+        return ExecResult(iteration=plan.iteration, sampled_token_ids=sampled, elapsed_s=elapsed, logprobs=logprobs)
 
     def prepare_thread(self) -> None:
         if self.cpu_threads:
@@ -394,6 +413,7 @@ class VllmExecutor(Executor):
             stop_token_ids=list(sp.stop_token_ids),
             ignore_eos=sp.ignore_eos,
             detokenize=False,
+            logprobs=sp.logprobs,
         )
         # As vLLM's input processor does (EOS into the stop set, for min_tokens).
         eos = self._info.eos_token_id
@@ -423,3 +443,21 @@ class VllmExecutor(Executor):
             log.exception("could not free the runner's requests after a failure")
             self._reqs = {}
             self.requests.reset()
+
+
+def _token_logprob(lists: Any, index: int, num_generated: int, token: int, k: int) -> TokenLogprob | str:
+    """The logprobs of the last token the runner generated for the request at batch row
+    ``index`` (``num_generated`` tokens this step), from its ``LogprobsLists`` (vllm/v1/outputs.py:
+    per row the sampled token, then the batch's most likely tokens; the request asked for ``k``
+    of them). A string says what is wrong instead."""
+    if lists is None:
+        return "the runner returned none"
+    cu = lists.cu_num_generated_tokens
+    row = (cu[index] if cu is not None else index) + num_generated - 1
+    ids, values = lists.logprob_token_ids[row], lists.logprobs[row]
+    if int(ids[0]) != token:
+        return f"row {row} is for token {int(ids[0])}, the runner sampled {token}"
+    if len(ids) < k + 1:
+        return f"row {row} holds {len(ids) - 1} top tokens, the request asked for {k}"
+    top = tuple((int(ids[j]), float(values[j])) for j in range(1, k + 1))
+    return TokenLogprob(token_id=token, logprob=float(values[0]), rank=int(lists.sampled_token_ranks[row]), top=top)
