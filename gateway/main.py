@@ -34,6 +34,7 @@ from gateway.generation import GenerationService
 from gateway.grpc_server import SERVICE_NAME, add_to_server
 from gateway.http_extras import add_routes
 from gateway.limits import server_options
+from gateway.metrics import add_metrics_route
 from gateway.openai_http import create_app
 from gateway.scheduler_client import RESUMABLE, SchedulerClient
 from gateway.tokenizer import load_tokenizer
@@ -177,6 +178,7 @@ async def start_gateway(config: GatewayConfig) -> GatewayHandle:
         app = create_app(service)
         app.state.ready = False
         add_routes(app, service)
+        add_metrics_route(app, service.metrics)
         try:
             sock = _bind(config.host.strip("[]"), config.http_port)
         except OSError as exc:

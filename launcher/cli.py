@@ -1,8 +1,9 @@
 """The ``accelgen`` command: one entry point, one subcommand per job.
 
-The service commands (``scheduler``, ``worker``, ``gateway``, ``profile``) and ``up`` and
-``generate`` need only the installed packages; ``sim``, ``capacity``, ``load`` and ``demo``
-(``launcher.research``) need the source checkout, for ``bench/``.
+The service commands (``scheduler``, ``worker``, ``gateway``, ``profile``) and ``up``, ``drain``
+and ``generate`` need only the installed packages; ``sim``, ``capacity``, ``load`` and ``demo``
+(``launcher.research``) need the source checkout, for ``bench/``. Every subcommand fails with one
+line on stderr, never a traceback (``launcher.errors``; ``accelgen --debug CMD`` shows it).
 """
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from accelgen.common.config import HelpFormatter
+from launcher.drain import add_command as add_drain_command
+from launcher.errors import debug_requested, guarded
 from launcher.test_model import default_model
+from launcher.top import DEFAULT_SCHEDULER_METRICS_PORT
+from launcher.top import add_command as add_top_command
+from launcher.up_options import add_options as add_service_options
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -21,25 +28,45 @@ def cmd_up(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    import shutil
+    import tempfile
+
+    from launcher.errors import CliError
     from launcher.stack import RunCertificates, Supervisor, start_stack
+    from launcher.up_options import service_args
     from scheduler_service.state.redis_conn import redact_url
 
-    worker_args = ["--time-scale", str(args.time_scale)]
+    if args.tls_dir and args.insecure:
+        raise CliError("--tls-dir and --insecure exclude each other")
+    run_dir = Path(tempfile.mkdtemp(prefix="accelgen-up-"))  # --config's tables, one file per service
+    try:
+        extra = service_args(args, run_dir)  # every file and flag checked before anything starts
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    worker_args = ["--time-scale", str(args.time_scale)] if args.time_scale is not None else []
     if args.executor == "vllm" and not args.model:
         args.model = default_model()
         print(f"no --model given: serving the seeded test model {args.model}", flush=True)
     if args.model:
         worker_args += ["--model", args.model]
-    if args.tls_dir and args.insecure:
-        print("accelgen up: --tls-dir and --insecure exclude each other", file=sys.stderr)
-        return 2
     run_certs = None if args.insecure or args.tls_dir else RunCertificates()
     tls_dir = Path(args.tls_dir) if args.tls_dir else run_certs.tls_dir if run_certs else None
-    stack = start_stack(workers=args.workers, executor=args.executor, worker_args=worker_args,
-                        gateway_args=(["--model", args.model] if args.model else []),
-                        scheduler_args=["--policy", args.policy], http_port=args.http_port or None,
-                        grpc_port=args.grpc_port or None, log_dir=Path(args.log_dir) if args.log_dir else None,
-                        redis_appendfsync="always", tls_dir=tls_dir)
+    try:
+        stack = start_stack(workers=args.workers, executor=args.executor, worker_args=worker_args + extra.worker,
+                            gateway_args=(["--model", args.model] if args.model else []) + extra.gateway,
+                            scheduler_args=(["--policy", args.policy] if args.policy else []) + extra.scheduler,
+                            http_port=args.http_port or None, grpc_port=args.grpc_port or None,
+                            log_dir=Path(args.log_dir) if args.log_dir else None, redis_appendfsync="always",
+                            tls_dir=tls_dir, scheduler_metrics_port=args.metrics_port or None)
+    except BaseException as exc:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if run_certs is not None:
+            run_certs.remove()
+        if isinstance(exc, (RuntimeError, TimeoutError)):  # a service that exited or never got ready
+            hint = f"; see the logs in {args.log_dir}" if args.log_dir else " (its error is above)"
+            raise CliError(f"the stack did not start: {exc}{hint}") from None
+        raise
     internal = f"mutual TLS (certificates in {tls_dir})" if tls_dir else "plaintext (--insecure)"
     print(f"AccelGen is up: gateway gRPC {stack.gateway_address}, OpenAI HTTP http://127.0.0.1:{stack.http_port}/v1, "
           f"scheduler {stack.scheduler_address}, Redis {redact_url(stack.redis_url)} (AOF and the password, in "
@@ -47,6 +74,8 @@ def cmd_up(args: argparse.Namespace) -> int:
           f"{args.workers} {args.executor} worker(s); between the services: {internal}. "
           "A service that exits is restarted; Ctrl-C stops everything.",
           flush=True)
+    print("Prometheus metrics: " + ", ".join(f"{name} {url}" for name, url in stack.metrics_urls.items())
+          + f"; live view: accelgen top --scheduler-metrics {stack.metrics_urls['scheduler']}", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
@@ -54,6 +83,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         code = Supervisor(stack).run(done)
     finally:
         stack.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
         if run_certs is not None:
             run_certs.remove()
         print("stopped", flush=True)
@@ -112,7 +142,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     print(f"\n[{resp.request_id}: {c.completion_tokens} tokens, finish={c.finish_reason}, "
                           f"TTFT {c.ttft_ms:.1f} ms, mean TBT {c.mean_tbt_ms:.1f} ms, SLO met: {c.slo_met}]")
         except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(f"accelgen generate: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     return 0
 
@@ -173,19 +203,30 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         research.add_commands(sub)
     up = sub.add_parser("up", help="start Redis, the scheduler, N workers and the gateway, restart any that "
-                                   "exits; Ctrl-C stops all")
+                                   "exits; Ctrl-C stops all", allow_abbrev=False, formatter_class=HelpFormatter,
+                        description="Every setting of each service is a flag here, prefixed with the service's "
+                                    "name (--worker-dtype float32, --scheduler-max-queue 100), or a config file "
+                                    "(--worker-config FILE, or --config FILE with [worker], [scheduler] and "
+                                    "[gateway] tables).")
     up.add_argument("--workers", type=int, default=1)
     up.add_argument("--executor", default="vllm", help="vllm (vLLM's model runner; CPU or GPU) or sim (cost model)")
     up.add_argument("--model", default=None, help="model path or name for vllm workers and the gateway tokenizer")
-    up.add_argument("--policy", default="accelgen")
-    up.add_argument("--time-scale", type=float, default=1.0, help="sim executor: scale of the simulated iteration time")
+    up.add_argument("--policy", default=None, help="the scheduling policy (default: the scheduler's, accelgen)")
+    up.add_argument("--time-scale", type=float, default=None,
+                    help="sim executor: scale of the simulated iteration time (default: the worker's, 1)")
     up.add_argument("--grpc-port", type=int, default=50050)
     up.add_argument("--http-port", type=int, default=8000)
+    up.add_argument("--metrics-port", type=int, default=DEFAULT_SCHEDULER_METRICS_PORT,
+                    help="the scheduler's Prometheus /metrics port (0 = a free one; what `accelgen top` reads by "
+                         "default); each worker's is a free port, the gateway's is its HTTP port; all are printed")
     up.add_argument("--log-dir", default=None, help="write each service's log here")
     up.add_argument("--tls-dir", default=None, help="mutual TLS between the services with these certificates "
                                                    "(`accelgen certs`); default: a CA made for this run")
     up.add_argument("--insecure", action="store_true", help="plaintext between the services (all on loopback)")
+    add_service_options(up)
     up.set_defaults(func=cmd_up)
+    add_drain_command(sub)
+    add_top_command(sub)
 
     certs = sub.add_parser("certs", help="make a CA and a certificate per service for mutual TLS (--tls-dir)",
                            description=cmd_certs.__doc__)
@@ -229,12 +270,14 @@ SERVICES = {"scheduler": "scheduler_service.main", "worker": "worker_service.mai
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SERVICES:
-        return _run_service(SERVICES[argv[0]], argv[1:])
-    if argv and argv[0] == "profile":
-        return cmd_profile(argv[1:])
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    debug = debug_requested(argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else ""
+    if command in SERVICES:
+        return guarded(command, lambda: _run_service(SERVICES[command], argv[1:]), debug)
+    if command == "profile":
+        return guarded(command, lambda: cmd_profile(argv[1:]), debug)
+    args = build_parser().parse_args(argv)  # a bad flag: argparse's one-line usage error, exit 2
+    return guarded(args.command, lambda: int(args.func(args) or 0), debug)
 
 
 if __name__ == "__main__":

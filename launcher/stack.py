@@ -46,11 +46,12 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def stop(self, grace_s: float = 10.0) -> None:
+    def stop(self, grace_s: float = 10.0, sig: int = signal.SIGTERM) -> None:
+        """``sig`` (SIGTERM: a worker drains first), then SIGKILL after ``grace_s``."""
         if not self.alive():
             return
         try:
-            os.killpg(self.popen.pid, signal.SIGTERM)
+            os.killpg(self.popen.pid, sig)
         except ProcessLookupError:
             return
         try:
@@ -184,6 +185,7 @@ class Stack:
     log_dir: Path | None = None
     redis_dir: Path | None = None  # Redis's working directory (its AOF, when on)
     tls_dir: Path | None = None  # mutual TLS between the services (certificates from `accelgen certs`)
+    metrics_urls: dict[str, str] = field(default_factory=dict)  # process name -> its Prometheus /metrics
 
     @property
     def probe(self) -> Transport | None:
@@ -194,8 +196,10 @@ class Stack:
         return ["--tls-dir", str(self.tls_dir)] if self.tls_dir is not None else []
 
     def stop(self) -> None:
+        """Everything, gateway first. Workers get SIGINT: they stop at once instead of draining
+        onto workers that are stopping too (``accelgen drain`` or SIGTERM takes one out alone)."""
         for p in reversed(self.procs):
-            p.stop()
+            p.stop(sig=signal.SIGINT if p.name.startswith("worker") else signal.SIGTERM)
 
     def find(self, name: str) -> Proc:
         return next(p for p in self.procs if p.name == name)
@@ -237,7 +241,8 @@ def start_worker_proc(stack: Stack, name: str, extra: Sequence[str] = ()) -> Pro
 def start_stack(workers: int = 1, executor: str = "sim", scheduler_args: Sequence[str] = (),
                 worker_args: Sequence[str] = (), gateway_args: Sequence[str] = (), log_dir: Path | None = None,
                 http_port: int | None = None, grpc_port: int | None = None, worker_timeout_s: float = 120.0,
-                redis_appendfsync: str | None = None, tls_dir: Path | None = None) -> Stack:
+                redis_appendfsync: str | None = None, tls_dir: Path | None = None,
+                scheduler_metrics_port: int | None = None) -> Stack:
     """Redis, the scheduler, ``workers`` workers and the gateway, each waited for; nothing
     restarts them (wrap the stack in a ``Supervisor`` for that). ``redis_appendfsync`` turns
     Redis's AOF on (see ``start_redis``). ``tls_dir``: mutual TLS between the services with those
@@ -250,11 +255,21 @@ def start_stack(workers: int = 1, executor: str = "sim", scheduler_args: Sequenc
         stack.procs.append(redis_proc)
         sched_port = free_port()
         stack.scheduler_address = f"127.0.0.1:{sched_port}"
-        stack.procs.append(start_scheduler_proc(stack, sched_port, scheduler_args))
+        # Prometheus /metrics of every service (scheduler_service/metrics.py): the scheduler's on
+        # scheduler_metrics_port (None: a free one), each worker's on a free port, the gateway's
+        # on its HTTP port.
+        metrics_port = scheduler_metrics_port or free_port()
+        stack.metrics_urls["scheduler"] = f"http://127.0.0.1:{metrics_port}/metrics"
+        stack.procs.append(start_scheduler_proc(stack, sched_port, ["--metrics-port", str(metrics_port),
+                                                                    *scheduler_args]))
         for i in range(workers):
-            stack.procs.append(start_worker_proc(stack, f"worker-{i}", ["--executor", executor, *worker_args]))
+            worker_metrics = free_port()
+            stack.metrics_urls[f"worker-{i}"] = f"http://127.0.0.1:{worker_metrics}/metrics"
+            stack.procs.append(start_worker_proc(stack, f"worker-{i}", ["--executor", executor, "--metrics-port",
+                                                                        str(worker_metrics), *worker_args]))
         _wait_workers(stack.scheduler_address, workers, worker_timeout_s, stack)
         gport, stack.http_port = grpc_port or free_port(), http_port or free_port()
+        stack.metrics_urls["gateway"] = f"http://127.0.0.1:{stack.http_port}/metrics"
         stack.gateway_address = f"127.0.0.1:{gport}"
         gw = spawn("gateway", python_module("gateway.main", "--scheduler-address", stack.scheduler_address, "--grpc-port",
                                             str(gport), "--http-port", str(stack.http_port), *stack.tls_args(),

@@ -39,6 +39,7 @@ from scheduler_service.config import SchedulerConfig
 from scheduler_service.delivery import Delivery, WatchLimits
 from scheduler_service.intake import RequestIntake
 from scheduler_service.lane import WorkerLane
+from scheduler_service.metrics import LaneView, SchedulerMetrics, StateSource
 from scheduler_service.state.redis_conn import is_transient
 from scheduler_service.state.store import LeaseLost, RedisStore
 from scheduler_service.tasks import Background
@@ -63,6 +64,10 @@ class SchedulerApp:
                                       self.epoch)
         self.intake = RequestIntake(config, store, self.catalog, self.workers, self.committer, self.delivery,
                                     self.background)
+        self.metrics = SchedulerMetrics(self.catalog, config.slo_tbt_tolerance)  # scheduler_service/metrics.py
+        self.workers.metrics = self.intake.metrics = self.metrics
+        self.metrics.bind(StateSource(lanes=self._lane_views, orphans=lambda: list(self.workers.orphans),
+                                      classes=lambda: self.catalog.names, hops=self._hop_samples))
         self._monitor: asyncio.Task | None = None
         self._stopping = False
         self.lease_lost = asyncio.Event()  # set once deposed: the process is to exit (status 3)
@@ -80,11 +85,12 @@ class SchedulerApp:
         # Renewing from now on: a recovery longer than the lease must not hand it to a standby.
         self._monitor = asyncio.create_task(self._monitor_loop(), name="monitor")
         live_workers, recovered = await self._read_state()
-        for wid, worker in live_workers.items():  # each keeps the certificate it is bound to
-            self.workers.add_lane(wid, worker.address, worker.info, worker.identity)
+        for wid, worker in live_workers.items():  # each keeps the certificate it is bound to, and its drain
+            self.workers.add_lane(wid, worker.address, worker.info, worker.identity, worker.draining_until)
         for rec in recovered:
             r = rec.request
-            self.delivery.open(r.request_id, r.num_prompt_tokens, r.output_token_ids, rec.emitted_at)
+            self.delivery.open(r.request_id, r.num_prompt_tokens, r.output_token_ids, rec.emitted_at, rec.logprobs)
+            self.metrics.accepted(r, rec.emitted_at)
             self.workers.route(r, adopt=True)
         if self.lease_lost.is_set():
             raise LeaseLost(self.lost_reason)
@@ -212,12 +218,26 @@ class SchedulerApp:
 
     def _stop_failed_request(self, request_id: str, why: str) -> None:
         """A request whose record Redis refuses for good (its client got "abort"): stop computing it."""
+        self.metrics.forget(request_id)
         lane = self.workers.lane_of(request_id)
         if lane is not None and lane.core.cancel(request_id, time.time()):
             lane.core.forget(request_id)
             lane.wakeup.set()
 
     # -- views --------------------------------------------------------------------------------
+    def _hop_samples(self) -> dict[str, list[float]]:
+        lanes = list(self.workers.lanes.values())
+        return {"worker_to_scheduler": _recent(lanes, "result_hop_s"),
+                "applied_to_durable": list(self.committer.durable_lag_s),
+                "applied_to_gateway": list(self.delivery.sent_lag_s)}
+
+    def _lane_views(self) -> list[LaneView]:
+        """What a metrics scrape reads of each lane (on the event loop: see accelgen/common/metrics_http)."""
+        return [LaneView(wid, list(ln.core.requests.values()), ln.core.kv.total_usable_blocks,
+                         ln.core.kv.num_free_blocks, ln.task is not None and not ln.task.done(), ln.stats.overhead_s,
+                         draining=self.workers.drain_state(wid).draining)
+                for wid, ln in self.workers.lanes.items()]
+
     def server_info(self) -> scheduler_pb2.ServerInfo:
         lanes = list(self.workers.lanes.values())
         return scheduler_pb2.ServerInfo(

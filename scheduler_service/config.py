@@ -65,6 +65,8 @@ class SchedulerConfig:
     watch_store_lookups: int = field(default=8, metadata={"help": "most Redis lookups WatchMany streams make at once (all streams together), for requests with no channel here; the rest of the Redis pool stays for iteration commits and Submits"})
     max_message_bytes: int = field(default=16 << 20, metadata={"help": "largest gRPC message the scheduler accepts (a Submit of the longest prompt; a worker's profile JSON)"})
     log_level: str = field(default="INFO", metadata={"help": "log level"})
+    metrics_port: int | None = field(default=None, metadata={"help": "serve Prometheus metrics at http://HOST:PORT/metrics (HOST: the gRPC host; 0 = any free port; unset = no metrics server); deploy/README.md lists them"})
+    slo_tbt_tolerance: float = field(default=0.05, metadata={"help": "metrics: fraction of late gaps a finished request may have and still count as meeting its TBT SLO (the rule of accelgen load and the gateway's slo_tbt_tolerance)"})
     tls_dir: str | None = field(default=None, metadata={"help": "mutual TLS with gateways and workers: a directory with ca.crt, scheduler.crt and scheduler.key (`accelgen certs`); callers need a certificate from that CA with the role each call is for"})
     insecure: bool = field(default=False, metadata={"help": "plaintext gRPC even where host is not loopback (and to workers that are not): anyone who reaches the port can submit, read and register workers"})
     classes: dict[str, dict[str, float]] = field(default_factory=dict, metadata={
@@ -91,6 +93,10 @@ class SchedulerConfig:
             raise ValueError(f"redis_retry_s must be in (0, 60], redis_min_replicas >= 0 and redis_replica_timeout_ms "
                              f"in [1, 4000] (below the 5 s socket timeout), got {self.redis_retry_s}, "
                              f"{self.redis_min_replicas}, {self.redis_replica_timeout_ms}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535] (0 = any free port), got {self.metrics_port}")
+        if not 0 <= self.slo_tbt_tolerance < 1:
+            raise ValueError(f"slo_tbt_tolerance must be in [0, 1), got {self.slo_tbt_tolerance}")
         if self.max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {self.max_workers}")
         if self.heartbeat_ttl_s <= self.heartbeat_interval_s:

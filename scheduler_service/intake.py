@@ -27,6 +27,7 @@ from scheduler_service.committer import Committer
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.delivery import Delivery
 from scheduler_service.errors import ServiceError, store_unavailable
+from scheduler_service.metrics import SchedulerMetrics
 from scheduler_service.state.store import IterationChanges, RedisStore, RequestIdTaken
 from scheduler_service.tasks import Background
 from scheduler_service.workers import WorkerRegistry
@@ -35,7 +36,8 @@ log = structlog.get_logger("scheduler.intake")
 
 
 def _no_worker() -> ServiceError:
-    return ServiceError(grpc.StatusCode.UNAVAILABLE, "no worker is registered; start a worker and retry")
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, "no worker takes new requests (none is registered, or every "
+                        "one is draining); start a worker and retry")
 
 
 class RequestIntake:
@@ -50,8 +52,16 @@ class RequestIntake:
         self.background = background
         self._accepting: dict[str, asyncio.Task] = {}  # request id -> its Submit's write to Redis
         self._cancel_after_accept: set[str] = set()  # cancelled while their Submit was being written
+        self.metrics = SchedulerMetrics()  # the app's replaces it (scheduler_service/metrics.py)
 
     async def submit(self, msg: scheduler_pb2.SubmitRequest) -> Request:
+        try:
+            return await self._submit(msg)
+        except ServiceError as exc:  # every refused Submit, by class and status
+            self.metrics.refused_submit(msg.app_class, exc.code.name)
+            raise
+
+    async def _submit(self, msg: scheduler_pb2.SubmitRequest) -> Request:
         workers = self.workers
         try:
             request = convert.request_from_submit(msg, self.catalog, workers.max_model_len(), time.time(),
@@ -91,6 +101,7 @@ class RequestIntake:
                 raise store_unavailable(exc) from None
             self.delivery.open(request.request_id, request.num_prompt_tokens)
             self.delivery.owners.submitted(request.request_id, owner)  # cancelled if its gateway goes
+            self.metrics.accepted(request)
             self.workers.route(request, adopt=False)  # picked again: that worker may have left meanwhile
         finally:
             self._accepting.pop(request.request_id, None)
@@ -136,6 +147,7 @@ class RequestIntake:
             lane.core.forget(request_id)
             lane.wakeup.set()
         self.delivery.close(request_id, FinishReason.CANCELLED.value)
+        self.metrics.cancelled_request(request_id)
         # Everything in memory is done before the first await, so a Cancel whose caller gives up
         # cannot leave it half-done. The record is written in the background, retried while
         # Redis is down; a healthy Redis is waited for, so a GetRequest right after sees it.

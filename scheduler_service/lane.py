@@ -34,6 +34,7 @@ from accelgen.v1 import worker_pb2_grpc
 from scheduler_service import convert
 from scheduler_service.committer import CommitChain
 from scheduler_service.config import SchedulerConfig
+from scheduler_service.metrics import LaneMetrics, SchedulerMetrics
 from scheduler_service.state.store import IterationChanges
 from scheduler_service.worker_link import LinkTimeout, WorkerLink
 
@@ -86,6 +87,7 @@ class WorkerLane:
         self._last_done = 0.0  # when the last result was applied (perf_counter)
         self.wakeup = asyncio.Event()
         self.stats = LaneStats()
+        self.metrics: LaneMetrics = SchedulerMetrics().lane(worker_id)  # the registry's replaces it
         self.task: asyncio.Task | None = None
         self.failure: str | None = None  # why the loop ended on its own (the worker is to be dropped)
         self._stopping = False
@@ -181,6 +183,7 @@ class WorkerLane:
                     if depth > 1:
                         core.dispatch(plan)
                     self.stats.decision_s.append(decision)
+                    self.metrics.decided(decision)
                     in_flight.append((plan, t0))
                     await link.send(msg)
                     continue  # fill the pipeline before waiting for a result
@@ -214,6 +217,7 @@ class WorkerLane:
                 return
             changes = self.changes_for(plan, outcome)
             changes.applied_at = applied_at
+            self.metrics.applied(plan, outcome, core.requests, applied_at)  # before the finished are forgotten
             if reply.finished_at:
                 self.stats.result_hop_s.append(applied_at - reply.finished_at)
             for r in outcome.finished:  # its record and tokens travel in ``changes`` from here on
@@ -229,7 +233,9 @@ class WorkerLane:
             done = time.perf_counter()
             # Time outside the model per iteration: from when the worker could start this plan
             # (its decision began, or the previous result was in) to its result being applied.
-            self._learn_overhead(done - max(t0, self._last_done) - reply.elapsed_s)
+            overhead = done - max(t0, self._last_done) - reply.elapsed_s
+            self._learn_overhead(overhead)
+            self.metrics.timed(reply.elapsed_s, overhead)
             self._last_done = done
             self._learn_time_correction(plan.predicted_time_s, reply.elapsed_s)
 
@@ -265,6 +271,8 @@ class WorkerLane:
             toks, times = ch.tokens.setdefault(ev.request_id, ([], []))
             toks.append(ev.token_id)
             times.append(ev.time_s)
+            if ev.logprob is not None:  # the request asked for logprobs: they travel with the token
+                ch.logprobs.setdefault(ev.request_id, []).append(ev.logprob)
         for rid, (toks, _times) in ch.tokens.items():  # what Redis holds before these (idempotent appends)
             r = core.requests.get(rid)
             if r is not None:

@@ -18,6 +18,7 @@ from typing import Sequence
 from accelgen.common.authz import method_rules
 from accelgen.common.grpc_server import install_sigterm, listen, make_server, set_alive, set_serving
 from accelgen.common.logs import setup_logging
+from accelgen.common.metrics_http import MetricsServer, start_metrics_server
 from accelgen.common.tls import read_certificates
 from accelgen.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_service.app import SchedulerApp
@@ -31,10 +32,13 @@ SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
 EXIT_OK, EXIT_CANNOT_START, EXIT_LEASE_LOST = 0, 2, 3
 # Who may call what, with mutual TLS (accelgen.common.authz): gateways submit and read requests,
 # workers register. Every method of the service is named here; one left out is refused to all.
+# DrainWorker: a worker drains itself (its own id only, as for DeregisterWorker); the operator's
+# tools (`accelgen drain`, like the launcher's probes) call as the gateway role, which may drain any.
 ROLES = method_rules(SERVICE, {
     "Submit": "gateway", "WatchMany": "gateway", "Cancel": "gateway", "GetRequest": "gateway",
     "GetServerInfo": "gateway",
     "RegisterWorker": "worker", "Heartbeat": "worker", "DeregisterWorker": "worker",
+    "DrainWorker": ("worker", "gateway"),
 })
 DEPOSED_GRACE_S = 0.5  # a deposed scheduler's in-flight calls get this long, not grace_s
 
@@ -45,6 +49,7 @@ class SchedulerHandle:
     server: object
     port: int
     health: object
+    metrics: MetricsServer | None = None  # Prometheus /metrics, when metrics_port is set
 
     @property
     def address(self) -> str:
@@ -59,6 +64,8 @@ class SchedulerHandle:
         await set_serving(self.health, [SERVICE], False)
         await set_alive(self.health, False)
         await self.server.stop(DEPOSED_GRACE_S if self.lease_lost.is_set() else grace_s)
+        if self.metrics is not None:
+            await self.metrics.stop()
         await self.app.stop()
         await self.app.store.close()
 
@@ -77,6 +84,7 @@ async def start_scheduler(config: SchedulerConfig) -> SchedulerHandle:
                                      options=[("grpc.max_receive_message_length", config.max_message_bytes)])
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(app), server)
         port = listen(server, config.host, config.port, transport.server_credentials())
+        metrics = await _serve_metrics(app, config)
         await server.start()
     except BaseException:
         await app.stop()  # hands the lease back if it was taken
@@ -84,7 +92,18 @@ async def start_scheduler(config: SchedulerConfig) -> SchedulerHandle:
         raise
     await set_alive(health, True)
     await app.attach_health(health, [SERVICE])
-    return SchedulerHandle(app, server, port, health)
+    return SchedulerHandle(app, server, port, health, metrics)
+
+
+async def _serve_metrics(app: SchedulerApp, config: SchedulerConfig) -> MetricsServer | None:
+    """The Prometheus endpoint (scheduler_service/metrics.py), once this scheduler leads."""
+    if config.metrics_port is None:
+        return None
+    try:
+        return await start_metrics_server(app.metrics.registry, config.host, config.metrics_port)
+    except OSError as exc:
+        raise RuntimeError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc.strerror or exc}; "
+                           "set metrics_port to a free port") from None
 
 
 async def run(config: SchedulerConfig) -> int:
@@ -107,7 +126,8 @@ async def run(config: SchedulerConfig) -> int:
     except RuntimeError as exc:
         log.error("scheduler_cannot_start", error=str(exc))
         return EXIT_CANNOT_START
-    log.info("scheduler_serving", port=handle.port, policy=config.policy, redis=redis_conn.redact_url(config.redis_url),
+    log.info("scheduler_serving", port=handle.port, metrics=handle.metrics.url if handle.metrics else None,
+             policy=config.policy, redis=redis_conn.redact_url(config.redis_url),
              fence=handle.app.store.fence, tls=config.transport.secure)
     lost = asyncio.create_task(handle.lease_lost.wait())
     await asyncio.wait({stopped, lost}, return_when=asyncio.FIRST_COMPLETED)

@@ -8,6 +8,7 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 import grpc
 import structlog
 
+from accelgen.common.authz import peer_roles
 from accelgen.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from accelgen.wire.slo import slo_to_proto
 from scheduler_service import convert
@@ -116,7 +117,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             known = await self.app.workers.heartbeat(request.worker_id, self._identity(context))
         except Exception as exc:
             await _abort(context, exc)
-        return scheduler_pb2.HeartbeatResponse(known=known)
+        drain = self.app.workers.drain_state(request.worker_id)
+        return scheduler_pb2.HeartbeatResponse(known=known, draining=drain.draining, assigned=drain.assigned,
+                                               drain_left_s=drain.left_s)
 
     async def DeregisterWorker(self, request, context):
         try:
@@ -125,3 +128,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         except Exception as exc:
             await _abort(context, exc)
         return scheduler_pb2.DeregisterWorkerResponse()
+
+    async def DrainWorker(self, request, context):
+        try:
+            _checked(convert.check_worker_id, request.worker_id)
+            workers = self.app.workers
+            if request.query:  # report only: `accelgen drain --wait` polls this
+                if request.worker_id not in workers.lanes:
+                    raise ServiceError(grpc.StatusCode.NOT_FOUND, f"worker {request.worker_id!r} is not registered")
+                drain = workers.drain_state(request.worker_id)
+            else:
+                # With mutual TLS the gateway role is the operator's (`accelgen drain`): any worker;
+                # a worker's certificate drains only the worker it holds. Plaintext: loopback only.
+                operator = bool(self.app.config.tls_dir) and "gateway" in peer_roles(context)
+                drain = await workers.drain(request.worker_id, request.grace_s, self._identity(context), operator)
+        except Exception as exc:
+            await _abort(context, exc)
+        return scheduler_pb2.DrainWorkerResponse(assigned=drain.assigned, drain_left_s=drain.left_s,
+                                                 draining=drain.draining)

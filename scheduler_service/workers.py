@@ -17,6 +17,11 @@
   heart-beats for it.
 - **Bound.** At most ``max_workers`` worker ids are registered at once: each lane allocates
   block accounting for up to 2^20 blocks, so an unbounded registry is a memory exhaustion.
+- **Drains.** A draining worker (``drain``: its own SIGTERM, or an operator's ``accelgen drain``)
+  is routed no new request, while the requests it has run to the end; past the grace period
+  the rest are handed over as for a dropped worker (recomputed elsewhere) and it is dropped. The
+  drain's deadline is in Redis with the registry, so a scheduler that takes over keeps it; the
+  worker follows it through its heartbeats (``drain_state``) and deregisters once it has none.
 - **Drops.** A worker that stops heart-beating, deregisters, or whose lane ended with a failure
   (the registry watches each lane's task) is dropped: once its lane's pending writes have landed,
   its unfinished requests are adopted by the other lanes and recomputed (outputs so far kept).
@@ -27,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from dataclasses import dataclass
 
 import grpc
 import structlog
@@ -40,10 +46,23 @@ from scheduler_service.committer import Committer
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.errors import ServiceError, store_unavailable
 from scheduler_service.lane import WorkerLane, lane_profile
+from scheduler_service.metrics import SchedulerMetrics
 from scheduler_service.state.store import RedisStore
 from scheduler_service.tasks import Background
 
 log = structlog.get_logger("scheduler.workers")
+
+DEFAULT_DRAIN_GRACE_S = 30.0  # a DrainWorker that names no grace period
+MAX_DRAIN_GRACE_S = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class DrainState:
+    """What a draining worker (or its operator) is told: requests left and seconds left."""
+
+    draining: bool
+    assigned: int = 0  # unfinished requests still on the worker
+    left_s: float = 0.0  # of the grace period
 
 
 class WorkerRegistry:
@@ -63,11 +82,15 @@ class WorkerRegistry:
         self._last_heartbeat: dict[str, float] = {}  # worker id -> time.monotonic() of its last sign
         self._registry_refresh: dict[str, asyncio.Task] = {}  # the heartbeat's TTL write to Redis, if in flight
         self._identity: dict[str, str] = {}  # worker id -> the certificate holding it ("": none yet)
+        self._draining: dict[str, float] = {}  # worker id -> wall-clock end of its drain's grace period
         self._registering = asyncio.Lock()  # one registration at a time: its checks hold until its lane exists
+        self.metrics = SchedulerMetrics()  # the app's replaces it (scheduler_service/metrics.py)
 
     # -- routing ------------------------------------------------------------------------------
     def pick_lane(self) -> WorkerLane | None:
-        return min(self.lanes.values(), key=WorkerLane.load, default=None)
+        """The least-loaded lane that takes new requests (a draining worker takes none)."""
+        return min((lane for wid, lane in self.lanes.items() if wid not in self._draining), key=WorkerLane.load,
+                   default=None)
 
     def route(self, request: Request, adopt: bool) -> None:
         """Hand ``request`` to the least-loaded lane (``adopt``: it ran before, recompute it)."""
@@ -112,11 +135,18 @@ class WorkerRegistry:
         return min((lane.profile.max_model_len for lane in self.lanes.values()), default=self.profile.max_model_len)
 
     # -- lanes --------------------------------------------------------------------------------
-    def add_lane(self, worker_id: str, address: str, info: WorkerInfo, identity: str = "") -> WorkerLane:
+    def add_lane(self, worker_id: str, address: str, info: WorkerInfo, identity: str = "",
+                 draining_until: float = 0.0) -> WorkerLane:
+        """A fresh lane; ``draining_until`` (wall clock): a drain recovered from Redis."""
         self._generation += 1
+        if draining_until:
+            self._draining[worker_id] = draining_until
+        else:
+            self._draining.pop(worker_id, None)
         lane = WorkerLane(worker_id, address, info, lane_profile(self.profile, info), self.config, self.catalog,
                           self.committer.chain(), epoch=f"{self.epoch}.{self._generation}")
         self.lanes[worker_id] = lane
+        lane.metrics = self.metrics.lane(worker_id)
         self._identity[worker_id] = identity
         self._last_heartbeat[worker_id] = time.monotonic()
         lane.start().add_done_callback(lambda _task: self._lane_ended(lane))
@@ -174,11 +204,14 @@ class WorkerRegistry:
     async def _register(self, worker_id: str, address: str, info: WorkerInfo, identity: str) -> None:
         # Redis first: if it is down the registration is refused (the worker retries) and the
         # lane this worker already has, with its requests, is left exactly as it was.
-        try:
-            await self.store.register_worker(worker_id, address, info, self.config.heartbeat_ttl_s, identity)
+        existing = self.lanes.get(worker_id)
+        kept_drain = self._draining.get(worker_id, 0.0) if existing and existing.same_worker(address, info) else 0.0
+        try:  # the same worker back keeps its drain; a new one starts undrained
+            await self.store.register_worker(worker_id, address, info, self.config.heartbeat_ttl_s, identity,
+                                             draining_until=kept_drain)
         except Exception as exc:
             raise store_unavailable(exc) from None
-        existing = self.lanes.get(worker_id)
+        existing = self.lanes.get(worker_id)  # its lane may have failed and been dropped meanwhile
         if existing is not None and existing.same_worker(address, info):
             # The same worker back after a blip (say its heartbeats failed while this scheduler
             # started and adopted it from Redis): it still holds what this lane sent it.
@@ -189,6 +222,8 @@ class WorkerRegistry:
         if existing is not None:  # changed: a new lane (new epoch), the old one's requests re-queued
             await self.drop(worker_id, reason="re-registered with a new description", remove_from_store=False)
         self.add_lane(worker_id, address, info, identity)
+        if kept_drain:  # written for the lane dropped meanwhile: the new one is not draining
+            self._registry_refresh[worker_id] = self.background.spawn(self._refresh_registry(worker_id, rewrite=True))
         orphans, self.orphans = self.orphans, []
         for r in orphans:
             self.route(r, adopt=True)
@@ -223,7 +258,8 @@ class WorkerRegistry:
         try:
             if rewrite and lane is not None:
                 await self.store.register_worker(worker_id, lane.address, lane.info, self.config.heartbeat_ttl_s,
-                                                 self._identity.get(worker_id, ""))
+                                                 self._identity.get(worker_id, ""),
+                                                 draining_until=self._draining.get(worker_id, 0.0))
             else:
                 await self.store.heartbeat(worker_id, self.config.heartbeat_ttl_s)
         except Exception as exc:
@@ -235,6 +271,55 @@ class WorkerRegistry:
         for wid in list(self.lanes):
             if now - self._last_heartbeat.get(wid, now) > self.config.heartbeat_ttl_s:
                 self.start_drop(wid, reason="heartbeat timeout")
+        self.hand_over_drained(time.time())
+
+    # -- drains -------------------------------------------------------------------------------
+    async def drain(self, worker_id: str, grace_s: float, identity: str = "", operator: bool = False) -> DrainState:
+        """Route ``worker_id`` no new request; hand what it still runs after ``grace_s`` (0: the
+        default) to other workers. A worker drains only itself (its certificate must hold the id);
+        an ``operator`` (the gateway role: ``accelgen drain``) any worker. Durable before it returns.
+        A second drain keeps the earlier deadline if that is sooner."""
+        if not 0 <= grace_s <= MAX_DRAIN_GRACE_S:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"grace_s must be in [0, {MAX_DRAIN_GRACE_S:g}] seconds (0 = {DEFAULT_DRAIN_GRACE_S:g}), "
+                               f"got {grace_s:g}")
+        if worker_id not in self.lanes:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"worker {worker_id!r} is not registered with this "
+                               "scheduler (it left, or its id is spelt otherwise: see the workers' logs)")
+        if not operator:
+            self._check_holder(worker_id, identity)
+        now = time.time()
+        until = min(self._draining.get(worker_id, float("inf")), now + (grace_s or DEFAULT_DRAIN_GRACE_S))
+        try:
+            await self.store.set_draining(worker_id, until)
+        except Exception as exc:
+            raise store_unavailable(exc) from None
+        lane = self.lanes.get(worker_id)
+        if lane is None:  # dropped while Redis answered: nothing left to drain
+            return DrainState(draining=False)
+        if worker_id not in self._draining:
+            log.info("worker_draining", worker=worker_id, grace_s=round(until - now, 3),
+                     assigned=lane.core.num_unfinished,
+                     by="operator" if operator else "worker" if identity else "plaintext caller")
+        self._draining[worker_id] = until
+        return self.drain_state(worker_id, now)
+
+    def drain_state(self, worker_id: str, now: float | None = None) -> DrainState:
+        """The drain of ``worker_id`` (not draining: ``draining`` False)."""
+        lane = self.lanes.get(worker_id)
+        until = self._draining.get(worker_id)
+        if lane is None or until is None:
+            return DrainState(draining=False, assigned=lane.core.num_unfinished if lane is not None else 0)
+        now = time.time() if now is None else now
+        return DrainState(draining=True, assigned=lane.core.num_unfinished, left_s=max(0.0, until - now))
+
+    def hand_over_drained(self, now: float) -> None:
+        """Drop every draining worker past its grace period: what it still runs goes to the
+        other workers (recomputed there), and its next heartbeat hears it is forgotten."""
+        for wid, until in list(self._draining.items()):
+            if wid in self.lanes and now >= until:
+                log.warning("drain_grace_ended", worker=wid, handed_over=self.lanes[wid].core.num_unfinished)
+                self.start_drop(wid, reason="drain grace period ended")
 
     # -- drops --------------------------------------------------------------------------------
     async def drop(self, worker_id: str, reason: str, remove_from_store: bool = True) -> None:
@@ -254,6 +339,7 @@ class WorkerRegistry:
         self._last_heartbeat.pop(worker_id, None)
         self._registry_refresh.pop(worker_id, None)
         self._identity.pop(worker_id, None)  # the id is free again
+        self._draining.pop(worker_id, None)
         self._dropping[worker_id] = lane  # its requests are still cancellable while it stops
         try:
             await lane.stop()

@@ -76,9 +76,16 @@ class WorkerConfig:
                                     "device failed, deregisters and exits with status 4 (0 = never)", default=3)
     sim_fail_after: int = _doc("sim, fault injection: after this many successful iterations every iteration "
                                "raises a simulated device error (0 = never)", default=0)
-    grace_s: float = _doc("on SIGTERM, how long in-flight iterations may finish before the server stops",
+    grace_s: float = _doc("when stopping, how long in-flight iterations may finish before the server stops",
                           default=5.0)
+    drain_grace_s: float = _doc("on SIGTERM the worker drains: the scheduler routes it no new request and its "
+                                "requests run to the end, for at most this many seconds (then the rest are "
+                                "recomputed on other workers); it then deregisters and exits 0. 0 = no drain: "
+                                "stop at once, as on SIGINT or a second signal", default=30.0)
     log_level: str = _doc("DEBUG, INFO, WARNING or ERROR", default="INFO")
+    metrics_port: int | None = _doc("serve Prometheus metrics at http://HOST:PORT/metrics (HOST: --host; plus "
+                                    "port_offset, like port; 0 = any free port; unset = no metrics server)",
+                                    default=None)
     tls_dir: str | None = _doc("mutual TLS with the scheduler: a directory with ca.crt, worker.crt and worker.key "
                                "(`accelgen certs`); only the scheduler's certificate may send plans", default=None)
     insecure: bool = _doc("plaintext gRPC even where host or the scheduler is not loopback: anyone who reaches "
@@ -111,6 +118,9 @@ class WorkerConfig:
             raise ValueError(f"port_offset must be >= 0, with a port (not 0), and port + port_offset at most "
                              f"65535, got port {self.port} and port_offset {self.port_offset}")
         self._check_transport()
+        if self.metrics_port is not None and not 0 <= self.metrics_port + (self.port_offset if self.metrics_port
+                                                                            else 0) <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535] (with port_offset added), got {self.metrics_port}")
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")
         if self.time_scale < 0:
@@ -131,6 +141,8 @@ class WorkerConfig:
                 raise ValueError(f"{name} must be >= 0 (0 = never), got {getattr(self, name)}")
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
+        if not 0 <= self.drain_grace_s <= 7 * 24 * 3600:
+            raise ValueError(f"drain_grace_s must be in [0, 604800] seconds (0 = no drain), got {self.drain_grace_s}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
 

@@ -17,6 +17,13 @@ blip) finds the requests it sent still there.
 health) only while a scheduler knows it. The scheduler address may be a list (leader and
 standbys, ``accelgen.common.grpc_server.channel_target``): after a failed heartbeat the channel
 tries them again in order and registration reaches whichever scheduler now listens, the leader.
+
+**Drain.** ``request_drain`` asks the scheduler to route this worker nothing new (SIGTERM); an
+operator's ``accelgen drain`` does the same from outside, and the heartbeat answers say so either
+way (``draining``). From then on the worker never registers again (a registration could bring it
+new requests) and only heart-beats, to follow the drain: ``drained`` is set once the scheduler
+says none of its requests is left, or that it forgot the worker (the grace period ended and what
+was left went to other workers).
 """
 
 from __future__ import annotations
@@ -61,6 +68,12 @@ class Registration:
         self.registered = asyncio.Event()  # set while the scheduler is believed to know us
         self.on_change = on_change
         self.num_registrations = 0
+        self.heartbeat_ttl_s = 0.0  # the scheduler's, once registered (0: unknown)
+        self.draining = asyncio.Event()  # the scheduler routes us nothing new (see the module doc)
+        self.drained = asyncio.Event()  # ... and runs nothing on us any more
+        self.assigned = 0  # while draining: unfinished requests the scheduler still runs here
+        self.drain_left_s = 0.0  # while draining: of the grace period, at the last answer
+        self._left = False  # deregistered
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -72,7 +85,8 @@ class Registration:
         self._stop.set()
         if self._task is not None:
             await self._task
-        if deregister and self.num_registrations:
+        if deregister and self.num_registrations and not self._left:
+            self._left = True
             try:
                 await self._stub.DeregisterWorker(scheduler_pb2.DeregisterWorkerRequest(worker_id=self.worker_id),
                                                   timeout=self.rpc_timeout_s)
@@ -85,7 +99,7 @@ class Registration:
     async def _loop(self) -> None:
         backoff = INITIAL_BACKOFF_S
         while not self._stop.is_set():
-            if not self.registered.is_set():
+            if not self.registered.is_set() and not self.draining.is_set():
                 if await self._register():
                     backoff = INITIAL_BACKOFF_S
                 else:
@@ -107,6 +121,7 @@ class Registration:
             return False
         if response.heartbeat_interval_s > 0:
             self.heartbeat_interval_s = response.heartbeat_interval_s
+        self.heartbeat_ttl_s = response.heartbeat_ttl_s
         if 0 < response.heartbeat_ttl_s <= self.heartbeat_interval_s:
             log.warning("heartbeat_slower_than_ttl", interval_s=self.heartbeat_interval_s,
                         ttl_s=response.heartbeat_ttl_s)
@@ -129,9 +144,45 @@ class Registration:
             return
         if self._failover is not None:
             self._failover.succeeded()
+        if response.draining or (self.draining.is_set() and response.known):
+            self._follow_drain(response.assigned, response.drain_left_s)
         if not response.known:
-            log.info("scheduler_forgot_worker", worker=self.worker_id)
+            log.info("scheduler_forgot_worker", worker=self.worker_id, draining=self.draining.is_set())
+            if self.draining.is_set():
+                self.drained.set()  # what was left went to other workers: nothing runs here any more
             await self._set_registered(False)
+
+    # -- drain ---------------------------------------------------------------------------------
+    async def request_drain(self, grace_s: float, attempts: int = 3) -> bool:
+        """Ask the scheduler to drain this worker (DrainWorker). False if it could not be asked (no
+        scheduler answers, it knows no DrainWorker, or it does not know this worker): the caller
+        then stops at once, as before drains existed."""
+        if not self.num_registrations:
+            return False
+        request = scheduler_pb2.DrainWorkerRequest(worker_id=self.worker_id, grace_s=grace_s)
+        for attempt in range(attempts):
+            try:
+                response = await self._stub.DrainWorker(request, timeout=self.rpc_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("drain_request_failed", worker=self.worker_id, code=exc.code().name, error=exc.details())
+                self._call_failed(exc)
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    return False
+                if attempt + 1 < attempts:
+                    await asyncio.sleep(INITIAL_BACKOFF_S * 2 ** attempt)
+                continue
+            self._follow_drain(response.assigned, response.drain_left_s)
+            return True
+        return False
+
+    def _follow_drain(self, assigned: int, left_s: float) -> None:
+        if not self.draining.is_set():
+            log.info("draining", worker=self.worker_id, assigned=assigned, grace_left_s=round(left_s, 3))
+            self.draining.set()
+        self.assigned = assigned
+        self.drain_left_s = left_s
+        if assigned == 0:
+            self.drained.set()
 
     async def _set_registered(self, registered: bool) -> None:
         """Change ``registered`` and tell ``on_change``; whoever sees the event set also sees the

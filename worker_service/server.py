@@ -34,6 +34,7 @@ from accelgen.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from accelgen.wire.worker_info import worker_info_to_proto
 from worker_service.convert import plan_from_proto, result_to_proto
 from worker_service.executors.base import Executor
+from worker_service.metrics import WorkerMetrics
 from worker_service.plan import ExecResult, WorkerPlan
 
 log = structlog.get_logger(service="worker")
@@ -143,6 +144,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.runner = PlanRunner(executor, max_device_failures, self._device_failed_on_thread)
         self.info = executor.describe()
         self.description = worker_info_to_proto(self.info)
+        self.metrics = WorkerMetrics("", self.info)  # worker_service.main names it and serves it
+        self.metrics.consecutive_failures = lambda: self.runner.consecutive_failures
+        self.metrics.device_failed = lambda: self.runner.device_failed
         self.on_device_failed: Callable[[], None] | None = None  # called on the event loop, once
         # Set when the worker begins to stop: plan streams take no more plans, finish the ones
         # they hold and end UNAVAILABLE (else a stream would hold the server's grace period open).
@@ -157,8 +161,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             plan = plan_from_proto(request, default_max_tokens=self.info.max_model_len)
             result = await self._loop.run_in_executor(self._thread, self.runner.run, plan)
         except Exception as exc:
-            await context.abort(*self._status(request.iteration, request.epoch, exc))
+            await context.abort(*self.metrics.failed(self._status(request.iteration, request.epoch, exc)))
         self._log_done(plan, result)
+        self.metrics.done(plan, result)
         return result_to_proto(result, time.time())
 
     async def ExecuteStream(self, request_iterator: AsyncIterator[worker_pb2.BatchPlan],
@@ -199,8 +204,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     result = await future
                 except Exception as exc:
                     run.failed = True
-                    await context.abort(*self._status(msg.iteration, msg.epoch, exc))
+                    await context.abort(*self.metrics.failed(self._status(msg.iteration, msg.epoch, exc)))
                 self._log_done(plan, result)
+                self.metrics.done(plan, result)
                 yield result_to_proto(result, time.time())
                 ahead.release()
             if self.stopping is not None and self.stopping.is_set():

@@ -5,7 +5,8 @@ CA; ``RoleGuard`` then decides by *which* one. A certificate's role is the ``<ro
 DNS name among its subject alternative names (gRPC exposes them in the call's auth context as
 ``x509_subject_alternative_name``). A service gives a table ``{method name: role}``; a call whose
 caller does not hold that role ends with PERMISSION_DENIED naming the role it needs, before the
-servicer sees anything. A method the table does not name is refused too (deny by default: a new
+servicer sees anything (a method open to several roles names them as a tuple; the servicer may
+then tell them apart with ``peer_roles``). A method the table does not name is refused too (deny by default: a new
 RPC cannot ship open by accident); health checking and reflection are open to any certificate
 from the CA (``ANY``).
 
@@ -34,7 +35,10 @@ def peer_roles(context: grpc.aio.ServicerContext) -> set[str]:
     return {role for role in ROLES if role_name(role) in names}
 
 
-def method_rules(service: str, rules: Mapping[str, str]) -> dict[str, str]:
+Rule = str | tuple[str, ...]  # one role, ANY, or several roles
+
+
+def method_rules(service: str, rules: Mapping[str, Rule]) -> dict[str, Rule]:
     """``{"Submit": "gateway"}`` for ``accelgen.v1.Scheduler`` -> full method names."""
     return {f"/{service}/{method}": role for method, role in rules.items()}
 
@@ -43,14 +47,14 @@ class RoleGuard(grpc.aio.ServerInterceptor):
     """See the module docstring; ``rules`` maps full method names (``/pkg.Service/Method``) to a
     role or ``ANY``."""
 
-    def __init__(self, rules: Mapping[str, str]) -> None:
-        bad = {role for role in rules.values() if role != ANY and role not in ROLES}
+    def __init__(self, rules: Mapping[str, Rule]) -> None:
+        bad = {role for rule in rules.values() for role in _roles_of(rule) if role != ANY and role not in ROLES}
         if bad:
             raise ValueError(f"unknown role(s) {sorted(bad)} in the method table")
         self.rules = dict(rules)
 
-    def required(self, method: str) -> str | None:
-        """The role ``method`` needs, ``ANY``, or None: no role may call it."""
+    def required(self, method: str) -> Rule | None:
+        """The role (or roles) ``method`` needs, ``ANY``, or None: no role may call it."""
         if method.startswith(OPEN_SERVICES):
             return ANY
         return self.rules.get(method)
@@ -71,11 +75,12 @@ class RoleGuard(grpc.aio.ServerInterceptor):
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                     f"the caller's certificate names several roles ({', '.join(sorted(roles))}); "
                                     "AccelGen accepts one role per certificate")
-            if needed not in roles:
+            allowed = _roles_of(needed)
+            if not roles & set(allowed):
                 held = ", ".join(sorted(role_name(r) for r in roles)) or "no AccelGen role"
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                    f"{method} is for the {needed} role: it needs a certificate for "
-                                    f"{role_name(needed)}; the caller's certificate has {held}")
+                                    f"{method} is for the {' or '.join(allowed)} role: it needs a certificate for "
+                                    f"{' or '.join(role_name(r) for r in allowed)}; the caller's certificate has {held}")
 
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=_guard_unary(handler.unary_unary, check))
@@ -86,6 +91,10 @@ class RoleGuard(grpc.aio.ServerInterceptor):
         if handler.stream_stream is not None:
             return handler._replace(stream_stream=_guard_stream(handler.stream_stream, check))
         return handler
+
+
+def _roles_of(rule: Rule | None) -> tuple[str, ...]:
+    return () if rule is None else (rule,) if isinstance(rule, str) else tuple(rule)
 
 
 Check = Callable[[grpc.aio.ServicerContext], Awaitable[None]]

@@ -134,11 +134,103 @@ def test_profile_reads_the_worker_settings(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(registry, "executor_from_config", capture)
     monkeypatch.setenv("ACCELGEN_WORKER_SEED", "5")
     monkeypatch.setenv("ACCELGEN_WORKER_VOCAB_SIZE", "500")
-    with pytest.raises(Built):
-        main(["profile", "--out", str(tmp_path / "p.json"), "--executor", "sim", "--vocab-size", "999"])
+    with pytest.raises(Built):  # --debug: the error itself, traceback and all
+        main(["--debug", "profile", "--out", str(tmp_path / "p.json"), "--executor", "sim", "--vocab-size", "999"])
     assert (seen[0].executor, seen[0].vocab_size, seen[0].seed) == ("sim", 999, 5)
+    capsys.readouterr()
+    # Without it, an unexpected error is one line that says how to see the traceback.
+    assert main(["profile", "--out", str(tmp_path / "p.json"), "--executor", "sim"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("accelgen profile: error: Built") and "--debug" in err
     monkeypatch.setenv("ACCELGEN_WORKER_PORT", "x")
     with pytest.raises(SystemExit) as exit_:
         main(["profile", "--out", str(tmp_path / "p.json")])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == "accelgen worker: config error: ACCELGEN_WORKER_PORT='x' is not a valid int\n"
+
+
+# -- errors are one line -------------------------------------------------------------------------
+@pytest.mark.unit
+@pytest.mark.parametrize("args, fragment", [
+    (["sim", "--trace", str(SAMPLE / "azure_llm_2023_code__AzurePublicDataset.csv")], "add --workload trace"),
+    (["sim", "--workload", "trace"], "--workload trace needs --trace FILE"),
+    (["capacity", "--workload", "trace", "--trace", "nope.csv"], "--trace nope.csv: no such file"),
+    (["sim", "--profile", "nope", "--duration", "5", "--policies", "accelgen", "--jobs", "1"], "no device profile"),
+    (["sim", "--rate", "0"], "--rate must be > 0"),
+    (["up", "--config", "/nonexistent/up.toml"], "cannot read the config file"),
+    (["up", "--worker-max-num-seqs", "x"], "--worker-max-num-seqs 'x' is not a valid int"),
+    (["drain", "w1", "--scheduler", "127.0.0.1:1"], "no scheduler answers at 127.0.0.1:1"),
+])
+def test_errors_are_one_line_without_a_traceback(args: list[str], fragment: str) -> None:
+    """As a user runs it: a process, its stderr. Every mistake says what to change in one line."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=repo, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(repo), "ACCELGEN_TRACES_DIR": str(SAMPLE)})
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"accelgen {args[0]}: error: ") and fragment in done.stderr, done.stderr
+
+
+# -- accelgen up: every service setting --------------------------------------------------------
+def _up_args(*argv: str):
+    from launcher.cli import build_parser
+
+    return build_parser().parse_args(["up", *argv])
+
+
+@pytest.mark.unit
+def test_up_passes_every_service_setting_and_config_tables(tmp_path: Path) -> None:
+    from gateway.config import LOADER as GATEWAY
+    from launcher.up_options import service_args
+    from scheduler_service.config import LOADER as SCHEDULER
+    from worker_service.config import LOADER as WORKER
+
+    up_toml = tmp_path / "up.toml"
+    up_toml.write_text('[worker]\nkv_cache_space_gb = 2.5\ndtype = "bfloat16"\n\n[scheduler]\nmax_queue = 77\n\n'
+                       '[gateway]\nkey_burst = 9\n')
+    args = _up_args("--config", str(up_toml), "--worker-dtype", "float32", "--worker-max-num-seqs", "8",
+                    "--worker-drain-grace-s", "45", "--scheduler-pipeline", "false", "--gateway-api-key", "k1" * 16,
+                    "--gateway-api-key", "k2" * 16)
+    extra = service_args(args, tmp_path)
+    # Each service reads its part as it reads its own flags and file: the flag beats the file.
+    worker = WORKER.parse([*extra.worker, "--scheduler", "127.0.0.1:1"], env={})
+    assert (worker.dtype, worker.max_num_seqs, worker.kv_cache_space_gb, worker.drain_grace_s) == ("float32", 8, 2.5, 45)
+    scheduler = SCHEDULER.parse(extra.scheduler, env={})
+    assert (scheduler.max_queue, scheduler.pipeline) == (77, False)
+    gateway = GATEWAY.parse(extra.gateway, env={})
+    assert (gateway.key_burst, gateway.api_key) == (9, ["k1" * 16, "k2" * 16])
+
+
+@pytest.mark.unit
+def test_up_has_a_flag_for_every_worker_setting_the_stack_does_not_set() -> None:
+    from launcher.up_options import STACK_SET
+    from worker_service.config import LOADER as WORKER
+
+    dests = vars(_up_args())
+    for setting in WORKER.settings:
+        assert (f"worker__{setting.name}" in dests) != (setting.name in STACK_SET["worker"]), setting.name
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("toml, flags, fragment", [
+    ("[worker]\nbogus = 1\n", [], "[worker]: unknown field 'bogus'"),
+    ("[workers]\ndtype = 'auto'\n", [], "unknown table(s) workers"),
+    ("[worker]\ndtype = 'auto'\n", ["--worker-config", "w.toml"], "in one place"),
+    ("[scheduler]\nmax_queue = 'many'\n", [], "max_queue='many' is not a valid int"),
+])
+def test_up_config_mistakes_stop_it_before_anything_starts(tmp_path: Path, toml: str, flags: list[str],
+                                                           fragment: str) -> None:
+    from accelgen.common.config import ConfigError
+    from launcher.up_options import service_args
+
+    (tmp_path / "up.toml").write_text(toml)
+    (tmp_path / "w.toml").write_text("")
+    flags = [str(tmp_path / f) if f.endswith(".toml") else f for f in flags]
+    with pytest.raises(ConfigError) as exc:
+        service_args(_up_args("--config", str(tmp_path / "up.toml"), *flags), tmp_path)
+    assert fragment in str(exc.value)
+

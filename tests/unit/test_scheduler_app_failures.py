@@ -65,7 +65,8 @@ class ScriptedStore:
     async def load_live(self) -> list:
         return []
 
-    async def register_worker(self, worker_id: str, address: str, info: Any, ttl_s: float, identity: str = "") -> None:
+    async def register_worker(self, worker_id: str, address: str, info: Any, ttl_s: float, identity: str = "",
+                              draining_until: float = 0.0) -> None:
         await self._io()
 
     async def heartbeat(self, worker_id: str, ttl_s: float) -> None:

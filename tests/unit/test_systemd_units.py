@@ -129,3 +129,15 @@ def test_the_scheduler_keeps_restarting_while_redis_is_late() -> None:
     assert "redis-server.service" in " ".join(_get(unit, "After"))
     assert "redis-server.service" in " ".join(_get(unit, "Wants"))
     assert _get(unit, "EnvironmentFile") == ["-/etc/accelgen/scheduler.env"]
+
+
+def test_a_stopped_worker_has_time_to_drain() -> None:
+    """`systemctl stop` sends SIGTERM, on which a worker drains for drain_grace_s, then stops
+    (grace_s) and releases its model; systemd must not SIGKILL it first, which would leave its
+    requests to be recomputed elsewhere."""
+    from worker_service.config import WorkerConfig
+
+    unit = UNITS / "accelgen-worker@.service"
+    assert _get(unit, "KillSignal") == ["SIGTERM"]
+    defaults = WorkerConfig(worker_id="w")
+    assert int(_get(unit, "TimeoutStopSec")[0]) >= defaults.drain_grace_s + defaults.grace_s + 30
