@@ -21,6 +21,7 @@ from accelgen.wire.sampling import sampling_from_proto
 from accelgen.wire.slo import KINDS, slo_from_proto, slo_to_proto
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, invalid
+from gateway.stop_strings import MAX_STOP_CHARS, MAX_STOP_STRINGS
 
 FieldNames = Mapping[str, str]
 
@@ -36,7 +37,14 @@ GRPC_NAMES: FieldNames = {
     "ttft_ms": "slo.ttft_ms",
     "tbt_ms": "slo.tbt_ms",
     "jct_ms": "slo.jct_ms",
+    "logprobs": "sampling_params.logprobs",
+    "seed": "sampling_params.seed",
+    "stop": "stop",
+    "n": "n",
 }
+
+MAX_N = 128  # samples of one request at most (an OpenAI prompt list: prompts x n together)
+_INT64_MAX = 2**63 - 1
 
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -83,7 +91,8 @@ def validate_sampling(sp: common_pb2.SamplingParams, names: FieldNames = GRPC_NA
     a copy with top_p's "unset" 0 made explicit (1.0). An unset max_new_tokens stays unset: the
     scheduler fills in the room left in the context."""
     core_names = {"max_tokens": names["max_new_tokens"], "temperature": names["temperature"],
-                  "top_p": names["top_p"], "top_k": names["top_k"]}
+                  "top_p": names["top_p"], "top_k": names["top_k"],
+                  "logprobs": names.get("logprobs", GRPC_NAMES["logprobs"])}
     try:
         sampling_from_proto(sp, names=core_names)
     except FieldError as exc:
@@ -180,5 +189,38 @@ def validate_request(req: gateway_pb2.GenerateRequest, config: GatewayConfig, ca
     if not has_prompt(req):
         raise invalid(f"{names['prompt']}: the prompt is empty; send text or token ids", names["prompt"])
     sampling = validate_sampling(req.sampling_params, names)
+    check_stop(req.stop, names)
+    check_n(req.n, sampling, names)
     app_class, slo = resolve_slo(req.app_class, req.slo, config, catalog, names)
     return label, sampling, app_class, slo
+
+
+def check_stop(stop: Sequence[str], names: FieldNames = GRPC_NAMES) -> None:
+    """At most ``MAX_STOP_STRINGS`` stop strings of 1 to ``MAX_STOP_CHARS`` characters (vLLM
+    refuses an empty one; each is searched after every token, and the longest sets how much
+    text a stream holds back)."""
+    name = names.get("stop", "stop")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise invalid(f"{name} may hold at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}", name)
+    for i, s in enumerate(stop):
+        if not s:
+            raise invalid(f"{name}[{i}] is empty; a stop string needs at least one character", name)
+        if len(s) > MAX_STOP_CHARS:
+            raise invalid(f"{name}[{i}] has {len(s)} characters; a stop string may have at most {MAX_STOP_CHARS}",
+                          name)
+
+
+def check_n(n: int, sampling: common_pb2.SamplingParams, names: FieldNames = GRPC_NAMES, prompts: int = 1) -> None:
+    """``n`` samples (0 = 1) of each of ``prompts`` prompts: at most ``MAX_N`` together; more
+    than one needs random sampling (vLLM refuses n > 1 with temperature 0: the samples would be
+    the same); with a seed, sample i uses seed + i, which must stay a 64-bit integer."""
+    name = names.get("n", "n")
+    n = max(1, n)
+    if n * prompts > MAX_N:
+        many = f"{prompts} prompts x n = {n}" if prompts > 1 else f"n = {n}"
+        raise invalid(f"{name} = {n} is out of range: {many} samples, at most {MAX_N} per request", name)
+    if n > 1 and sampling.temperature == 0:
+        raise invalid(f"{name} must be 1 when using greedy sampling (temperature 0), got {n}", name)
+    if n > 1 and sampling.HasField("seed") and sampling.seed + n - 1 > _INT64_MAX:
+        seed = names.get("seed", "seed")
+        raise invalid(f"{seed} = {sampling.seed} is too large for n = {n} (sample i uses seed + i)", seed)

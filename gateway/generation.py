@@ -42,7 +42,10 @@ from gateway.convert import (GRPC_NAMES, FieldNames, catalog_from_info, check_pr
                              check_request_id, spec_to_slo, to_submit_request, validate_request)
 from gateway.errors import GatewayError
 from gateway.limits import NO_LEASE, Lease
+from gateway.metrics import NO_METER, GatewayMetrics, RequestMeter, counts_failures
+from gateway.logprobs import TokenLogprobInfo, logprobs_from_proto
 from gateway.scheduler_client import DONE_STATES, SchedulerClient
+from gateway.stop_strings import OutputText
 from gateway.tokenizer import IncrementalDetokenizer, Tokenizer
 from accelgen.core.metrics import RequestRecord
 from accelgen.core.slo import SLOCatalog
@@ -61,6 +64,8 @@ class Prepared:
     submit: scheduler_pb2.SubmitRequest
     text_output: bool          # detokenise the output (False for token-id clients over gRPC)
     arrival_s: float           # gateway wall clock when the request arrived (for TTFT)
+    stop: tuple[str, ...] = ()  # stop strings, found here in the text (gateway.stop_strings)
+    include_stop_str_in_output: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,10 @@ class Delta:
     completion_tokens: int     # tokens so far, these included
     finished: bool
     finish_reason: str         # "" until finished
+    # One per token of ``token_ids`` when the request asked for logprobs; empty otherwise.
+    logprobs: list[TokenLogprobInfo] = field(default_factory=list)
+    # Once finished with "stop": the stop string that ended it, or the stop token id (None: EOS).
+    stop_reason: str | int | None = None
 
 
 @dataclass
@@ -87,6 +96,8 @@ class Outcome:
     ttft_ms: float
     mean_tbt_ms: float
     slo_met: bool
+    logprobs: list[TokenLogprobInfo] = field(default_factory=list)  # aligned with output_ids; empty: not asked
+    stop_reason: str | int | None = None  # as Delta.stop_reason
 
 
 @dataclass
@@ -100,18 +111,22 @@ class ActiveRequest:
     tbt_tolerance: float
     _output: list[int] = field(default_factory=list)
     _times: list[float] = field(default_factory=list)
+    _logprobs: list[TokenLogprobInfo] = field(default_factory=list)
     _text: list[str] = field(default_factory=list)
     _finish_reason: str = ""
     _finish_s: float | None = None
-    _detok: IncrementalDetokenizer | None = None
+    _detok: OutputText | None = None
+    _stop_reason: str | int | None = None
     emit_from: int = 0             # tokens before this index are applied but not streamed (Attach)
     cancel_on_abandon: bool = True
     lease: Lease = NO_LEASE        # its place under its key's concurrency cap, until the stream ends
     on_close: Callable[[], None] | None = None
+    meter: RequestMeter = NO_METER  # its outcome and latency in the gateway's metrics (gateway/metrics.py)
 
     def __post_init__(self) -> None:
-        if self.prepared.text_output:
-            self._detok = IncrementalDetokenizer(self.tokenizer, self.prepared.submit.prompt_token_ids)
+        if self.prepared.text_output or self.prepared.stop:  # stop strings need the text
+            self._detok = OutputText(IncrementalDetokenizer(self.tokenizer, self.prepared.submit.prompt_token_ids),
+                                     self.prepared.stop, self.prepared.include_stop_str_in_output)
 
     @property
     def request_id(self) -> str:
@@ -141,6 +156,9 @@ class ActiveRequest:
                     yield delta
                     if delta.finished:
                         return
+        except Exception as exc:
+            self.meter.failed(exc)
+            raise
         finally:
             self.close()
 
@@ -153,6 +171,7 @@ class ActiveRequest:
             on_close()
         if not self.finished and self.cancel_on_abandon:
             self.cancel_on_abandon = False  # once
+            self.meter.abandoned()
             log.info("request_abandoned", request_id=self.request_id, delivered=len(self._output))
             self.client.cancel_in_background(self.request_id)
 
@@ -167,17 +186,49 @@ class ActiveRequest:
         ids = list(batch.token_ids)
         times = list(batch.emitted_at)[:len(ids)]
         times += [time.time()] * (len(ids) - len(times))  # a scheduler that sent no times
+        logprobs = logprobs_from_proto(batch.logprobs)
+        finished, stop_string = batch.finished, None
+        if self._detok is not None:
+            update = self._detok.update(ids, finished and self._stop_token(ids) is not None)
+            stop_string = update.stop_string
+            if stop_string is not None:  # the output ends with the token that completed it
+                ids, times, logprobs = ids[:update.kept], times[:update.kept], logprobs[:update.kept]
         self._output.extend(ids)
         self._times.extend(times)
-        text = self._detok.add(ids) if self._detok is not None else ""
-        if batch.finished:
+        self.meter.tokens(len(ids))
+        self._logprobs.extend(logprobs)
+        if stop_string is not None:
+            self._stop_reason = stop_string
+            if not finished:  # it would go on: the GPU is someone else's now
+                log.info("request_stop_string", request_id=self.request_id, tokens=len(self._output))
+                self.client.cancel_in_background(self.request_id)
+            finished = True
+            self._finish_reason = "stop"
+        elif finished:
             self._finish_reason = batch.finish_reason or "stop"
+            if self._finish_reason == "stop" and self._output and not self._is_eos(self._output[-1]) \
+                    and self._output[-1] in self.prepared.submit.sampling_params.stop_token_ids:
+                self._stop_reason = self._output[-1]  # vLLM's stop_reason for a stop token id
+        if finished:
             self._finish_s = self._times[-1] if self._times else time.time()
-            if self._detok is not None:
-                text += self._detok.flush()
+            self.meter.finished(self._slo_met())
+        text = self._detok.next_text(finished) if self._detok is not None and self.prepared.text_output else ""
         self._text.append(text)
         return Delta(token_ids=ids, text=text, emitted_at=times, completion_tokens=len(self._output),
-                     finished=batch.finished, finish_reason=self._finish_reason)
+                     finished=finished, finish_reason=self._finish_reason, logprobs=logprobs,
+                     stop_reason=self._stop_reason)
+
+    def _stop_token(self, ids: list[int]) -> int | None:
+        """The last of ``ids`` when it is one that ends a request at the scheduler (EOS unless
+        ignored, or a stop token id): it adds no text (vLLM's ``stop_terminated``)."""
+        if not ids:
+            return None
+        last = ids[-1]
+        return last if self._is_eos(last) or last in self.prepared.submit.sampling_params.stop_token_ids else None
+
+    def _is_eos(self, token: int) -> bool:
+        submit = self.prepared.submit
+        return submit.has_eos_token_id and not submit.sampling_params.ignore_eos and token == submit.eos_token_id
 
     def outcome(self) -> Outcome:
         times, arrival = self._times, self.prepared.arrival_s
@@ -185,7 +236,8 @@ class ActiveRequest:
         mean_tbt_ms = (times[-1] - times[0]) * 1000 / (len(times) - 1) if len(times) > 1 else 0.0
         return Outcome(output_ids=list(self._output), text="".join(self._text), finish_reason=self._finish_reason,
                        prompt_tokens=self.prompt_tokens, completion_tokens=len(self._output), ttft_ms=ttft_ms,
-                       mean_tbt_ms=mean_tbt_ms, slo_met=self._slo_met())
+                       mean_tbt_ms=mean_tbt_ms, slo_met=self._slo_met(), logprobs=list(self._logprobs),
+                       stop_reason=self._stop_reason)
 
     def _slo_met(self) -> bool:
         # The scheduler's metrics define attainment; we apply the same rule to what we measured.
@@ -203,14 +255,14 @@ def _split(batch: scheduler_pb2.TokenBatch, n: int
            ) -> tuple[scheduler_pb2.TokenBatch, scheduler_pb2.TokenBatch | None]:
     """``batch``'s first ``n`` tokens (never finished) and the rest (None when nothing is left:
     a finished batch always leaves a rest, if only an empty one that carries the end)."""
-    ids, times = list(batch.token_ids), list(batch.emitted_at)
+    ids, times, lps = list(batch.token_ids), list(batch.emitted_at), list(batch.logprobs)
     if len(ids) < n or (len(ids) == n and not batch.finished):
         return batch, None
     head = scheduler_pb2.TokenBatch(request_id=batch.request_id, token_ids=ids[:n], start_index=batch.start_index,
-                                    emitted_at=times[:n], prompt_tokens=batch.prompt_tokens)
+                                    emitted_at=times[:n], prompt_tokens=batch.prompt_tokens, logprobs=lps[:n])
     rest = scheduler_pb2.TokenBatch(request_id=batch.request_id, token_ids=ids[n:], start_index=batch.start_index + n,
                                     emitted_at=times[n:], finished=batch.finished, finish_reason=batch.finish_reason,
-                                    prompt_tokens=batch.prompt_tokens)
+                                    prompt_tokens=batch.prompt_tokens, logprobs=lps[n:])
     return head, rest
 
 
@@ -227,6 +279,7 @@ class GenerationService:
         self._pinned_catalog = catalog
         self._catalog = catalog if catalog is not None else SLOCatalog()
         self._catalog_source: scheduler_pb2.ServerInfo | None = None
+        self.metrics = GatewayMetrics(lambda: self._catalog.names)  # served at /metrics (gateway/metrics.py)
         self.keys = KeyRing(config.keys, config.limit_defaults)
         warn_if_open(self.keys, config.host, is_loopback)
         # The tenants of the requests this gateway streams now: cancelling one of those needs no
@@ -254,6 +307,7 @@ class GenerationService:
         """Whether the catalog is the scheduler's (or pinned), not the built-in stand-in."""
         return self._pinned_catalog is not None or self._catalog_source is not None
 
+    @counts_failures(lambda service, req: req.app_class or service.config.default_app_class)
     async def prepare(self, req: gateway_pb2.GenerateRequest, names: FieldNames = GRPC_NAMES,
                       text_output: bool | None = None, caller: Caller = OPEN,
                       chars_checked: bool = False) -> Prepared:
@@ -306,8 +360,10 @@ class GenerationService:
                                    self.tokenizer.eos_token_id, tenant=caller.tenant, label=label)
         if text_output is None:
             text_output = req.WhichOneof("input") == "text"
-        return Prepared(submit=submit, text_output=text_output, arrival_s=arrival_s)
+        return Prepared(submit=submit, text_output=text_output, arrival_s=arrival_s, stop=tuple(req.stop),
+                        include_stop_str_in_output=req.include_stop_str_in_output)
 
+    @counts_failures(lambda service, prepared: prepared.submit.app_class)
     async def start(self, prepared: Prepared, lease: Lease = NO_LEASE) -> ActiveRequest:
         """Submit; once this returns the request is durable at the scheduler (and holds ``lease``
         until its stream ends; a failed Submit releases it)."""
@@ -335,7 +391,8 @@ class GenerationService:
                  app_class=prepared.submit.app_class)
         return ActiveRequest(prepared=prepared, slo=response.slo, client=self.client, tokenizer=self.tokenizer,
                              tbt_tolerance=self.config.slo_tbt_tolerance, lease=lease,
-                             on_close=self._streaming_for(prepared.submit.request_id, prepared.submit.tenant))
+                             on_close=self._streaming_for(prepared.submit.request_id, prepared.submit.tenant),
+                             meter=self.metrics.meter(prepared.submit.app_class, prepared.arrival_s))
 
     def _streaming_for(self, request_id: str, tenant: str) -> Callable[[], None]:
         """Note that this gateway streams ``request_id`` for ``tenant``; the call undoes it."""

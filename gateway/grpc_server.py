@@ -23,7 +23,9 @@ import structlog
 from accelgen.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.auth import Caller
 from gateway.errors import RETRY_AFTER_KEY, retry_after_ms, status_of
+from gateway.choices import expand, start_choices
 from gateway.generation import ActiveRequest, Delta, GenerationService
+from gateway.logprobs import TokenLogprobInfo
 
 log = structlog.get_logger("gateway.grpc")
 
@@ -31,19 +33,31 @@ SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 REQUEST_ID_KEY = "x-request-id"  # Generate's initial metadata: the id the gateway made
 
 
-def chunk_of(active: ActiveRequest, delta: Delta) -> gateway_pb2.GenerateResponse:
+def logprobs_to_proto(logprobs: list[TokenLogprobInfo]) -> list[common_pb2.TokenLogprob]:
+    return [common_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank,
+                                    top=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+            for lp in logprobs]
+
+
+def chunk_of(active: ActiveRequest, delta: Delta, index: int = 0) -> gateway_pb2.GenerateResponse:
     chunk = gateway_pb2.GenerateStreamChunk(
         token_ids=delta.token_ids, text=delta.text, prompt_tokens=active.prompt_tokens,
         completion_tokens=delta.completion_tokens,
-        timings=[common_pb2.TokenTiming(emitted_at=t) for t in delta.emitted_at])
+        timings=[common_pb2.TokenTiming(emitted_at=t) for t in delta.emitted_at], index=index,
+        logprobs=logprobs_to_proto(delta.logprobs))
     return gateway_pb2.GenerateResponse(request_id=active.request_id, chunk=chunk)
 
 
-def complete_of(active: ActiveRequest) -> gateway_pb2.GenerateResponse:
+def complete_of(active: ActiveRequest, index: int = 0) -> gateway_pb2.GenerateResponse:
     o = active.outcome()
     complete = gateway_pb2.GenerateComplete(
         output_ids=o.output_ids, text=o.text, finish_reason=o.finish_reason, prompt_tokens=o.prompt_tokens,
-        completion_tokens=o.completion_tokens, ttft_ms=o.ttft_ms, mean_tbt_ms=o.mean_tbt_ms, slo_met=o.slo_met)
+        completion_tokens=o.completion_tokens, ttft_ms=o.ttft_ms, mean_tbt_ms=o.mean_tbt_ms, slo_met=o.slo_met,
+        index=index, logprobs=logprobs_to_proto(o.logprobs))
+    if isinstance(o.stop_reason, str):
+        complete.stop_string = o.stop_reason
+    elif o.stop_reason is not None:
+        complete.stop_token_id = o.stop_reason
     return gateway_pb2.GenerateResponse(request_id=active.request_id, complete=complete)
 
 
@@ -79,17 +93,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             caller = self._caller(context)
             with caller.admit().until_failure() as lease:
                 prepared = await self._service.prepare(request, caller=caller)
-                active = await self._service.start(prepared, lease)
-            try:
-                await context.send_initial_metadata(((REQUEST_ID_KEY, active.request_id),))
+                choices = await start_choices(self._service, expand(prepared, request.n), lease)
+            try:  # one x-request-id per sample, in index order
+                await context.send_initial_metadata(tuple((REQUEST_ID_KEY, a.request_id) for a in choices.actives))
             except BaseException:  # the client left right after the Submit: nobody will read it
-                active.close()
+                choices.close()
                 raise
-            async with contextlib.aclosing(active.deltas()) as deltas:
-                async for delta in deltas:
+            async with contextlib.aclosing(choices.deltas()) as deltas:
+                async for index, delta in deltas:
+                    active = choices.actives[index]
                     if request.stream and (delta.token_ids or delta.text):  # finish_reason: in complete
-                        yield chunk_of(active, delta)
-            yield complete_of(active)
+                        yield chunk_of(active, delta, index)
+                    if request.stream and delta.finished:
+                        yield complete_of(active, index)
+            if not request.stream:  # one answer per sample, in index order
+                for index, active in enumerate(choices.actives):
+                    yield complete_of(active, index)
         except Exception as exc:  # every failure becomes a status, in one place
             await _abort(context, exc)
 

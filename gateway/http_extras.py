@@ -32,7 +32,6 @@ from gateway.errors import http_status_of, status_of
 from gateway.generation import ActiveRequest, GenerationService
 from gateway.openai_http import SSEResponse, caller_of
 from gateway.openai_protocol import request_id_of
-from gateway.scheduler_client import DONE_STATES
 from gateway.tokenizer import IncrementalDetokenizer
 
 def _event(payload: dict[str, Any]) -> str:
@@ -65,8 +64,6 @@ def add_routes(app: FastAPI, service: GenerationService) -> None:
         state = await service.owned_state(caller, rid, include_prompt=True)
         detok = IncrementalDetokenizer(service.tokenizer, list(state.prompt_token_ids))
         text = detok.add(list(state.output_ids))
-        if state.status in DONE_STATES:
-            text += detok.flush()
         return JSONResponse({"id": rid, "status": state.status, "finish_reason": state.finish_reason or None,
                              "label": state.label or None, "text": text, "token_ids": list(state.output_ids),
                              "prompt_tokens": state.prompt_tokens, "completion_tokens": len(state.output_ids)},

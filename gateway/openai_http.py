@@ -6,7 +6,8 @@ starts, so a rejected request gets a real HTTP status (400/429/503) even when it
 stream; only failures after the first byte (the stream could not be resumed) arrive in-band,
 as an error event followed by ``data: [DONE]`` as vLLM sends them.
 
-With API keys configured, every route but ``/health`` and ``/livez`` needs
+With API keys configured, every route but ``/health``, ``/livez`` and ``/metrics`` (Prometheus,
+gateway/metrics.py) needs
 ``Authorization: Bearer KEY``: ``ApiKeyMiddleware`` answers 401 (OpenAI's ``invalid_api_key``
 error, ``WWW-Authenticate: Bearer``) before a route runs or a byte of the body is read, and
 leaves the caller in ``request.state.caller`` for the routes. A websocket (no route takes one)
@@ -37,9 +38,13 @@ from gateway.auth import Caller, KeyRing
 
 from gateway.convert import too_long
 from gateway.errors import GatewayError, http_status_of, invalid, printable, retry_after_ms, status_of, too_large
-from gateway.generation import ActiveRequest, GenerationService, Outcome
-from gateway.openai_protocol import (Kind, OpenAIRequest, check_model, error_body, full_response, models_body,
-                                     parse_json, parse_request, response_id, stream_chunk, usage_chunk)
+from gateway.choices import Choices, expand, start_choices
+from gateway.generation import GenerationService, Outcome
+from gateway.openai_json import parse_json
+from gateway.openai_protocol import (Kind, OpenAIRequest, check_model, error_body, models_body, parse_request,
+                                     response_id)
+from gateway.openai_responses import StreamWriter, full_response
+from gateway.tokenizer import Tokenizer
 
 log = structlog.get_logger("gateway.http")
 
@@ -61,7 +66,7 @@ def _error_response(exc: BaseException, param: str | None = None) -> JSONRespons
     return JSONResponse(error_body(message, err_type, status, param), status_code=status, headers=headers)
 
 
-OPEN_PATHS = frozenset({"/health", "/livez"})  # probes: a load balancer has no key
+OPEN_PATHS = frozenset({"/health", "/livez", "/metrics"})  # probes and Prometheus (as vLLM): they have no key
 POLICY_VIOLATION = 1008  # the websocket close code for a refused handshake (the server answers 403)
 
 
@@ -135,13 +140,13 @@ async def _read_json(request: Request, limit: int) -> Any:
 
 
 class SSEResponse(StreamingResponse):
-    """Server-sent events of one ``ActiveRequest`` that always end its stream (module doc): the
-    events generator is closed and the request ``close``d when the response is over, whether
-    its body was read to the end, left mid-way or never started — so the request is cancelled
-    (unless finished or kept running), its key's concurrency place is given back and this
-    gateway stops counting it among its streams."""
+    """Server-sent events of one call's ``Choices`` that always end their streams (module doc):
+    the events generator is closed and the requests ``close``d when the response is over,
+    whether its body was read to the end, left mid-way or never started — so every request is
+    cancelled (unless finished), the key's concurrency place is given back and this gateway
+    stops counting them among its streams."""
 
-    def __init__(self, events: AsyncGenerator[str, None], active: ActiveRequest, headers: dict[str, str]) -> None:
+    def __init__(self, events: AsyncGenerator[str, None], active: Choices, headers: dict[str, str]) -> None:
         super().__init__(events, media_type="text/event-stream", headers=headers)
         self._events = events
         self._active = active
@@ -156,18 +161,23 @@ class SSEResponse(StreamingResponse):
                 self._active.close()  # one never started has no finally of its own: idempotent
 
 
-async def _stream(kind: Kind, parsed: OpenAIRequest, active: ActiveRequest, model: str) -> AsyncGenerator[str, None]:
-    """SSE events: one per token batch (finish_reason on the last), usage if asked, then [DONE]."""
-    rid, created, first = response_id(kind, active.request_id), int(time.time()), True
+async def _stream(kind: Kind, parsed: OpenAIRequest, active: Choices, model: str,
+                  tokenizer: Tokenizer) -> AsyncGenerator[str, None]:
+    """SSE events: chat's role chunk per choice, one per token batch of a choice (finish_reason
+    on its last), usage if asked, then [DONE]."""
+    writer = StreamWriter(parsed.fmt, response_id(kind, active.request_id), int(time.time()), model, tokenizer,
+                          [a.prompt_tokens for a in active.actives])
     try:
+        for payload in writer.opening():
+            yield _sse(payload)
         async with contextlib.aclosing(active.deltas()) as deltas:
-            async for d in deltas:
-                finish = d.finish_reason if d.finished else None
-                yield _sse(stream_chunk(kind, rid, created, model, d.text, finish, first))
-                first = False
-        if parsed.include_usage:
-            o = active.outcome()
-            yield _sse(usage_chunk(kind, rid, created, model, o.prompt_tokens, o.completion_tokens))
+            async for index, d in deltas:
+                chunk = writer.chunk(index, d)
+                if chunk is not None:
+                    yield _sse(chunk)
+        closing = writer.closing()
+        if closing is not None:
+            yield _sse(closing)
     except Exception as exc:  # the status line is gone; report in-band like vLLM
         code, message = status_of(exc)
         status, err_type = http_status_of(code)
@@ -176,8 +186,9 @@ async def _stream(kind: Kind, parsed: OpenAIRequest, active: ActiveRequest, mode
     yield "data: [DONE]\n\n"
 
 
-async def _collect_unless_disconnected(request: Request, active: ActiveRequest) -> Outcome | None:
-    """The whole output, or None if the client went away first (the request is then cancelled)."""
+async def _collect_unless_disconnected(request: Request, active: Choices) -> list[Outcome] | None:
+    """Every choice's whole output, or None if the client went away first (every request still
+    running is then cancelled)."""
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -246,19 +257,22 @@ def create_app(service: GenerationService) -> FastAPI:
                 if len(parsed.generate.text) > config.max_prompt_chars:
                     raise too_long("messages", len(parsed.generate.text), config.max_prompt_chars,
                                    " (the prompt the model's chat template made of them)")
-            prepared = await service.prepare(parsed.generate, names=parsed.names, text_output=True, caller=caller,
-                                             chars_checked=True)
+            children = []
+            for one in parsed.prompts:  # each prompt of a list is a request of its own, n times
+                prepared = await service.prepare(one, names=parsed.names, text_output=True, caller=caller,
+                                                 chars_checked=True)
+                children.extend(expand(prepared, parsed.fmt.n))
             model = (await service.client.server_info()).model  # cached: prepare has just asked
             check_model(body.get("model"), config.model_names(model))
-            active = await service.start(prepared, lease)
+            active = await start_choices(service, children, lease)
         headers = {"x-request-id": active.request_id}
         if parsed.stream:
-            return SSEResponse(_stream(kind, parsed, active, model), active, headers)
-        outcome = await _collect_unless_disconnected(request, active)
-        if outcome is None:
+            return SSEResponse(_stream(kind, parsed, active, model, service.tokenizer), active, headers)
+        outcomes = await _collect_unless_disconnected(request, active)
+        if outcomes is None:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        body = full_response(kind, response_id(kind, active.request_id), int(time.time()), model, outcome.text,
-                             outcome.finish_reason, outcome.prompt_tokens, outcome.completion_tokens)
+        body = full_response(parsed.fmt, response_id(kind, active.request_id), int(time.time()), model, outcomes,
+                             service.tokenizer)
         return JSONResponse(body, headers=headers)
 
     @app.post("/v1/completions")

@@ -5,32 +5,34 @@ message names that field (pydantic's 422 lists locations in its own format), and
 OpenAI clients send with default values (``logprobs: null``, ``repetition_penalty: 1.0`` from
 vLLM's benchmark) must pass while the same fields with values we cannot honour are refused
 rather than silently ignored. Response shapes follow vLLM's OpenAI server, so ``openai`` and
-``vllm bench serve`` read them unchanged.
+``vllm bench serve`` read them unchanged (``openai_responses`` writes them, ``openai_logprobs``
+their logprobs); the JSON itself is parsed by ``openai_json``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import reprlib
 from array import array
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import grpc
 
+from accelgen.core.logprobs import MAX_LOGPROBS
 from accelgen.core.request import MAX_STOP_TOKEN_IDS
 from accelgen.v1 import common_pb2, gateway_pb2
-from gateway.convert import FieldNames, too_long
+from gateway.convert import MAX_N, FieldNames, too_long
 from gateway.errors import GatewayError, invalid
-
-Kind = Literal["completion", "chat"]
+from gateway.openai_json import HugeNumber, shown as _shown, unicode_text
+from gateway.openai_responses import Format, Kind
+from gateway.stop_strings import MAX_STOP_STRINGS
 
 # Field names as an HTTP client wrote them (see convert.FieldNames).
 HTTP_NAMES: dict[str, str] = {
     "request_id": "x-request-id", "prompt": "prompt", "temperature": "temperature", "top_p": "top_p",
     "top_k": "top_k", "max_new_tokens": "max_tokens", "app_class": "app_class",
     "ttft_ms": "slo_ttft_ms", "tbt_ms": "slo_tbt_ms", "jct_ms": "slo_jct_ms",
+    "logprobs": "logprobs", "seed": "seed", "stop": "stop", "n": "n",
 }
 
 # Extra body field -> header carrying the same value (the body wins when both are present).
@@ -43,13 +45,12 @@ SLO_HEADERS = {
 
 # Fields we cannot honour, with the values that mean "feature not used" (accepted silently).
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "stop": (None, "", []),
+    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
     "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
     "logit_bias": (None, {}), "tools": (None, []), "min_tokens": (None, 0),
     "response_format": (None, {"type": "text"}), "min_p": (None, 0), "tool_choice": (None, "none"),
     "structured_outputs": (None,), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
-    "guided_grammar": (None,), "bad_words": (None, []), "include_stop_str_in_output": (None, False),
+    "guided_grammar": (None,), "bad_words": (None, []),
     "skip_special_tokens": (None, True), "prompt_logprobs": (None, 0), "parallel_tool_calls": (None, False),
 }
 
@@ -57,108 +58,35 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 # not a ValueError when the message is built).
 _INT32 = (-(2**31), 2**31 - 1)
 _INT64 = (-(2**63), 2**63 - 1)
-_UNSUPPORTED_HINT = {"stop": "; stop strings are not supported, use stop_token_ids"}
+_UNSUPPORTED_HINT = {"best_of": "; n samples are supported (n), the best of several is not"}
 
 
-# Bounds on what a JSON body may hold, so parsing and every message that quotes a value stay
-# cheap: Python refuses int() of more than 4,300 digits with a ValueError (a 500, before), and
-# repr() of a value nested ~1,000 deep raises RecursionError. No OpenAI field needs more.
-MAX_INT_DIGITS = 64
-MAX_JSON_DEPTH = 64
 # A role names a speaker ("system", "user", "assistant", "tool", ...); the chat template puts it
 # into the prompt, so it is bounded like the contents are (and the templated text is checked too).
 MAX_ROLE_CHARS = 64
 _FLOAT32_MAX = 3.4028234663852886e38
 
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 80
-_REPR.maxlong = 40
-_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = 8
-_REPR.maxlevel = 3
-
-
-def _shown(value: Any) -> str:
-    """A client's value quoted in an error message: bounded in size and always encodable."""
-    return _REPR.repr(value).encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-class HugeNumber:
-    """An integer literal of more than ``MAX_INT_DIGITS`` digits, kept as its size: converting
-    it could cost quadratic time (or a ValueError past 4,300 digits), and no field takes one,
-    so each field's own check refuses it by name."""
-
-    def __init__(self, text: str) -> None:
-        self.digits = len(text.lstrip("-"))
-        self.head = text[:12]
-
-    def __repr__(self) -> str:
-        return f"{self.head}... (an integer of {self.digits} digits)"
-
-
-def _parse_int(text: str) -> int | HugeNumber:
-    return HugeNumber(text) if len(text.lstrip("-")) > MAX_INT_DIGITS else int(text)
-
-
-def _parse_constant(name: str) -> float:
-    raise invalid(f"the request body contains {name}, which is not valid JSON (numbers must be finite)")
-
-
-def parse_json(raw: bytes) -> Any:
-    """The body as JSON, or INVALID_ARGUMENT saying why not: malformed or not UTF-8, NaN or
-    Infinity, nesting deeper than ``MAX_JSON_DEPTH``, or a string that is no Unicode text (a
-    lone surrogate such as \\ud800). Integers of more than ``MAX_INT_DIGITS`` digits become
-    ``HugeNumber`` and numbers beyond a double's range ``inf``: valid JSON, refused by the
-    field that holds them (so the message names it)."""
-    try:
-        body = json.loads(raw, parse_int=_parse_int, parse_constant=_parse_constant)
-    except RecursionError:
-        raise invalid(f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise invalid(f"the request body is not valid JSON: {_shown(str(exc))}") from None
-    _check_tree(body)
-    return body
-
-
-def _check_tree(body: Any) -> None:
-    """Depth and Unicode of every value, iteratively (a recursive walk is what must not fail).
-    Paths are built only for a message: a 4 MiB body holds up to 2 million values."""
-    stack: list[tuple[Any, Any, int]] = [(body, None, 0)]  # value, where ((parent's where, key) or None), depth
-
-    def path(where: Any) -> str:
-        keys = []
-        while where is not None:
-            where, key = where
-            keys.append(f"[{key}]" if isinstance(key, int) else f".{key}")
-        return "".join(reversed(keys)).lstrip(".") or "the request body"
-
-    while stack:
-        value, where, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise invalid(f"the request body is nested too deeply (more than {MAX_JSON_DEPTH} levels at "
-                          f"{_shown(path(where)[:80])})")
-        if isinstance(value, str):
-            if not value.isascii():
-                _unicode(value, path(where))
-        elif isinstance(value, list):
-            stack.extend((v, (where, i), depth + 1) for i, v in enumerate(value) if isinstance(v, (str, list, dict)))
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                if not k.isascii():
-                    _unicode(k, f"the key {_shown(path((where, k)))}")
-                if isinstance(v, (str, list, dict)):
-                    stack.append((v, (where, k), depth + 1))
-
 
 @dataclass
 class OpenAIRequest:
-    """A parsed body: the request for the pipeline plus what shapes the HTTP answer."""
+    """A parsed body: the requests for the pipeline (one per prompt of a completions prompt
+    list, each to run ``fmt.n`` times) plus what shapes the HTTP answer."""
 
     kind: Kind
-    generate: gateway_pb2.GenerateRequest
+    prompts: list[gateway_pb2.GenerateRequest]
     names: FieldNames
     messages: list[dict[str, str]] | None
     stream: bool
-    include_usage: bool
+    fmt: Format
+
+    @property
+    def generate(self) -> gateway_pb2.GenerateRequest:
+        """The first (a chat's only) prompt's request."""
+        return self.prompts[0]
+
+    @property
+    def include_usage(self) -> bool:
+        return self.fmt.include_usage
 
 
 def _is_int(v: Any) -> bool:
@@ -223,35 +151,34 @@ def _token_ids(value: list[Any], name: str) -> list[int]:
     return list(value)
 
 
-def _prompt(body: Mapping[str, Any], req: gateway_pb2.GenerateRequest, max_chars: int | None = None) -> None:
-    """``prompt``: a string (of at most ``max_chars`` characters) or a list of token ids; a batch
-    of prompts is refused."""
+def _prompts(body: Mapping[str, Any], max_chars: int | None = None) -> list[Any]:
+    """``prompt``: a string, a list of token ids, or a list of either (one request each, as in
+    vLLM); at most ``MAX_N`` prompts."""
     p = body.get("prompt")
     if p is None:
-        raise invalid("prompt is required: a string or a list of token ids", "prompt")
+        raise invalid("prompt is required: a string or a list of token ids (or a list of those)", "prompt")
     if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
-        if len(p) > 1:
-            raise invalid(f"prompt is a list of {len(p)} prompts; this server takes one prompt per request "
-                          "(a string or a list of token ids)", "prompt")
-        p = p[0]  # a batch of one is one prompt
+        if len(p) > MAX_N:
+            raise invalid(f"prompt is a list of {len(p)} prompts; at most {MAX_N} per request", "prompt")
+        return list(p)
+    return [p]
+
+
+def _prompt(p: Any, req: gateway_pb2.GenerateRequest, max_chars: int | None = None, where: str = "prompt") -> None:
+    """One prompt (``where``: which, in a list): a string (of at most ``max_chars`` characters) or a
+    list of token ids."""
     if isinstance(p, str):
         if max_chars is not None and len(p) > max_chars:
-            raise too_long("prompt", len(p), max_chars)
-        req.text = _unicode(p, "prompt")
+            raise too_long("prompt", len(p), max_chars, "" if where == "prompt" else f" ({where})")
+        req.text = unicode_text(p, "prompt")
     elif isinstance(p, list):
-        req.tokenized.input_ids.extend(_token_ids(p, "prompt"))
+        try:
+            req.tokenized.input_ids.extend(_token_ids(p, where))
+        except GatewayError as exc:
+            raise invalid(exc.message, "prompt") from None
         req.tokenized.SetInParent()  # an empty list still selects token input (and fails as empty)
     else:
-        raise invalid(f"prompt must be a string or a list of token ids, got {type(p).__name__}", "prompt")
-
-
-def _unicode(text: str, name: str) -> str:
-    """JSON may carry lone surrogates (\\ud800) that are no Unicode text and cannot be encoded."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise invalid(f"{name} is not valid Unicode text: {exc.reason} at character {exc.start}", name) from None
-    return text
+        raise invalid(f"{where} must be a string or a list of token ids, got {type(p).__name__}", "prompt")
 
 
 def _messages(body: Mapping[str, Any], max_messages: int | None = None,
@@ -291,7 +218,7 @@ def _messages(body: Mapping[str, Any], max_messages: int | None = None,
         chars += len(content)
         if max_chars is not None and chars > max_chars:
             raise too_long("messages", chars, max_chars, " (their contents together)")
-        out.append({"role": m["role"], "content": _unicode(content, f"messages[{i}].content")})
+        out.append({"role": m["role"], "content": unicode_text(content, f"messages[{i}].content")})
     return out
 
 
@@ -368,22 +295,63 @@ def check_model(model: Any, served: set[str]) -> None:
                            f"{', '.join(sorted(served))}", "model")
 
 
+def _stop(body: Mapping[str, Any], req: gateway_pb2.GenerateRequest) -> None:
+    """``stop``: a string or a list of strings (checked further by ``convert.check_stop``)."""
+    req.include_stop_str_in_output = _bool(body, "include_stop_str_in_output")
+    stop = body.get("stop")
+    if stop is None:
+        return
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise invalid(f"stop must be a string or a list of strings, got {_shown(stop)}", "stop")
+    if len(stops) > MAX_STOP_STRINGS:  # before each is copied
+        raise invalid(f"stop may hold at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", "stop")
+    req.stop.extend(unicode_text(s, "stop") for s in stops)
+
+
+def _logprobs(body: Mapping[str, Any], kind: Kind, names: dict[str, str]) -> int | None:
+    """How many top tokens to return with each token (None: no logprobs). Completions:
+    ``logprobs: k``; chat: ``logprobs: true`` with ``top_logprobs: k`` (vLLM's rules: k in
+    0..20, and top_logprobs needs logprobs)."""
+    bounds = (0, MAX_LOGPROBS)
+    if kind == "completion":
+        if body.get("logprobs") is False:  # what some clients send for "none"
+            return None
+        return _int(body, "logprobs", bounds)
+    names["logprobs"] = "top_logprobs"
+    top = _int(body, "top_logprobs", bounds)
+    if not _bool(body, "logprobs"):
+        if top:
+            raise invalid("top_logprobs needs logprobs set to true", "top_logprobs")
+        return None
+    return top or 0
+
+
 def parse_request(kind: Kind, body: Any, headers: Mapping[str, str], max_prompt_chars: int | None = None,
                   max_messages: int | None = None) -> OpenAIRequest:
     """Validate an OpenAI body's shape and types, and its text's size (``max_prompt_chars``:
-    the prompt, or all message contents together; ``max_messages``); ranges are checked later
+    each prompt, or all message contents together; ``max_messages``); ranges are checked later
     by ``convert``. ``x-request-id`` is the client's label for the request, not its id."""
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object")
     _check_unsupported(body)
     names = dict(HTTP_NAMES, prompt="prompt" if kind == "completion" else "messages")
     req = gateway_pb2.GenerateRequest(request_id=headers.get("x-request-id", ""))
-    messages = None
+    messages, prompts = None, [None]
     if kind == "completion":
-        _prompt(body, req, max_prompt_chars)
+        prompts = _prompts(body, max_prompt_chars)
     else:
         messages = _messages(body, max_messages, max_prompt_chars)
     req.sampling_params.CopyFrom(_sampling(body, kind, names))
+    logprobs = _logprobs(body, kind, names)
+    if logprobs is not None:
+        req.sampling_params.logprobs = logprobs
+    _stop(body, req)
+    n = _int(body, "n", (1, MAX_N)) or 1
+    if n * len(prompts) > MAX_N:
+        raise invalid(f"n = {n} is out of range for {len(prompts)} prompts: {n * len(prompts)} choices, at most "
+                      f"{MAX_N} per request", "n")
+    req.n = n
     _slo(body, headers, req)
     stream = _bool(body, "stream")
     options = body.get("stream_options")
@@ -392,9 +360,18 @@ def parse_request(kind: Kind, body: Any, headers: Mapping[str, str], max_prompt_
     if options is not None and not stream:
         raise invalid("stream_options can only be set when stream is true", "stream_options")
     include_usage = bool(options and _bool(options, "include_usage"))
+    continuous = include_usage and bool(options and _bool(options, "continuous_usage_stats"))
     req.stream = stream
-    return OpenAIRequest(kind=kind, generate=req, names=names, messages=messages, stream=stream,
-                         include_usage=include_usage)
+    reqs = []
+    for i, p in enumerate(prompts):
+        one = gateway_pb2.GenerateRequest()
+        one.CopyFrom(req)
+        if p is not None:
+            _prompt(p, one, max_prompt_chars, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
+        reqs.append(one)
+    return OpenAIRequest(kind=kind, prompts=reqs, names=names, messages=messages, stream=stream,
+                         fmt=Format(kind=kind, logprobs=logprobs, n=n, include_usage=include_usage,
+                                    continuous_usage=continuous))
 
 
 # ---- responses (vLLM's OpenAI server shapes) ------------------------------------------------
@@ -412,45 +389,6 @@ def request_id_of(value: str) -> str:
         if value.startswith(prefix):
             return value[len(prefix):]
     return value
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def stream_chunk(kind: Kind, rid: str, created: int, model: str, text: str, finish_reason: str | None,
-                 first: bool) -> dict[str, Any]:
-    if kind == "completion":
-        choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason,
-                                  "stop_reason": None}
-        obj = "text_completion"
-    else:
-        delta = {"role": "assistant", "content": text} if first else {"content": text}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        obj = "chat.completion.chunk"
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
-
-
-def usage_chunk(kind: Kind, rid: str, created: int, model: str, prompt_tokens: int,
-                completion_tokens: int) -> dict[str, Any]:
-    obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
-
-
-def full_response(kind: Kind, rid: str, created: int, model: str, text: str, finish_reason: str,
-                  prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    if kind == "completion":
-        choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason,
-                                  "stop_reason": None}
-        obj = "text_completion"
-    else:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish_reason}
-        obj = "chat.completion"
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
-            "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def error_body(message: str, err_type: str, status: int, param: str | None = None) -> dict[str, Any]:

@@ -128,7 +128,10 @@ class IncrementalDetokenizer:
         self._read = len(self._ids)
 
     def add(self, new_ids: Sequence[int]) -> str:
-        """Append ``new_ids``; return the text they complete (may be empty while a char is split)."""
+        """Append ``new_ids``; return the text they complete (may be empty while a char is split).
+
+        A character still incomplete when the output ends is never emitted: vLLM's detokenizers
+        drop it too, so an output cut mid-character reads the same from both servers."""
         self._ids.extend(new_ids)
         prefix_text = self._tok.decode(self._ids[self._prefix:self._read])
         full_text = self._tok.decode(self._ids[self._prefix:])
@@ -137,9 +140,3 @@ class IncrementalDetokenizer:
             return full_text[len(prefix_text):]
         return ""
 
-    def flush(self) -> str:
-        """At the end of the output: whatever is still held back (an incomplete char as U+FFFD)."""
-        prefix_text = self._tok.decode(self._ids[self._prefix:self._read])
-        full_text = self._tok.decode(self._ids[self._prefix:])
-        self._prefix = self._read = len(self._ids)
-        return full_text[len(prefix_text):] if len(full_text) > len(prefix_text) else ""

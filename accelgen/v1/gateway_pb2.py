@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from accelgen.v1 import common_pb2 as accelgen_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61\x63\x63\x65lgen/v1/gateway.proto\x12\x0b\x61\x63\x63\x65lgen.v1\x1a\x18\x61\x63\x63\x65lgen/v1/common.proto\"S\n\rAttachRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10\x66rom_token_index\x18\x02 \x01(\r\x12\x14\n\x0ckeep_running\x18\x03 \x01(\x08\"\xec\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x30\n\ttokenized\x18\x03 \x01(\x0b\x32\x1b.accelgen.v1.TokenizedInputH\x00\x12\x34\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1b.accelgen.v1.SamplingParams\x12\x11\n\tapp_class\x18\x05 \x01(\t\x12!\n\x03slo\x18\x06 \x01(\x0b\x32\x14.accelgen.v1.SLOSpec\x12\x0e\n\x06stream\x18\x07 \x01(\x08\x42\x07\n\x05input\"\x98\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x05\x63hunk\x18\x02 \x01(\x0b\x32 .accelgen.v1.GenerateStreamChunkH\x00\x12\x31\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x1d.accelgen.v1.GenerateCompleteH\x00\x42\n\n\x08response\"\x93\x01\n\x13GenerateStreamChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\x12)\n\x07timings\x18\x05 \x03(\x0b\x32\x18.accelgen.v1.TokenTiming\"\xb4\x01\n\x10GenerateComplete\x12\x12\n\noutput_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\x0f\n\x07ttft_ms\x18\x06 \x01(\x01\x12\x13\n\x0bmean_tbt_ms\x18\x07 \x01(\x01\x12\x0f\n\x07slo_met\x18\x08 \x01(\x08\x32\xa7\x02\n\x07Gateway\x12I\n\x08Generate\x12\x1c.accelgen.v1.GenerateRequest\x1a\x1d.accelgen.v1.GenerateResponse0\x01\x12\x41\n\x06\x43\x61ncel\x12\x1a.accelgen.v1.CancelRequest\x1a\x1b.accelgen.v1.CancelResponse\x12G\n\nGetRequest\x12\x1e.accelgen.v1.GetRequestRequest\x1a\x19.accelgen.v1.RequestState\x12\x45\n\x06\x41ttach\x12\x1a.accelgen.v1.AttachRequest\x1a\x1d.accelgen.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61\x63\x63\x65lgen/v1/gateway.proto\x12\x0b\x61\x63\x63\x65lgen.v1\x1a\x18\x61\x63\x63\x65lgen/v1/common.proto\"S\n\rAttachRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10\x66rom_token_index\x18\x02 \x01(\r\x12\x14\n\x0ckeep_running\x18\x03 \x01(\x08\"\xa9\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x30\n\ttokenized\x18\x03 \x01(\x0b\x32\x1b.accelgen.v1.TokenizedInputH\x00\x12\x34\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1b.accelgen.v1.SamplingParams\x12\x11\n\tapp_class\x18\x05 \x01(\t\x12!\n\x03slo\x18\x06 \x01(\x0b\x32\x14.accelgen.v1.SLOSpec\x12\x0e\n\x06stream\x18\x07 \x01(\x08\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\t\n\x01n\x18\t \x01(\r\x12\"\n\x1ainclude_stop_str_in_output\x18\n \x01(\x08\x42\x07\n\x05input\"\x98\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x05\x63hunk\x18\x02 \x01(\x0b\x32 .accelgen.v1.GenerateStreamChunkH\x00\x12\x31\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x1d.accelgen.v1.GenerateCompleteH\x00\x42\n\n\x08response\"\xcf\x01\n\x13GenerateStreamChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\x12)\n\x07timings\x18\x05 \x03(\x0b\x32\x18.accelgen.v1.TokenTiming\x12\r\n\x05index\x18\x06 \x01(\r\x12+\n\x08logprobs\x18\x07 \x03(\x0b\x32\x19.accelgen.v1.TokenLogprob\"\xaf\x02\n\x10GenerateComplete\x12\x12\n\noutput_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\x0f\n\x07ttft_ms\x18\x06 \x01(\x01\x12\x13\n\x0bmean_tbt_ms\x18\x07 \x01(\x01\x12\x0f\n\x07slo_met\x18\x08 \x01(\x08\x12\r\n\x05index\x18\t \x01(\r\x12\x15\n\x0bstop_string\x18\n \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x0b \x01(\rH\x00\x12+\n\x08logprobs\x18\x0c \x03(\x0b\x32\x19.accelgen.v1.TokenLogprobB\r\n\x0bstop_reason2\xa7\x02\n\x07Gateway\x12I\n\x08Generate\x12\x1c.accelgen.v1.GenerateRequest\x1a\x1d.accelgen.v1.GenerateResponse0\x01\x12\x41\n\x06\x43\x61ncel\x12\x1a.accelgen.v1.CancelRequest\x1a\x1b.accelgen.v1.CancelResponse\x12G\n\nGetRequest\x12\x1e.accelgen.v1.GetRequestRequest\x1a\x19.accelgen.v1.RequestState\x12\x45\n\x06\x41ttach\x12\x1a.accelgen.v1.AttachRequest\x1a\x1d.accelgen.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ATTACHREQUEST']._serialized_start=68
   _globals['_ATTACHREQUEST']._serialized_end=151
   _globals['_GENERATEREQUEST']._serialized_start=154
-  _globals['_GENERATEREQUEST']._serialized_end=390
-  _globals['_GENERATERESPONSE']._serialized_start=393
-  _globals['_GENERATERESPONSE']._serialized_end=545
-  _globals['_GENERATESTREAMCHUNK']._serialized_start=548
-  _globals['_GENERATESTREAMCHUNK']._serialized_end=695
-  _globals['_GENERATECOMPLETE']._serialized_start=698
-  _globals['_GENERATECOMPLETE']._serialized_end=878
-  _globals['_GATEWAY']._serialized_start=881
-  _globals['_GATEWAY']._serialized_end=1176
+  _globals['_GENERATEREQUEST']._serialized_end=451
+  _globals['_GENERATERESPONSE']._serialized_start=454
+  _globals['_GENERATERESPONSE']._serialized_end=606
+  _globals['_GENERATESTREAMCHUNK']._serialized_start=609
+  _globals['_GENERATESTREAMCHUNK']._serialized_end=816
+  _globals['_GENERATECOMPLETE']._serialized_start=819
+  _globals['_GENERATECOMPLETE']._serialized_end=1122
+  _globals['_GATEWAY']._serialized_start=1125
+  _globals['_GATEWAY']._serialized_end=1420
 # @@protoc_insertion_point(module_scope)

@@ -87,7 +87,7 @@ def test_no_input_gets_a_5xx(http: httpx.Client, inp: HttpInput) -> None:
     (b'{"prompt": [1, 2, 299, 300], "max_tokens": 2}', 400, "vocabulary"),
     (b'{"prompt": "a", "n": 1000000000000}', 400, "n = "),
     (b'{"prompt": "a", "max_tokens": 100000000000}', 400, "max_tokens"),
-    (b'{"prompt": "a", "logprobs": 5}', 400, "logprobs"),
+    (b'{"prompt": "a", "logprobs": 50}', 400, "logprobs"),
     (b'{"prompt": "a", "max_tokens": "5"}', 400, "max_tokens"),
     (b'{"prompt": {"a": 1}}', 400, "prompt"),
 ])

@@ -100,15 +100,29 @@ def test_models_and_health(fresh: GatewayStack, client: openai.OpenAI) -> None:
 
 
 @pytest.mark.parametrize("body, field", [
-    ({"prompt": ["one", "two"]}, "prompt"),
+    ({"prompt": ["one", 2]}, "prompt"),
+    ({"prompt": [[5], []]}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({}, "prompt"),
     ({"prompt": "hi", "temperature": -1}, "temperature"),
     ({"prompt": "hi", "top_p": 0.0001 - 1}, "top_p"),
     ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
-    ({"prompt": "hi", "n": 2}, "n"),
-    ({"prompt": "hi", "stop": ["\n"]}, "stop"),
+    ({"prompt": "hi", "n": 0}, "n"),
+    ({"prompt": "hi", "n": 129}, "n"),
+    ({"prompt": ["a"] * 65, "n": 2}, "n"),  # 130 choices
+    ({"prompt": "hi", "n": 2, "temperature": 0}, "n"),  # vLLM: greedy samples would all be the same
+    ({"prompt": "hi", "n": 2, "seed": 2**63 - 1}, "seed"),
+    ({"prompt": "hi", "best_of": 2}, "best_of"),
+    ({"prompt": "hi", "stop": [""]}, "stop"),
+    ({"prompt": "hi", "stop": 5}, "stop"),
+    ({"prompt": "hi", "stop": ["x"] * 17}, "stop"),
+    ({"prompt": "hi", "stop": "x" * 257}, "stop"),
+    ({"prompt": "hi", "include_stop_str_in_output": "yes"}, "include_stop_str_in_output"),
+    ({"prompt": "hi", "logprobs": 21}, "logprobs"),
+    ({"prompt": "hi", "logprobs": -1}, "logprobs"),
+    ({"prompt": "hi", "stream": True, "stream_options": {"continuous_usage_stats": "x", "include_usage": True}},
+     "continuous_usage_stats"),
     ({"prompt": "hi", "app_class": "poetry"}, "app_class"),
     ({"prompt": "hi", "slo_ttft_ms": 500}, "slo_tbt_ms"),
     ({"prompt": "x" * 100}, "prompt"),

@@ -73,7 +73,7 @@ def test_openai_body_to_generate_request() -> None:
 
 
 @pytest.mark.parametrize("body, headers, param", [
-    ({"prompt": [[1], [2]]}, {}, "prompt"),
+    ({"prompt": [[1], "two", 3]}, {}, "prompt"),
     ({"prompt": [1, -2]}, {}, "prompt"),
     ({"prompt": 5}, {}, "prompt"),
     ({"prompt": "x", "n": True}, {}, "n"),
