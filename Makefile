@@ -17,7 +17,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec || true
 	touch $(STAMP)
 
-install: $(STAMP)
+# The Node.js client example's @grpc/grpc-js and @grpc/proto-loader (tests/e2e/test_examples.py runs
+# it); node and npm come from install_system_deps.sh in the step above. Redone when the lock changes.
+NODE_DEPS := examples/node/node_modules/.package-lock.json
+$(NODE_DEPS): examples/node/package-lock.json | $(STAMP)
+	npm ci --prefix examples/node --no-audit --no-fund
+	touch $(NODE_DEPS)
+
+install: $(STAMP) $(NODE_DEPS)
 
 test: install
 	$(BIN)/python scripts/gen_protos.py --check

@@ -18,7 +18,7 @@ import grpc
 from accelgen.common.grpc_server import CHANNEL_OPTIONS
 from accelgen.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from bench.workloads import WorkloadRequest
-from accelgen.core.metrics import MetricsCollector
+from accelgen.core.metrics import MetricsCollector, RequestRecord
 from accelgen.core.slo import SLOCatalog
 
 PROMPT_TOKEN = 7
@@ -33,6 +33,8 @@ class LoadResult:
     # Each token from the moment the scheduler applied its iteration (emitted_at) to its arrival
     # here: Redis, WatchMany, the gateway and this client's stream (one machine, one clock).
     client_lag_ms: dict[str, float] = field(default_factory=dict)
+    # Every request as this client saw it (token times on the client clock): the per-class report.
+    records: list[RequestRecord] = field(default_factory=list)
 
 
 async def _one(stub: gateway_pb2_grpc.GatewayStub, item: WorkloadRequest, t0: float, metrics: MetricsCollector,
@@ -86,7 +88,8 @@ async def replay(address: str, workload: Sequence[WorkloadRequest], catalog: SLO
     client_lag = ({"p50_ms": lag_ms[len(lag_ms) // 2], "p99_ms": lag_ms[min(len(lag_ms) - 1, int(0.99 * len(lag_ms)))],
                    "samples": len(lag_ms)} if lag_ms else {})
     return LoadResult(summary=metrics.summary(), server_summary=server.summary(), errors=errors,
-                      wall_s=time.monotonic() - started, client_lag_ms=client_lag)
+                      wall_s=time.monotonic() - started, client_lag_ms=client_lag,
+                      records=list(metrics.requests.values()))
 
 
 def run_load(address: str, workload: Sequence[WorkloadRequest], catalog: SLOCatalog, s_pf: int) -> LoadResult:

@@ -13,11 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from launcher.checkout import require_checkout
+from launcher.checkout import ROOT, require_checkout
+from launcher.errors import CliError
 
 require_checkout()
 
 from accelgen.core.policies.registry import POLICY_NAMES, PolicySpec  # noqa: E402
+from accelgen.core.routing import ROUTER_NAMES  # noqa: E402
 from accelgen.profiles import DEFAULT_PROFILE  # noqa: E402
 from bench.compare import (DEFAULT_TIME_NOISE, RunSpec, WorkloadSpec, format_table, headline,  # noqa: E402
                            plot_policies, plot_sweep, run_many)
@@ -112,7 +114,29 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_workload_args(args: argparse.Namespace) -> None:
+    """The workload flags that go together, checked before any simulation process starts (a
+    mistake found there would surface as a worker process's error)."""
+    if args.trace and args.workload != "trace":
+        raise CliError(f"--trace {args.trace} is replayed only with --workload trace (not {args.workload}): "
+                       "add --workload trace, or drop --trace")
+    if args.workload == "trace" and not args.trace:
+        raise CliError("--workload trace needs --trace FILE, an Azure-format CSV of arrivals and token counts")
+    if args.trace and not Path(args.trace).is_file():
+        raise CliError(f"--trace {args.trace}: no such file")
+    for flag, value in (("--rate", args.rate), ("--duration", args.duration), ("--time-scale", args.time_scale)):
+        if not value > 0:
+            raise CliError(f"{flag} must be > 0, got {value:g}")
+    if not 0 <= args.long_fraction <= 1:
+        raise CliError(f"--long-fraction must be in [0, 1], got {args.long_fraction:g}")
+    for flag in ("workers", "jobs"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise CliError(f"--{flag} must be >= 1, got {value}")
+
+
 def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
+    check_workload_args(args)
     return WorkloadSpec(name=args.workload, rate=args.rate, duration_s=args.duration, seed=args.seed,
                         time_scale=args.time_scale, trace=args.trace, slo_mix=args.slo_mix,
                         long_fraction=args.long_fraction, short_data=args.short_data, classes=args.classes)
@@ -164,6 +188,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     the simulator's prediction for the same workload (the same scheduling core, so they agree).
     """
     from bench.loadgen import run_load
+    from bench.slo_report import write_class_report
     from launcher.stack import RunCertificates, start_stack
     from accelgen.core.slo import SLOCatalog
     from accelgen.profiles import load_profile
@@ -202,6 +227,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(format_table(rows, title="accelgen"))
     if result.errors:
         print(f"errors: {result.errors}")
+    print("\n" + write_class_report(result.records, Path(args.out), f"accelgen demo: {len(workload)} requests, "
+                                     f"paper-mix {args.rate:g} req/s for {args.duration:g} s, {args.executor} worker(s)"))
     print("\nstack stopped. Policy comparison, load sweep, ablation and overheads: docs/results.md (make results).")
     return 0 if not result.errors else 1
 
@@ -226,6 +253,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 
     profile = load_profile(args.profile)
     workload = workload_spec(args).build(profile.max_model_len)
+    _check_gateway(args.gateway)
     print(f"replaying {len(workload)} requests ({args.workload}) against {args.gateway} ...", flush=True)
     result = run_load(args.gateway, workload, SLOCatalog(), profile.s_pf)
     rows = _service_rows(result)
@@ -245,6 +273,19 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0 if not result.errors else 1
 
 
+def _check_gateway(address: str, timeout_s: float = 5.0) -> None:
+    """ConnectionError unless a gateway accepts connections at ``address`` (else every request of
+    the replay would fail the same way)."""
+    import grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            raise ConnectionError(f"no gateway answers at {address} after {timeout_s:g} s: start one "
+                                  "(accelgen up) or check --gateway") from None
+
+
 def add_sim_args(p: argparse.ArgumentParser) -> None:
     """Options shared by ``sim`` and ``capacity``."""
     add_workload_args(p)
@@ -255,7 +296,8 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-noise", type=float, default=DEFAULT_TIME_NOISE,
                    help="log-normal sigma of actual/predicted iteration time (0 = exact cost model)")
     p.add_argument("--workers", type=int, default=1, help="workers (lanes) under one scheduler")
-    p.add_argument("--routing", default="least-work", help="how requests are spread over workers: least-work or slo-aware")
+    p.add_argument("--routing", default="least-work", choices=ROUTER_NAMES,
+                   help="how requests are spread over workers: least-work or slo-aware")
     p.add_argument("--jobs", type=int, default=None, help="parallel simulations (default: CPU count)")
     p.add_argument("--json", default=None, help="write results JSON here")
 
@@ -287,4 +329,6 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     demo.add_argument("--duration", type=float, default=60.0)
     demo.add_argument("--workers", type=int, default=1)
     demo.add_argument("--executor", default="vllm", help="vllm (the test model on vLLM's CPU runner) or sim")
+    demo.add_argument("--out", default=str(ROOT / "bench" / "out" / "demo"),
+                      help="directory for the per-class figure (slo_by_class.png)")
     demo.set_defaults(func=cmd_demo)
