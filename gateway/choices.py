@@ -9,8 +9,8 @@ and ``Choices`` streams them as one: ``deltas`` interleaves the children's delta
 their index, ``collect`` waits for every outcome, and ``close`` ends them all — a client that
 leaves cancels every sample still running, not just the first.
 
-The call takes one place under its key's concurrency cap (``lease``), held until every child's
-stream is over.
+Each child takes a place under its key's concurrency cap (the call's ``lease``, widened to the
+number of children before any is submitted), all held until every child's stream is over.
 """
 
 from __future__ import annotations

@@ -93,7 +93,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             caller = self._caller(context)
             with caller.admit().until_failure() as lease:
                 prepared = await self._service.prepare(request, caller=caller)
-                choices = await start_choices(self._service, expand(prepared, request.n), lease)
+                children = expand(prepared, request.n)
+                lease.widen(len(children) - 1)  # each sample is a stream under the key's cap
+                choices = await start_choices(self._service, children, lease)
             try:  # one x-request-id per sample, in index order
                 await context.send_initial_metadata(tuple((REQUEST_ID_KEY, a.request_id) for a in choices.actives))
             except BaseException:  # the client left right after the Submit: nobody will read it

@@ -72,11 +72,20 @@ class Lease:
 
     def __init__(self, limits: "KeyLimits | None") -> None:
         self._limits = limits
+        self._places = 1
+
+    def widen(self, extra: int) -> None:
+        """Take ``extra`` more places for the same call: each sample of ``n`` and each prompt of a
+        list runs as a request of its own, so a call of 8 samples counts as 8 streams, not 1
+        (else one call could run any number under a cap of a few). Raises as ``admit`` does."""
+        if self._limits is not None and extra > 0:
+            self._limits.widen(extra, self._places)
+            self._places += extra
 
     def release(self) -> None:
         limits, self._limits = self._limits, None
         if limits is not None:
-            limits._released()
+            limits._released(self._places)
 
     @contextlib.contextmanager
     def until_failure(self) -> Iterator["Lease"]:
@@ -127,6 +136,24 @@ class KeyLimits:
             self.in_flight += 1
         return Lease(self)
 
+    def widen(self, extra: int, held: int) -> None:
+        """``extra`` more places for a call that holds ``held``: RESOURCE_EXHAUSTED when the cap is
+        full now, INVALID_ARGUMENT when the call alone is more than the cap (waiting never helps)."""
+        with self._lock:
+            if self.concurrency <= 0:
+                self.in_flight += extra
+                return
+            if held + extra > self.concurrency:
+                raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"the call runs {held + extra} requests (n samples of each prompt), more than API "
+                                   f"key {self.name!r} may run at once ({self.concurrency}, its concurrency); ask "
+                                   "for fewer samples or prompts per call")
+            if self.in_flight + extra > self.concurrency:
+                raise _exhausted(f"API key {self.name!r} has {self.in_flight} requests in flight, and this call "
+                                 f"needs {held + extra} places under its limit of {self.concurrency} (concurrency); "
+                                 "retry when some of them finish", CONCURRENCY_RETRY_MS)
+            self.in_flight += extra
+
     def charge(self) -> None:
         """Count one call that starts no stream (Cancel, GetRequest, a read over HTTP) against the
         rate: RESOURCE_EXHAUSTED with when to retry when the bucket is empty. No concurrency
@@ -144,9 +171,9 @@ class KeyLimits:
         return _exhausted(f"API key {self.name!r} is over its rate limit of {self.bucket.rate:g} calls/s (burst "
                           f"{self.bucket.burst}); retry in {retry_ms / 1000:.3g} s", retry_ms)
 
-    def _released(self) -> None:
+    def _released(self, places: int = 1) -> None:
         with self._lock:
-            self.in_flight = max(0, self.in_flight - 1)
+            self.in_flight = max(0, self.in_flight - places)
 
 
 def _exhausted(message: str, retry_after_ms: int) -> GatewayError:

@@ -264,6 +264,7 @@ def create_app(service: GenerationService) -> FastAPI:
                 children.extend(expand(prepared, parsed.fmt.n))
             model = (await service.client.server_info()).model  # cached: prepare has just asked
             check_model(body.get("model"), config.model_names(model))
+            lease.widen(len(children) - 1)  # each prompt's each sample is a stream under the key's cap
             active = await start_choices(service, children, lease)
         headers = {"x-request-id": active.request_id}
         if parsed.stream:

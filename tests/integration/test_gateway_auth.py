@@ -270,6 +270,19 @@ def test_over_the_concurrency_is_429_until_a_stream_ends(fresh: GatewayStack, st
     assert fresh.wait_for(lambda: _post(fresh, KEY_ONE).status_code == 200)
 
 
+def test_every_sample_counts_under_the_concurrency(fresh: GatewayStack, stub) -> None:
+    """n samples are n requests at the scheduler: under concurrency=1 a call of 2 could never run,
+    so it is refused as bad input (not 429: waiting never helps), before anything is submitted."""
+    submitted = len(fresh.fake.submits)
+    r = _post(fresh, KEY_ONE, {"prompt": "hi", "max_tokens": 2, "n": 2, "temperature": 1.0})
+    assert r.status_code == 400 and "more than API key 'one' may run at once (1" in r.json()["error"]["message"]
+    err = _refused(lambda: _generate(stub, KEY_ONE, n=2, sampling_params=common_pb2.SamplingParams(temperature=1.0)),
+                   grpc.StatusCode.INVALID_ARGUMENT)
+    assert "ask for fewer samples" in err.details()
+    assert len(fresh.fake.submits) == submitted
+    assert _post(fresh, KEY_ONE).status_code == 200  # the refused calls left no place taken
+
+
 def test_reads_and_cancels_count_against_the_rate_too(fresh: GatewayStack, stub) -> None:
     """GetRequest, Cancel, /v1/requests/{id} and /v1/models each cost a scheduler call (the state
     read detokenises the prompt too): a key polling them is held to its rate like one submitting."""

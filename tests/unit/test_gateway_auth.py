@@ -200,6 +200,27 @@ def test_key_limits_refuse_with_a_retry_hint() -> None:
     assert limits.in_flight == 0
 
 
+def test_each_sample_of_a_call_takes_a_concurrency_place() -> None:
+    limits = KeyLimits("team", rate_per_s=0.0, burst=0, concurrency=4)
+    three = limits.admit()
+    three.widen(2)  # n = 3: three streams
+    assert limits.in_flight == 3
+    two = limits.admit()
+    err = _refused(lambda: two.widen(1), code=grpc.StatusCode.RESOURCE_EXHAUSTED)  # 3 + 2 > 4: wait
+    assert "needs 2 places under its limit of 4" in err.message and retry_after_ms(err) == 1000
+    assert limits.in_flight == 4  # the refused widening took nothing; its caller releases the lease
+    two.release()
+    one = limits.admit()
+    err = _refused(lambda: one.widen(4), code=grpc.StatusCode.INVALID_ARGUMENT)  # 5 > 4: never
+    assert "runs 5 requests" in err.message and "ask for fewer" in err.message
+    one.release()
+    three.release()
+    assert limits.in_flight == 0  # every place of the widened lease, once
+    open_lease = KeyLimits("open", 0.0, 0, 0).admit()
+    open_lease.widen(100)  # no cap: nothing refused
+    open_lease.release()
+
+
 def test_a_call_that_starts_no_stream_takes_a_rate_token_only() -> None:
     clock = Clock()
     limits = KeyLimits("team", rate_per_s=1.0, burst=2, concurrency=1, clock=clock)
