@@ -52,6 +52,13 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "structured_outputs": (None,), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
     "guided_grammar": (None,), "bad_words": (None, []),
     "skip_special_tokens": (None, True), "prompt_logprobs": (None, 0), "parallel_tool_calls": (None, False),
+    # OpenAI's legacy function calling, and vLLM fields that change the output or the prompt:
+    # refused rather than ignored, so a client never gets something other than what it asked for.
+    "functions": (None, []), "function_call": (None, "none"), "use_beam_search": (None, False),
+    "length_penalty": (None, 1), "allowed_token_ids": (None,), "truncate_prompt_tokens": (None,),
+    "add_generation_prompt": (None, True), "chat_template": (None,), "return_tokens_as_token_ids": (None, False),
+    "spaces_between_special_tokens": (None, True), "modalities": (None, ["text"]), "audio": (None,),
+    "prediction": (None,),
 }
 
 # Integer fields and the range their protobuf field can carry (a larger value is a 400 here,
