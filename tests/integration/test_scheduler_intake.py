@@ -8,6 +8,7 @@ worker standing in for the lane's stub, or a worker that never answers, so reque
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from typing import AsyncIterator, Awaitable, Callable, Iterator
@@ -35,12 +36,18 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc.stop()
 
 
+_UNUSED_PORTS = itertools.count(1)  # nothing listens there: the stub answers instead
+
+
 async def _scheduler(url: str, prefix: str, hang: bool = False, **settings) -> SchedulerHandle:
     config = SchedulerConfig(port=0, redis_url=url, redis_prefix=prefix, heartbeat_interval_s=0.5,
                              heartbeat_ttl_s=60.0, lease_ttl_s=2.0, **settings)
     handle = await start_scheduler(config)
     worker = InProcessWorker(hang)
-    await handle.app.workers.register("w0", "127.0.0.1:1", worker.servicer.info)
+    # A new address each time: a scheduler that recovered w0 from Redis already runs a lane for
+    # it, dialing the address it had; registering the same worker unchanged would keep that lane
+    # (which fails to connect and is dropped), a changed one gets a fresh lane with the stub.
+    await handle.app.workers.register("w0", f"127.0.0.1:{next(_UNUSED_PORTS)}", worker.servicer.info)
     handle.app.workers.lanes["w0"].link.stub = worker  # before the lane's first await
     return handle
 
