@@ -18,8 +18,10 @@
 - **Bound.** At most ``max_workers`` worker ids are registered at once: each lane allocates
   block accounting for up to 2^20 blocks, so an unbounded registry is a memory exhaustion.
 - **Drains.** A draining worker (``drain``: its own SIGTERM, or an operator's ``accelgen drain``)
-  is routed no new request, while the requests it has run to the end; past the grace period
-  the rest are handed over as for a dropped worker (recomputed elsewhere) and it is dropped. The
+  is routed no new request; those it has not started go at once to the other workers, as new
+  requests (``drain_moved``: nothing was computed, nothing is recomputed), and the ones it started
+  run to the end; past the grace period the rest are handed over as for a dropped worker
+  (recomputed elsewhere) and it is dropped. The
   drain's deadline is in Redis with the registry, so a scheduler that takes over keeps it; the
   worker follows it through its heartbeats (``drain_state``) and deregisters once it has none.
 - **Drops.** A worker that stops heart-beating, deregisters, or whose lane ended with a failure
@@ -275,9 +277,10 @@ class WorkerRegistry:
 
     # -- drains -------------------------------------------------------------------------------
     async def drain(self, worker_id: str, grace_s: float, identity: str = "", operator: bool = False) -> DrainState:
-        """Route ``worker_id`` no new request; hand what it still runs after ``grace_s`` (0: the
-        default) to other workers. A worker drains only itself (its certificate must hold the id);
-        an ``operator`` (the gateway role: ``accelgen drain``) any worker. Durable before it returns.
+        """Route ``worker_id`` no new request, move the requests it has not started to other
+        workers now, and hand what it still runs after ``grace_s`` (0: the default) to them. A
+        worker drains only itself (its certificate must hold the id); an ``operator`` (the
+        gateway role: ``accelgen drain``) any worker. Durable before it returns.
         A second drain keeps the earlier deadline if that is sooner."""
         if not 0 <= grace_s <= MAX_DRAIN_GRACE_S:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -302,7 +305,32 @@ class WorkerRegistry:
                      assigned=lane.core.num_unfinished,
                      by="operator" if operator else "worker" if identity else "plaintext caller")
         self._draining[worker_id] = until
+        self._move_unstarted(lane)
         return self.drain_state(worker_id, now)
+
+    def _move_unstarted(self, lane: WorkerLane) -> int:
+        """Route the requests the draining ``lane`` never started to the other workers now, as new
+        requests: nothing was computed for them, so nothing is lost or recomputed, and the worker
+        only finishes what it started (it leaves sooner). With no other lane they stay and run
+        there. Redis needs no write: their records say waiting, with no output, whichever worker
+        runs them (``worker`` there is the one the Submit picked, as after a drop's hand-over),
+        and a scheduler that takes over re-routes every live request anyway."""
+        if self.pick_lane() is None:
+            return 0
+        moved = 0
+        for r in lane.core.take_unstarted():
+            target = self.pick_lane()
+            if target is not None:
+                try:
+                    target.core.add_request(r)
+                    target.wakeup.set()
+                    moved += 1
+                    continue
+                except ValueError:  # that worker's context is too short for the prompt
+                    pass
+            lane.core.add_request(r)  # it runs here after all
+        log.info("drain_moved", worker=lane.worker_id, moved=moved, assigned=lane.core.num_unfinished)
+        return moved
 
     def drain_state(self, worker_id: str, now: float | None = None) -> DrainState:
         """The drain of ``worker_id`` (not draining: ``draining`` False)."""
@@ -348,7 +376,10 @@ class WorkerRegistry:
             del self._dropping[worker_id]
         for r in moved:
             self.route(r, adopt=True)
-        log.warning("worker_dropped", worker=worker_id, reason=reason, requeued=len(moved))
+        # A worker that left on its own with nothing running is routine (a drain, a stop); anything
+        # else (silent, failed, or requests to recompute) is what an operator should see.
+        quiet = reason == "deregistered" and not moved
+        (log.info if quiet else log.warning)("worker_dropped", worker=worker_id, reason=reason, requeued=len(moved))
         if remove_from_store:
             try:
                 await self.store.remove_worker(worker_id)

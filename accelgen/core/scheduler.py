@@ -136,12 +136,40 @@ class SchedulerCore:
         self.on_worker.clear()
         return out
 
+    def take_unstarted(self) -> list[Request]:
+        """Remove and return, in queue order, the waiting requests this core never started: no
+        token computed, no KV block, no output (pending or known), never in a plan (status still
+        WAITING: a preempted one may be in a plan in flight). Another core can run them as new
+        requests and lose nothing: a drain hands them to a worker that is staying."""
+        out = [r for r in self.waiting if r.status is RequestStatus.WAITING and r.num_computed_tokens == 0
+               and not r.output_token_ids and r.num_pending_outputs == 0
+               and not self.kv.num_blocks_of(r.request_id) and r.request_id not in self.on_worker]
+        for r in out:
+            self.waiting.remove(r.request_id)
+            del self.requests[r.request_id]
+        return out
+
     def cancel(self, request_id: str, now: float) -> bool:
         """Cancel a live request; returns False if unknown or already done."""
         request = self.requests.get(request_id)
         if request is None or request.status.is_done:
             return False
         self._finish(request, FinishReason.CANCELLED, now, RequestStatus.CANCELLED)
+        return True
+
+    def finish_stopped(self, request_id: str, keep: int, now: float) -> bool:
+        """Finish a live request as STOP with only its first ``keep`` outputs: a stop string the
+        gateway found in the text (the scheduler has no tokenizer) ends it as vLLM would, where
+        the token completing the string was sampled. Outputs after ``keep`` (sampled meanwhile,
+        or pending in plans in flight) are discarded. False if unknown or already done;
+        ``ValueError`` if ``keep`` exceeds the outputs known so far."""
+        request = self.requests.get(request_id)
+        if request is None or request.status.is_done:
+            return False
+        if not 0 <= keep <= request.num_known_outputs:
+            raise ValueError(f"keep = {keep} is not within the {request.num_known_outputs} outputs of {request_id!r}")
+        self._finish(request, FinishReason.STOP, now, RequestStatus.FINISHED)  # drops the pending outputs
+        del request.output_token_ids[keep:]
         return True
 
     # -- transitions used by the batch builder -------------------------------------------

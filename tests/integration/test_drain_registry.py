@@ -1,6 +1,7 @@
 """The scheduler's side of a drain, in-process against a real Redis: what it routes, who may drain
-whom, the deadline, and that a scheduler taking over keeps it (the whole-stack drains under load
-are tests/e2e/test_worker_drain.py)."""
+whom, the deadline, that a scheduler taking over keeps it, and that the requests the worker has not
+started move to another worker at once (the whole-stack drains under load are
+tests/e2e/test_worker_drain.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,16 @@ import time
 import grpc
 import pytest
 
+from structlog.testing import capture_logs
+
+from accelgen.core.request import RequestStatus
+from accelgen.v1 import worker_pb2
+from scheduler_service.config import SchedulerConfig
 from scheduler_service.errors import ServiceError
+from scheduler_service.main import start_scheduler
 from scheduler_service.workers import DEFAULT_DRAIN_GRACE_S, WorkerRegistry
-from tests.integration.test_scheduler_intake import _scheduler, _submit, redis_url  # noqa: F401 (a fixture)
+from tests.integration.test_scheduler_intake import _scheduler, _submit, _until, redis_url  # noqa: F401 (a fixture)
+from tests.support.in_process_worker import InProcessWorker
 
 pytestmark = pytest.mark.integration
 
@@ -81,6 +89,62 @@ def test_past_the_grace_period_the_worker_is_dropped_and_forgotten(redis_url: st
                 assert time.monotonic() < deadline, "w1 was not dropped"
                 await asyncio.sleep(0.02)
             assert not await workers.heartbeat("w1")  # its worker hears it is forgotten, and exits
+        finally:
+            await handle.stop(grace_s=0.2)
+
+    asyncio.run(main())
+
+
+class _Recording(InProcessWorker):
+    """An in-process worker that notes the requests it sampled tokens for: where they ran."""
+
+    def __init__(self, hang: bool = False) -> None:
+        super().__init__(hang)
+        self.ran: set[str] = set()
+
+    def received(self, reply: worker_pb2.IterationResult) -> worker_pb2.IterationResult:
+        self.ran.update(reply.sampled_token_ids)
+        return reply
+
+
+def test_a_drain_moves_what_its_worker_has_not_started_to_another_worker(redis_url: str) -> None:  # noqa: F811
+    async def main() -> None:
+        config = SchedulerConfig(port=0, redis_url=redis_url, redis_prefix="drain3:", heartbeat_interval_s=0.5,
+                                 heartbeat_ttl_s=60.0, lease_ttl_s=2.0, max_num_seqs=1)
+        handle = await start_scheduler(config)
+        workers: WorkerRegistry = handle.app.workers
+        leaving, staying = _Recording(hang=True), _Recording()  # leaving: one request at a time, never done
+        try:
+            await workers.register("w1", "127.0.0.1:1", leaving.servicer.info)
+            workers.lanes["w1"].link.stub = leaving  # before the lane's first await
+            for i in range(4):
+                await handle.app.intake.submit(_submit(f"r{i}", max_tokens=8))
+            core = workers.lanes["w1"].core
+
+            async def started() -> bool:
+                r0 = core.requests["r0"]
+                return r0.status is RequestStatus.RUNNING and r0.num_computed_tokens > 0
+
+            await _until(started, "r0 to start on w1")
+            await workers.register("w0", "127.0.0.1:2", staying.servicer.info)
+            workers.lanes["w0"].link.stub = staying
+            with capture_logs() as logs:
+                state = await workers.drain("w1", 60, operator=True)
+            assert state.draining and state.assigned == 1  # only r0, which it started, is left to it
+            assert [(e["worker"], e["moved"]) for e in logs if e["event"] == "drain_moved"] == [("w1", 3)]
+            moved = [f"r{i}" for i in (1, 2, 3)]
+
+            async def finished() -> bool:
+                records = [await handle.app.store.load_request(rid) for rid in moved]
+                return all(rec is not None and rec.request.status is RequestStatus.FINISHED for rec in records)
+
+            await _until(finished, "the moved requests to finish")
+            assert staying.ran == set(moved) and leaving.ran == set()  # they ran on w0 only
+            for rid in moved:
+                rec = await handle.app.store.load_request(rid)
+                assert rec is not None and len(rec.request.output_token_ids) == 8 and rec.request.num_preemptions == 0
+            assert workers.worker_of("r0") == "w1" and set(core.requests) == {"r0"}
+            assert [rec.request.request_id for rec in await handle.app.store.load_live()] == ["r0"]
         finally:
             await handle.stop(grace_s=0.2)
 

@@ -241,3 +241,37 @@ def test_an_unpipelined_core_never_holds_placeholders() -> None:
     assert core.requests["x"].output_token_ids == [] and not plan.dispatched
     assert msg.chunks[0].num_output_tokens == 0 and list(msg.chunks[0].token_ids) == core.requests["x"].prompt_token_ids
     assert core.requests["x"].status is RequestStatus.RUNNING
+
+
+def test_take_unstarted_leaves_what_plans_in_flight_name_and_loses_nothing() -> None:
+    """A drain moves the requests its worker never started; those in the two plans in flight
+    (one mid-prefill, sampling nothing yet) stay, and both sides finish with their exact outputs."""
+    prof = profile(64)
+    core = SchedulerCore(VLLMPolicy(prof, SLOCatalog(), VLLMConfig(max_num_batched_tokens=64)), prof,
+                         config=CoreConfig(max_num_seqs=2))
+    a, b, c, d = req("a", 20, 30), req("b", 200, 20), req("c", 20, 10), req("d", 30, 10)
+    for r in (a, b, c, d):
+        core.add_request(r)
+    driver = Driver(core, depth=2)
+    while driver.send():
+        pass
+    assert len(driver.in_flight) == 2 and b.num_pending_outputs == 0 < b.num_computed_tokens  # b mid-prefill
+    assert core.take_unstarted() == [c, d]
+    assert set(core.requests) == {"a", "b"} and len(core.waiting) == 0 and core.take_unstarted() == []
+    assert driver.drain().tokens == {r.request_id: [sim_token(r.request_id, i) for i in range(r.sampling.max_tokens)]
+                                     for r in (a, b)}
+    other = make_core()
+    for r in (c, d):
+        other.add_request(r)  # as routing places a new request: nothing to recompute
+    rest = Driver(other, depth=2).drain()
+    assert rest.tokens == {r.request_id: [sim_token(r.request_id, i) for i in range(10)] for r in (c, d)}
+
+
+def test_take_unstarted_keeps_a_request_with_outputs() -> None:
+    core = make_core()
+    resumed, fresh = req("r", 20, 10), req("f", 20, 10)
+    resumed.output_token_ids = [5, 6]  # ran on a lost worker: adopted, to be recomputed here
+    core.adopt(resumed)
+    core.adopt(fresh)  # adopted with nothing produced: as good as new
+    assert core.take_unstarted() == [fresh]
+    assert list(core.waiting) == [resumed] and set(core.requests) == {"r"}
