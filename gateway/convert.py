@@ -172,10 +172,12 @@ def has_prompt(req: gateway_pb2.GenerateRequest) -> bool:
 
 def to_submit_request(request_id: str, prompt_ids: Sequence[int], sampling: common_pb2.SamplingParams,
                       app_class: str, slo: common_pb2.SLOSpec, eos_token_id: int | None, tenant: str = "",
-                      label: str = "") -> scheduler_pb2.SubmitRequest:
+                      label: str = "", stop: Sequence[str] = (), include_stop: bool = False
+                      ) -> scheduler_pb2.SubmitRequest:
+    """The Submit; the stop strings go along so that an Attach anywhere re-applies them."""
     msg = scheduler_pb2.SubmitRequest(request_id=request_id, prompt_token_ids=list(prompt_ids),
                                       sampling_params=sampling, app_class=app_class, slo=slo, tenant=tenant,
-                                      label=label)
+                                      label=label, stop=list(stop), include_stop_str_in_output=include_stop)
     if eos_token_id is not None:
         msg.eos_token_id = eos_token_id
         msg.has_eos_token_id = True

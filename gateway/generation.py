@@ -201,7 +201,7 @@ class ActiveRequest:
             self._stop_reason = stop_string
             if not finished:  # it would go on: the GPU is someone else's now
                 log.info("request_stop_string", request_id=self.request_id, tokens=len(self._output))
-                self.client.cancel_in_background(self.request_id)
+                self.client.cancel_in_background(self.request_id, stop_at=len(self._output))  # finished, "stop"
             finished = True
             self._finish_reason = "stop"
         elif finished:
@@ -357,7 +357,8 @@ class GenerationService:
         max_new = sampling.max_new_tokens if sampling.HasField("max_new_tokens") else None
         check_prompt(prompt_ids, info.max_model_len, vocab, names, max_new)
         submit = to_submit_request(uuid.uuid4().hex, prompt_ids, sampling, app_class, slo,
-                                   self.tokenizer.eos_token_id, tenant=caller.tenant, label=label)
+                                   self.tokenizer.eos_token_id, tenant=caller.tenant, label=label, stop=req.stop,
+                                   include_stop=req.include_stop_str_in_output)
         if text_output is None:
             text_output = req.WhichOneof("input") == "text"
         return Prepared(submit=submit, text_output=text_output, arrival_s=arrival_s, stop=tuple(req.stop),
@@ -452,7 +453,8 @@ class GenerationService:
                                f"{request_id!r} has produced{done}", "from_token_index")
         submit = scheduler_pb2.SubmitRequest(request_id=request_id, prompt_token_ids=state.prompt_token_ids,
                                              app_class=state.app_class, slo=state.slo)
-        prepared = Prepared(submit=submit, text_output=True, arrival_s=state.arrival_s or time.time())
+        prepared = Prepared(submit=submit, text_output=True, arrival_s=state.arrival_s or time.time(),
+                            stop=tuple(state.stop), include_stop_str_in_output=state.include_stop_str_in_output)
         log.info("request_attached", request_id=request_id, from_token_index=from_token_index,
                  status=state.status, produced=produced)
         return ActiveRequest(prepared=prepared, slo=state.slo, client=self.client, tokenizer=self.tokenizer,

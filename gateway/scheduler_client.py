@@ -123,25 +123,31 @@ class SchedulerClient:
         request.owner = self.owner
         return await _survive_channel_change(self._stub.Submit(request, timeout=self._config.submit_timeout_s))
 
-    async def cancel(self, request_id: str) -> common_pb2.CancelResponse:
-        return await _survive_channel_change(self._stub.Cancel(common_pb2.CancelRequest(request_id=request_id),
-                                                               timeout=self._config.rpc_timeout_s))
+    async def cancel(self, request_id: str, stop_at: int | None = None) -> common_pb2.CancelResponse:
+        """Cancel ``request_id``; with ``stop_at``, finish it instead as "stop" with its first
+        ``stop_at`` output tokens (a stop string completed at that token)."""
+        msg = common_pb2.CancelRequest(request_id=request_id)
+        if stop_at is not None:
+            msg.finish_reason, msg.keep_output_tokens = "stop", stop_at
+        return await _survive_channel_change(self._stub.Cancel(msg, timeout=self._config.rpc_timeout_s))
 
     async def get_request(self, request_id: str, include_prompt: bool = False) -> common_pb2.RequestState:
         return await _survive_channel_change(self._stub.GetRequest(
             common_pb2.GetRequestRequest(request_id=request_id, include_prompt=include_prompt),
             timeout=self._config.rpc_timeout_s))
 
-    def cancel_in_background(self, request_id: str) -> None:
-        """Cancel an abandoned request without blocking (the caller is usually being cancelled)."""
-        if self.draining:
+    def cancel_in_background(self, request_id: str, stop_at: int | None = None) -> None:
+        """Cancel an abandoned request without blocking (the caller is usually being cancelled);
+        ``stop_at``: finish it as "stop" with that many output tokens (``cancel``)."""
+        if self.draining and stop_at is None:  # a stop string's end is the request's own: still sent
             log.info("request_left_running", request_id=request_id, reason="gateway shutting down")
             return
 
         async def _cancel() -> None:
             try:
-                await self.cancel(request_id)
-                log.info("request_abandoned_cancelled", request_id=request_id)
+                await self.cancel(request_id, stop_at)
+                log.info("request_abandoned_cancelled" if stop_at is None else "request_stopped_at_scheduler",
+                         request_id=request_id)
             except grpc.aio.AioRpcError as exc:  # already finished (NOT_FOUND) or scheduler away
                 log.info("request_abandoned_cancel_failed", request_id=request_id, code=exc.code().name)
 

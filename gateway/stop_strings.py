@@ -18,8 +18,11 @@ from AccelGen as from ``vllm serve``:
 * an incomplete character at the very end (the output ended inside a multi-byte character) is
   left out, as vLLM's detokenizers leave it out (before, the gateway ended the text with U+FFFD).
 
-``OutputText`` is pure (no I/O): ``gateway.generation`` feeds it the token batches and cancels
-the request at the scheduler when a stop string ended it.
+``OutputText`` is pure (no I/O): ``gateway.generation`` feeds it the token batches and, when a
+stop string ended the request, finishes it at the scheduler as "stop" with its output up to the
+token that completed the string (a Cancel with ``finish_reason`` "stop"), so the scheduler's state
+and metrics say finished, not cancelled. The stop strings are stored with the request, so an
+Attach through any gateway cuts the output at the same token.
 """
 
 from __future__ import annotations

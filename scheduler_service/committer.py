@@ -200,7 +200,7 @@ async def _after(previous: asyncio.Task | None, write: Coroutine[Any, Any, Any])
 # -- changes, request by request -------------------------------------------------------------
 def _request_ids(ch: IterationChanges) -> list[str]:
     """Every request an iteration touches, in a stable order."""
-    return list(dict.fromkeys([*ch.tokens, *ch.status, *ch.preemptions, *ch.finished]))
+    return list(dict.fromkeys([*ch.tokens, *ch.status, *ch.preemptions, *ch.finished, *ch.truncate]))
 
 
 def _only(ch: IterationChanges, rid: str) -> IterationChanges:
@@ -210,7 +210,8 @@ def _only(ch: IterationChanges, rid: str) -> IterationChanges:
         preemptions={rid: ch.preemptions[rid]} if rid in ch.preemptions else {},
         finished=[rid] if rid in ch.finished else [],
         offsets={rid: ch.offsets[rid]} if rid in ch.offsets else {},
-        logprobs={rid: ch.logprobs[rid]} if rid in ch.logprobs else {})
+        logprobs={rid: ch.logprobs[rid]} if rid in ch.logprobs else {},
+        truncate={rid: ch.truncate[rid]} if rid in ch.truncate else {})
 
 
 def _without(ch: IterationChanges, rids: set[str]) -> IterationChanges:
@@ -222,7 +223,8 @@ def _without(ch: IterationChanges, rids: set[str]) -> IterationChanges:
         preemptions={r: v for r, v in ch.preemptions.items() if r not in rids},
         finished=[r for r in ch.finished if r not in rids],
         offsets={r: v for r, v in ch.offsets.items() if r not in rids},
-        logprobs={r: v for r, v in ch.logprobs.items() if r not in rids})
+        logprobs={r: v for r, v in ch.logprobs.items() if r not in rids},
+        truncate={r: v for r, v in ch.truncate.items() if r not in rids})
 
 
 def _merge(into: IterationChanges, part: IterationChanges) -> None:
@@ -232,6 +234,7 @@ def _merge(into: IterationChanges, part: IterationChanges) -> None:
     into.finished.extend(part.finished)
     into.offsets.update(part.offsets)
     into.logprobs.update(part.logprobs)
+    into.truncate.update(part.truncate)
 
 
 def _describe(exc: BaseException) -> str:

@@ -25,6 +25,7 @@ MAX_TAG_CHARS = 128  # tenant, label
 MAX_OWNER_CHARS = 256  # a gateway's instance id
 MAX_WORKER_ID_CHARS = 128
 MAX_ADDRESS_CHARS = 256
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256  # a Submit's stop strings (the gateway's own bounds)
 LABEL_CHARS = re.compile(r"[A-Za-z0-9._:-]*")  # the gateway's check of a client's request id
 WORKER_ID_CHARS = re.compile(r"[A-Za-z0-9._:@-]+")  # hostname-pid by default
 
@@ -63,6 +64,15 @@ def submit_tags(msg: scheduler_pb2.SubmitRequest) -> tuple[str, str]:
         raise InvalidInput(f"label may use only letters, digits and . _ : -, got {_shown(msg.label)}")
     check_printable("owner", msg.owner, MAX_OWNER_CHARS)
     return msg.tenant, msg.label
+
+
+def submit_stop(msg: scheduler_pb2.SubmitRequest) -> tuple[str, ...]:
+    """The Submit's stop strings, checked: kept in the request's record for Attach."""
+    if len(msg.stop) > MAX_STOP_STRINGS:
+        raise InvalidInput(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(msg.stop)}")
+    for i, s in enumerate(msg.stop):
+        check_length(f"stop[{i}]", s, MAX_STOP_CHARS, least=1)
+    return tuple(msg.stop)
 
 
 def check_worker_id(worker_id: str) -> None:

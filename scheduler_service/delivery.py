@@ -143,11 +143,15 @@ class Delivery:
         ch = self.channels.get(request_id)
         return None if ch is None else (list(ch.tokens), list(ch.times), list(ch.logprobs))
 
-    def close(self, request_id: str, reason: str) -> None:
-        """The request is done: its watchers get the end, and the channel goes a while later."""
+    def close(self, request_id: str, reason: str, keep: int | None = None) -> None:
+        """The request is done: its watchers get the end, and the channel goes a while later.
+        ``keep``: only its first ``keep`` tokens stand (a gateway's stop string ended it); no
+        watcher is sent one after them from here on."""
         ch = self.channels.get(request_id)
         if ch is None:
             return
+        if keep is not None:
+            del ch.tokens[keep:], ch.times[keep:], ch.logprobs[keep:]
         ch.finished = True
         ch.finish_reason = reason
         ch.notify()

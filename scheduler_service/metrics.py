@@ -145,6 +145,14 @@ class SchedulerMetrics:
         if track is not None:
             self.cancelled.labels(track.app_class).inc()
 
+    def stopped_request(self, request: Request, keep: int, now: float) -> None:
+        """A request a gateway finished for a stop string, with its first ``keep`` tokens: finished
+        (not cancelled), its SLO judged on those tokens by the same rule as every finish."""
+        track = self._live.get(request.request_id)
+        if track is not None:
+            del track.times[keep:]
+        self._finished(request, now)
+
     def forget(self, request_id: str) -> None:
         """A request ended otherwise (its record refused by Redis for good): nothing to count."""
         self._live.pop(request_id, None)

@@ -77,7 +77,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def Cancel(self, request, context):
         try:
             _checked(convert.check_request_id, request.request_id)
-            ok = await self.app.intake.cancel(request.request_id)
+            keep = request.keep_output_tokens if request.HasField("keep_output_tokens") else None
+            ok = await self.app.intake.cancel(request.request_id, request.finish_reason, keep)
         except Exception as exc:
             await _abort(context, exc)
         return common_pb2.CancelResponse(cancelled=ok)
@@ -96,7 +97,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             finish_reason=r.finish_reason.value if r.finish_reason else "", app_class=r.app_class,
             slo=slo_to_proto(r.slo), prompt_tokens=r.num_prompt_tokens, num_preemptions=r.num_preemptions,
             prompt_token_ids=r.prompt_token_ids if request.include_prompt else (), arrival_s=r.arrival_s,
-            tenant=rec.tenant, label=rec.label)
+            tenant=rec.tenant, label=rec.label, stop=rec.stop,
+            include_stop_str_in_output=rec.include_stop_str_in_output)
 
     async def GetServerInfo(self, request, context):
         return self.app.server_info()

@@ -71,10 +71,14 @@ class TokenTiming(_message.Message):
     def __init__(self, emitted_at: _Optional[float] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
-    __slots__ = ("request_id",)
+    __slots__ = ("request_id", "finish_reason", "keep_output_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    KEEP_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+    finish_reason: str
+    keep_output_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., finish_reason: _Optional[str] = ..., keep_output_tokens: _Optional[int] = ...) -> None: ...
 
 class CancelResponse(_message.Message):
     __slots__ = ("cancelled",)
@@ -91,7 +95,7 @@ class GetRequestRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., include_prompt: _Optional[bool] = ...) -> None: ...
 
 class RequestState(_message.Message):
-    __slots__ = ("request_id", "status", "output_ids", "finish_reason", "app_class", "slo", "prompt_tokens", "num_preemptions", "prompt_token_ids", "arrival_s", "tenant", "label")
+    __slots__ = ("request_id", "status", "output_ids", "finish_reason", "app_class", "slo", "prompt_tokens", "num_preemptions", "prompt_token_ids", "arrival_s", "tenant", "label", "stop", "include_stop_str_in_output")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +108,8 @@ class RequestState(_message.Message):
     ARRIVAL_S_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_STOP_STR_IN_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     status: str
     output_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -116,7 +122,9 @@ class RequestState(_message.Message):
     arrival_s: float
     tenant: str
     label: str
-    def __init__(self, request_id: _Optional[str] = ..., status: _Optional[str] = ..., output_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., app_class: _Optional[str] = ..., slo: _Optional[_Union[SLOSpec, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., arrival_s: _Optional[float] = ..., tenant: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    include_stop_str_in_output: bool
+    def __init__(self, request_id: _Optional[str] = ..., status: _Optional[str] = ..., output_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., app_class: _Optional[str] = ..., slo: _Optional[_Union[SLOSpec, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., arrival_s: _Optional[float] = ..., tenant: _Optional[str] = ..., label: _Optional[str] = ..., stop: _Optional[_Iterable[str]] = ..., include_stop_str_in_output: _Optional[bool] = ...) -> None: ...
 
 class WorkerDescription(_message.Message):
     __slots__ = ("model", "executor", "block_size", "num_blocks", "max_model_len", "profile_json", "eos_token_id", "vocab_size", "max_num_batched_tokens", "max_num_seqs")

@@ -81,6 +81,8 @@ class GatewayServicer:
 
     def Cancel(self, request, context):
         """Cancel a request (vLLM's Abort). Cancelling a finished or unknown request is NOT_FOUND.
+        Only request_id is read (finish_reason and keep_output_tokens are the gateway's own, for
+        stop strings).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -99,9 +101,11 @@ class GatewayServicer:
         A client whose gateway died resumes with the number of tokens it already has. Chunks carry
         the tokens from that index and the text they add after the output before it (detokenised
         exactly as Generate does, so the texts join up); the final GenerateComplete covers the
-        whole output. Leaving before the end cancels the request, as with Generate, unless
-        keep_running. Errors: NOT_FOUND (unknown or expired id), OUT_OF_RANGE (from_token_index
-        beyond the tokens the request has produced so far), INVALID_ARGUMENT (no request_id).
+        whole output; a request's stop strings are applied as Generate applied them (same cut text,
+        finish_reason "stop" and stop_string). Leaving before the end cancels the request, as with
+        Generate, unless keep_running. Errors: NOT_FOUND (unknown or expired id), OUT_OF_RANGE
+        (from_token_index beyond the tokens the request has produced so far), INVALID_ARGUMENT (no
+        request_id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from accelgen.v1 import common_pb2 as accelgen_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61\x63\x63\x65lgen/v1/scheduler.proto\x12\x0b\x61\x63\x63\x65lgen.v1\x1a\x18\x61\x63\x63\x65lgen/v1/common.proto\"\x87\x02\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x34\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1b.accelgen.v1.SamplingParams\x12\x11\n\tapp_class\x18\x04 \x01(\t\x12!\n\x03slo\x18\x05 \x01(\x0b\x32\x14.accelgen.v1.SLOSpec\x12\x14\n\x0c\x65os_token_id\x18\x06 \x01(\r\x12\x18\n\x10has_eos_token_id\x18\x07 \x01(\x08\x12\r\n\x05owner\x18\x08 \x01(\t\x12\x0e\n\x06tenant\x18\t \x01(\t\x12\r\n\x05label\x18\n \x01(\t\"G\n\x0eSubmitResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12!\n\x03slo\x18\x02 \x01(\x0b\x32\x14.accelgen.v1.SLOSpec\"7\n\x0cWatchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_index\x18\x02 \x01(\r\"\xc9\x01\n\nTokenBatch\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x13\n\x0bstart_index\x18\x02 \x01(\r\x12\x12\n\nemitted_at\x18\x03 \x03(\x01\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x05\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.accelgen.v1.TokenLogprob\"\\\n\x10WatchManyRequest\x12(\n\x05watch\x18\x01 \x03(\x0b\x32\x19.accelgen.v1.WatchRequest\x12\x0f\n\x07unwatch\x18\x02 \x03(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"f\n\x11WatchManyResponse\x12(\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x17.accelgen.v1.TokenBatch\x12\'\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x17.accelgen.v1.WatchError\"?\n\nWatchError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x16\n\x14GetServerInfoRequest\"\xcb\x03\n\nServerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x14\n\x0clive_workers\x18\x04 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x05 \x01(\r\x12\x0e\n\x06policy\x18\x06 \x01(\t\x12\x13\n\x0b\x61pp_classes\x18\x07 \x03(\t\x12\x12\n\niterations\x18\x08 \x01(\x04\x12\x14\n\x0csched_ms_p50\x18\t \x01(\x01\x12\x14\n\x0csched_ms_p99\x18\n \x01(\x01\x12\x13\n\x0boverhead_ms\x18\x0b \x01(\x01\x12&\n\x07\x63lasses\x18\x0c \x03(\x0b\x32\x15.accelgen.v1.AppClass\x12\x12\n\nvocab_size\x18\r \x01(\r\x12\x34\n\x13worker_to_scheduler\x18\x0e \x01(\x0b\x32\x17.accelgen.v1.HopLatency\x12\x33\n\x12\x61pplied_to_durable\x18\x0f \x01(\x0b\x32\x17.accelgen.v1.HopLatency\x12\x33\n\x12\x61pplied_to_gateway\x18\x10 \x01(\x0b\x32\x17.accelgen.v1.HopLatency\"=\n\nHopLatency\x12\x0e\n\x06p50_ms\x18\x01 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x02 \x01(\x01\x12\x0f\n\x07samples\x18\x03 \x01(\x04\";\n\x08\x41ppClass\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x03slo\x18\x02 \x01(\x0b\x32\x14.accelgen.v1.SLOSpec\"p\n\x15RegisterWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x33\n\x0b\x64\x65scription\x18\x03 \x01(\x0b\x32\x1e.accelgen.v1.WorkerDescription\"O\n\x16RegisterWorkerResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\x12\x17\n\x0fheartbeat_ttl_s\x18\x02 \x01(\x01\"%\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\\\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\x10\n\x08\x61ssigned\x18\x03 \x01(\r\x12\x14\n\x0c\x64rain_left_s\x18\x04 \x01(\x01\",\n\x17\x44\x65registerWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65registerWorkerResponse\"G\n\x12\x44rainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07grace_s\x18\x02 \x01(\x01\x12\r\n\x05query\x18\x03 \x01(\x08\"O\n\x13\x44rainWorkerResponse\x12\x10\n\x08\x61ssigned\x18\x01 \x01(\r\x12\x14\n\x0c\x64rain_left_s\x18\x02 \x01(\x01\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\x32\xd1\x05\n\tScheduler\x12\x41\n\x06Submit\x12\x1a.accelgen.v1.SubmitRequest\x1a\x1b.accelgen.v1.SubmitResponse\x12N\n\tWatchMany\x12\x1d.accelgen.v1.WatchManyRequest\x1a\x1e.accelgen.v1.WatchManyResponse(\x01\x30\x01\x12\x41\n\x06\x43\x61ncel\x12\x1a.accelgen.v1.CancelRequest\x1a\x1b.accelgen.v1.CancelResponse\x12G\n\nGetRequest\x12\x1e.accelgen.v1.GetRequestRequest\x1a\x19.accelgen.v1.RequestState\x12K\n\rGetServerInfo\x12!.accelgen.v1.GetServerInfoRequest\x1a\x17.accelgen.v1.ServerInfo\x12Y\n\x0eRegisterWorker\x12\".accelgen.v1.RegisterWorkerRequest\x1a#.accelgen.v1.RegisterWorkerResponse\x12J\n\tHeartbeat\x12\x1d.accelgen.v1.HeartbeatRequest\x1a\x1e.accelgen.v1.HeartbeatResponse\x12_\n\x10\x44\x65registerWorker\x12$.accelgen.v1.DeregisterWorkerRequest\x1a%.accelgen.v1.DeregisterWorkerResponse\x12P\n\x0b\x44rainWorker\x12\x1f.accelgen.v1.DrainWorkerRequest\x1a .accelgen.v1.DrainWorkerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61\x63\x63\x65lgen/v1/scheduler.proto\x12\x0b\x61\x63\x63\x65lgen.v1\x1a\x18\x61\x63\x63\x65lgen/v1/common.proto\"\xb9\x02\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x34\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1b.accelgen.v1.SamplingParams\x12\x11\n\tapp_class\x18\x04 \x01(\t\x12!\n\x03slo\x18\x05 \x01(\x0b\x32\x14.accelgen.v1.SLOSpec\x12\x14\n\x0c\x65os_token_id\x18\x06 \x01(\r\x12\x18\n\x10has_eos_token_id\x18\x07 \x01(\x08\x12\r\n\x05owner\x18\x08 \x01(\t\x12\x0e\n\x06tenant\x18\t \x01(\t\x12\r\n\x05label\x18\n \x01(\t\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08\"G\n\x0eSubmitResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12!\n\x03slo\x18\x02 \x01(\x0b\x32\x14.accelgen.v1.SLOSpec\"7\n\x0cWatchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_index\x18\x02 \x01(\r\"\xc9\x01\n\nTokenBatch\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x13\n\x0bstart_index\x18\x02 \x01(\r\x12\x12\n\nemitted_at\x18\x03 \x03(\x01\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x05\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.accelgen.v1.TokenLogprob\"\\\n\x10WatchManyRequest\x12(\n\x05watch\x18\x01 \x03(\x0b\x32\x19.accelgen.v1.WatchRequest\x12\x0f\n\x07unwatch\x18\x02 \x03(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"f\n\x11WatchManyResponse\x12(\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x17.accelgen.v1.TokenBatch\x12\'\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x17.accelgen.v1.WatchError\"?\n\nWatchError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x16\n\x14GetServerInfoRequest\"\xcb\x03\n\nServerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x14\n\x0clive_workers\x18\x04 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x05 \x01(\r\x12\x0e\n\x06policy\x18\x06 \x01(\t\x12\x13\n\x0b\x61pp_classes\x18\x07 \x03(\t\x12\x12\n\niterations\x18\x08 \x01(\x04\x12\x14\n\x0csched_ms_p50\x18\t \x01(\x01\x12\x14\n\x0csched_ms_p99\x18\n \x01(\x01\x12\x13\n\x0boverhead_ms\x18\x0b \x01(\x01\x12&\n\x07\x63lasses\x18\x0c \x03(\x0b\x32\x15.accelgen.v1.AppClass\x12\x12\n\nvocab_size\x18\r \x01(\r\x12\x34\n\x13worker_to_scheduler\x18\x0e \x01(\x0b\x32\x17.accelgen.v1.HopLatency\x12\x33\n\x12\x61pplied_to_durable\x18\x0f \x01(\x0b\x32\x17.accelgen.v1.HopLatency\x12\x33\n\x12\x61pplied_to_gateway\x18\x10 \x01(\x0b\x32\x17.accelgen.v1.HopLatency\"=\n\nHopLatency\x12\x0e\n\x06p50_ms\x18\x01 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x02 \x01(\x01\x12\x0f\n\x07samples\x18\x03 \x01(\x04\";\n\x08\x41ppClass\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x03slo\x18\x02 \x01(\x0b\x32\x14.accelgen.v1.SLOSpec\"p\n\x15RegisterWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x33\n\x0b\x64\x65scription\x18\x03 \x01(\x0b\x32\x1e.accelgen.v1.WorkerDescription\"O\n\x16RegisterWorkerResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\x12\x17\n\x0fheartbeat_ttl_s\x18\x02 \x01(\x01\"%\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\\\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\x10\n\x08\x61ssigned\x18\x03 \x01(\r\x12\x14\n\x0c\x64rain_left_s\x18\x04 \x01(\x01\",\n\x17\x44\x65registerWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65registerWorkerResponse\"G\n\x12\x44rainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07grace_s\x18\x02 \x01(\x01\x12\r\n\x05query\x18\x03 \x01(\x08\"O\n\x13\x44rainWorkerResponse\x12\x10\n\x08\x61ssigned\x18\x01 \x01(\r\x12\x14\n\x0c\x64rain_left_s\x18\x02 \x01(\x01\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\x32\xd1\x05\n\tScheduler\x12\x41\n\x06Submit\x12\x1a.accelgen.v1.SubmitRequest\x1a\x1b.accelgen.v1.SubmitResponse\x12N\n\tWatchMany\x12\x1d.accelgen.v1.WatchManyRequest\x1a\x1e.accelgen.v1.WatchManyResponse(\x01\x30\x01\x12\x41\n\x06\x43\x61ncel\x12\x1a.accelgen.v1.CancelRequest\x1a\x1b.accelgen.v1.CancelResponse\x12G\n\nGetRequest\x12\x1e.accelgen.v1.GetRequestRequest\x1a\x19.accelgen.v1.RequestState\x12K\n\rGetServerInfo\x12!.accelgen.v1.GetServerInfoRequest\x1a\x17.accelgen.v1.ServerInfo\x12Y\n\x0eRegisterWorker\x12\".accelgen.v1.RegisterWorkerRequest\x1a#.accelgen.v1.RegisterWorkerResponse\x12J\n\tHeartbeat\x12\x1d.accelgen.v1.HeartbeatRequest\x1a\x1e.accelgen.v1.HeartbeatResponse\x12_\n\x10\x44\x65registerWorker\x12$.accelgen.v1.DeregisterWorkerRequest\x1a%.accelgen.v1.DeregisterWorkerResponse\x12P\n\x0b\x44rainWorker\x12\x1f.accelgen.v1.DrainWorkerRequest\x1a .accelgen.v1.DrainWorkerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,43 +33,43 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'accelgen.v1.scheduler_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBMITREQUEST']._serialized_start=71
-  _globals['_SUBMITREQUEST']._serialized_end=334
-  _globals['_SUBMITRESPONSE']._serialized_start=336
-  _globals['_SUBMITRESPONSE']._serialized_end=407
-  _globals['_WATCHREQUEST']._serialized_start=409
-  _globals['_WATCHREQUEST']._serialized_end=464
-  _globals['_TOKENBATCH']._serialized_start=467
-  _globals['_TOKENBATCH']._serialized_end=668
-  _globals['_WATCHMANYREQUEST']._serialized_start=670
-  _globals['_WATCHMANYREQUEST']._serialized_end=762
-  _globals['_WATCHMANYRESPONSE']._serialized_start=764
-  _globals['_WATCHMANYRESPONSE']._serialized_end=866
-  _globals['_WATCHERROR']._serialized_start=868
-  _globals['_WATCHERROR']._serialized_end=931
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=933
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=955
-  _globals['_SERVERINFO']._serialized_start=958
-  _globals['_SERVERINFO']._serialized_end=1417
-  _globals['_HOPLATENCY']._serialized_start=1419
-  _globals['_HOPLATENCY']._serialized_end=1480
-  _globals['_APPCLASS']._serialized_start=1482
-  _globals['_APPCLASS']._serialized_end=1541
-  _globals['_REGISTERWORKERREQUEST']._serialized_start=1543
-  _globals['_REGISTERWORKERREQUEST']._serialized_end=1655
-  _globals['_REGISTERWORKERRESPONSE']._serialized_start=1657
-  _globals['_REGISTERWORKERRESPONSE']._serialized_end=1736
-  _globals['_HEARTBEATREQUEST']._serialized_start=1738
-  _globals['_HEARTBEATREQUEST']._serialized_end=1775
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1777
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1869
-  _globals['_DEREGISTERWORKERREQUEST']._serialized_start=1871
-  _globals['_DEREGISTERWORKERREQUEST']._serialized_end=1915
-  _globals['_DEREGISTERWORKERRESPONSE']._serialized_start=1917
-  _globals['_DEREGISTERWORKERRESPONSE']._serialized_end=1943
-  _globals['_DRAINWORKERREQUEST']._serialized_start=1945
-  _globals['_DRAINWORKERREQUEST']._serialized_end=2016
-  _globals['_DRAINWORKERRESPONSE']._serialized_start=2018
-  _globals['_DRAINWORKERRESPONSE']._serialized_end=2097
-  _globals['_SCHEDULER']._serialized_start=2100
-  _globals['_SCHEDULER']._serialized_end=2821
+  _globals['_SUBMITREQUEST']._serialized_end=384
+  _globals['_SUBMITRESPONSE']._serialized_start=386
+  _globals['_SUBMITRESPONSE']._serialized_end=457
+  _globals['_WATCHREQUEST']._serialized_start=459
+  _globals['_WATCHREQUEST']._serialized_end=514
+  _globals['_TOKENBATCH']._serialized_start=517
+  _globals['_TOKENBATCH']._serialized_end=718
+  _globals['_WATCHMANYREQUEST']._serialized_start=720
+  _globals['_WATCHMANYREQUEST']._serialized_end=812
+  _globals['_WATCHMANYRESPONSE']._serialized_start=814
+  _globals['_WATCHMANYRESPONSE']._serialized_end=916
+  _globals['_WATCHERROR']._serialized_start=918
+  _globals['_WATCHERROR']._serialized_end=981
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=983
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1005
+  _globals['_SERVERINFO']._serialized_start=1008
+  _globals['_SERVERINFO']._serialized_end=1467
+  _globals['_HOPLATENCY']._serialized_start=1469
+  _globals['_HOPLATENCY']._serialized_end=1530
+  _globals['_APPCLASS']._serialized_start=1532
+  _globals['_APPCLASS']._serialized_end=1591
+  _globals['_REGISTERWORKERREQUEST']._serialized_start=1593
+  _globals['_REGISTERWORKERREQUEST']._serialized_end=1705
+  _globals['_REGISTERWORKERRESPONSE']._serialized_start=1707
+  _globals['_REGISTERWORKERRESPONSE']._serialized_end=1786
+  _globals['_HEARTBEATREQUEST']._serialized_start=1788
+  _globals['_HEARTBEATREQUEST']._serialized_end=1825
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1827
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1919
+  _globals['_DEREGISTERWORKERREQUEST']._serialized_start=1921
+  _globals['_DEREGISTERWORKERREQUEST']._serialized_end=1965
+  _globals['_DEREGISTERWORKERRESPONSE']._serialized_start=1967
+  _globals['_DEREGISTERWORKERRESPONSE']._serialized_end=1993
+  _globals['_DRAINWORKERREQUEST']._serialized_start=1995
+  _globals['_DRAINWORKERREQUEST']._serialized_end=2066
+  _globals['_DRAINWORKERRESPONSE']._serialized_start=2068
+  _globals['_DRAINWORKERRESPONSE']._serialized_end=2147
+  _globals['_SCHEDULER']._serialized_start=2150
+  _globals['_SCHEDULER']._serialized_end=2871
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "app_class", "slo", "eos_token_id", "has_eos_token_id", "owner", "tenant", "label")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "app_class", "slo", "eos_token_id", "has_eos_token_id", "owner", "tenant", "label", "stop", "include_stop_str_in_output")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,8 @@ class SubmitRequest(_message.Message):
     OWNER_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_STOP_STR_IN_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: _common_pb2.SamplingParams
@@ -29,7 +31,9 @@ class SubmitRequest(_message.Message):
     owner: str
     tenant: str
     label: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., app_class: _Optional[str] = ..., slo: _Optional[_Union[_common_pb2.SLOSpec, _Mapping]] = ..., eos_token_id: _Optional[int] = ..., has_eos_token_id: _Optional[bool] = ..., owner: _Optional[str] = ..., tenant: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    include_stop_str_in_output: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., app_class: _Optional[str] = ..., slo: _Optional[_Union[_common_pb2.SLOSpec, _Mapping]] = ..., eos_token_id: _Optional[int] = ..., has_eos_token_id: _Optional[bool] = ..., owner: _Optional[str] = ..., tenant: _Optional[str] = ..., label: _Optional[str] = ..., stop: _Optional[_Iterable[str]] = ..., include_stop_str_in_output: _Optional[bool] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
     __slots__ = ("request_id", "slo")

@@ -85,9 +85,9 @@ return 1
 
 # One iteration, one script (a pipeline of hundreds of APPENDs cost more in client-side command
 # packing than the Redis work itself). KEYS[3] = live, then the keys of each section in order;
-# ARGV[4] = finished TTL, ARGV[5..9] = the sections' sizes (appends, statuses, preemption counts,
-# finished requests, logprob appends), then their values: appends, logprob appends, statuses,
-# preemption counts, finished ids. Each append is (tokens, times, expected length of out in
+# ARGV[4] = finished TTL, ARGV[5..10] = the sections' sizes (appends, statuses, preemption counts,
+# finished requests, logprob appends, truncations), then their values: appends, logprob appends,
+# truncations, statuses, preemption counts, finished ids. Each append is (tokens, times, expected length of out in
 # bytes; -1 = unchecked) so that the script is idempotent: redis-py re-sends a command whose reply
 # was lost, and a second APPEND would repeat tokens. Tokens already there are skipped; an output
 # shorter than expected (Redis lost acknowledged writes: a failover, AOF everysec on a crashed
@@ -95,10 +95,13 @@ return 1
 # logprob append (key lp; ARGV: the number of its append, 1-based, the records, and the expected
 # length of lp in bytes, -1 = unchecked: then it lands exactly when its tokens do) is checked the
 # same way, its gap reported as its out key (the caller restores out, tim and lp together), so lp
-# stays aligned with out. Each finished request has 4 keys: req, out, tim, lp.
+# stays aligned with out. A truncation (keys out, tim, lp; ARGV: the tokens kept and the bytes of
+# their logprob records) cuts a request's output to its first tokens, for a request finished by a
+# gateway's stop string (tokens written after the one that completed it go); cutting twice cuts
+# nothing more, so it is idempotent too. Each finished request has 4 keys: req, out, tim, lp.
 COMMIT = HOLDS + """
 if not holds() then return 0 end
-local k, a = 4, 10
+local k, a = 4, 11
 local n, m = tonumber(ARGV[5]), tonumber(ARGV[9])
 local gaps = {}
 local function gap(key, off, len)
@@ -131,6 +134,16 @@ for _ = 1, m do
     redis.call('APPEND', KEYS[k], ARGV[a + 1])
   end
   k = k + 1; a = a + 3
+end
+local function cut(key, len)
+  if redis.call('STRLEN', key) > len then
+    if len == 0 then redis.call('DEL', key) else redis.call('SET', key, redis.call('GETRANGE', key, 0, len - 1)) end
+  end
+end
+for _ = 1, tonumber(ARGV[10]) do
+  local kept = tonumber(ARGV[a])
+  cut(KEYS[k], 4 * kept); cut(KEYS[k + 1], 8 * kept); cut(KEYS[k + 2], tonumber(ARGV[a + 1]))
+  k = k + 3; a = a + 2
 end
 for _ = 1, tonumber(ARGV[6]) do
   redis.call('HSET', KEYS[k], 'status', ARGV[a], 'finish_reason', ARGV[a + 1]); k = k + 1; a = a + 2

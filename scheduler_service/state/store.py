@@ -4,7 +4,9 @@ Layout (every key under a configurable prefix, default ``accelgen:``):
 
 - ``req:{id}``        hash: prompt (uint32 array), sampling / slo (JSON), app_class, arrival,
                       eos, status, finish_reason, preemptions, worker, tenant, label (the last two
-                      absent from records written before them: read as "")
+                      absent from records written before them: read as ""), stop (JSON list of
+                      the client's stop strings) and include_stop ("1"/""), absent from older
+                      records and read as none
 - ``out:{id}``        string: output token ids, appended 4 bytes a token (APPEND is O(1))
 - ``tim:{id}``        string: emission times, appended 8 bytes a token
 - ``lp:{id}``         string: the output tokens' logprobs, one self-delimiting record a token
@@ -90,6 +92,9 @@ class StoredRequest:
     tenant: str = ""
     label: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token; empty: not asked
+    # The client's stop strings (the gateway applies them; an Attach re-applies them from here).
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,15 @@ class IterationChanges:
     # id -> the logprobs of its ``tokens``, one each, for the requests that asked for them: stored
     # with the tokens (appended only when they are), delivered with them.
     logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
+    # id -> (output tokens kept, bytes of their logprob records): the stored output is cut to them
+    # (a request a gateway finished for a stop string: ``truncation``).
+    truncate: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def truncation(keep: int, logprobs: list[TokenLogprob]) -> tuple[int, int]:
+    """``IterationChanges.truncate``'s value keeping ``keep`` tokens, ``logprobs`` being those
+    delivered (empty: none asked): the byte length of a request's lp records is not fixed."""
+    return keep, len(pack_logprobs(logprobs[:keep])) if logprobs else 0
 
 
 class LeaseLost(Exception):
@@ -223,7 +237,8 @@ class RedisStore:
         return LeaseLost(message)
 
     # -- requests ------------------------------------------------------------------------------
-    async def add_request(self, request: Request, worker_id: str, tenant: str = "", label: str = "") -> None:
+    async def add_request(self, request: Request, worker_id: str, tenant: str = "", label: str = "",
+                          stop: tuple[str, ...] = (), include_stop: bool = False) -> None:
         """The durable accept: fenced, idempotent for its own retry, ``RequestIdTaken`` if the id
         has a record (``scripts.ADD_REQUEST``)."""
         rid = request.request_id
@@ -240,6 +255,8 @@ class RedisStore:
             "worker": worker_id,
             "tenant": tenant,
             "label": label,
+            "stop": json.dumps(list(stop)),
+            "include_stop": "1" if include_stop else "",
         }
         p = self.p
         keys = [*self._lease_keys(), p + "live", *(p + f"{kind}:{rid}" for kind in ("req", "out", "tim", "lp"))]
@@ -317,6 +334,10 @@ class RedisStore:
                 keys.append(p + f"lp:{rid}")
                 records = pack_logprobs(lps)
                 lp_appends += (order[rid], records, _lp_offset(ch.offsets.get(rid), records, len(lps)))
+        cuts: list[int] = []
+        for rid, (kept, lp_bytes) in ch.truncate.items():
+            keys += (p + f"out:{rid}", p + f"tim:{rid}", p + f"lp:{rid}")
+            cuts += (kept, lp_bytes)
         statuses: list[str] = []
         for rid, (status, reason) in ch.status.items():
             keys.append(p + f"req:{rid}")
@@ -325,8 +346,8 @@ class RedisStore:
         for rid in ch.finished:
             keys += (p + f"req:{rid}", p + f"out:{rid}", p + f"tim:{rid}", p + f"lp:{rid}")
         args: list[Any] = [*self._lease_args(), self.finished_ttl_s, len(ch.tokens), len(ch.status),
-                           len(ch.preemptions), len(ch.finished), len(lp_appends) // 3, *appends, *lp_appends,
-                           *statuses, *(str(n) for n in ch.preemptions.values()), *ch.finished]
+                           len(ch.preemptions), len(ch.finished), len(lp_appends) // 3, len(ch.truncate),
+                           *appends, *lp_appends, *cuts, *statuses, *(str(n) for n in ch.preemptions.values()), *ch.finished]
         result = await self._write(self._commit, keys, args)
         if isinstance(result, list):
             prefix = len(p + "out:")
@@ -458,4 +479,5 @@ def _decode_fields(rid: str, h: dict[bytes, bytes], out: bytes | None, tim: byte
         request.finish_reason = FinishReason(reason)
     return StoredRequest(request=request, emitted_at=times, worker_id=g.get("worker", b"").decode(),
                          tenant=g.get("tenant", b"").decode(), label=g.get("label", b"").decode(),
-                         logprobs=unpack_logprobs(lp))
+                         logprobs=unpack_logprobs(lp), stop=tuple(json.loads(g.get("stop", b"[]") or b"[]")),
+                         include_stop_str_in_output=bool(g.get("include_stop", b"")))

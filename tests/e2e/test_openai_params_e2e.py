@@ -1,6 +1,7 @@
 """The OpenAI and gRPC generation parameters through the whole stack (Redis, scheduler, a sim
-worker, gateway as processes): `n`, prompt lists, `stop` strings cancelled at the scheduler,
-and `logprobs` computed by the worker, with the official `openai` client.
+worker, gateway as processes): `n`, prompt lists, `stop` strings (finished as "stop" at the
+scheduler, counted finished there, re-applied by Attach), and `logprobs` computed by the worker,
+with the official `openai` client.
 
 The sim worker samples from a 259-token vocabulary here, so its tokens are bytes the gateway's
 byte tokenizer turns into text, and a stop string made of common ASCII letters turns up."""
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 import string
 import time
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
 import grpc
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from accelgen.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from launcher.stack import Stack, start_stack
@@ -54,7 +57,22 @@ def test_n_prompt_lists_and_logprobs(client: openai.OpenAI) -> None:
     assert len(content) == chunks[-1].usage.completion_tokens and all(len(c.top_logprobs) == 3 for c in content)
 
 
+def _scheduler_counts(stack: Stack) -> tuple[float, float]:
+    """(requests finished with reason "stop", requests cancelled) in the scheduler's /metrics."""
+    with urllib.request.urlopen(stack.metrics_urls["scheduler"], timeout=10) as resp:
+        text = resp.read().decode()
+    stopped = cancelled = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "accelgen_scheduler_requests_finished_total" and sample.labels["finish_reason"] == "stop":
+                stopped += sample.value
+            elif sample.name == "accelgen_scheduler_requests_cancelled_total":
+                cancelled += sample.value
+    return stopped, cancelled
+
+
 def test_stop_string_ends_the_request_at_the_scheduler(stack: Stack, client: openai.OpenAI) -> None:
+    stopped_before, cancelled_before = _scheduler_counts(stack)
     reply = client.completions.create(model=client.models.list().data[0].id, prompt="go", max_tokens=300, stop=STOPS,
                                       extra_body={"ignore_eos": True})
     choice = reply.choices[0]
@@ -64,9 +82,21 @@ def test_stop_string_ends_the_request_at_the_scheduler(stack: Stack, client: ope
     with grpc.insecure_channel(stack.gateway_address) as ch:
         stub = gateway_pb2_grpc.GatewayStub(ch)
         deadline = time.monotonic() + 30
-        while (state := stub.GetRequest(common_pb2.GetRequestRequest(request_id=rid), timeout=5)).status != "cancelled":
-            assert time.monotonic() < deadline, state.status
+        while (state := stub.GetRequest(common_pb2.GetRequestRequest(request_id=rid), timeout=5)).status != "finished":
+            assert state.status in ("running", "waiting") and time.monotonic() < deadline, state.status
             time.sleep(0.1)
+        # Finished as vLLM finishes it: "stop", exactly the tokens up to the one completing the string.
+        assert state.finish_reason == "stop" and len(state.output_ids) == reply.usage.completion_tokens
+        assert list(state.stop) == STOPS
+        stopped, cancelled = _scheduler_counts(stack)
+        assert (stopped - stopped_before, cancelled - cancelled_before) == (1, 0)
+        # Attach (through any gateway) re-applies the stored stop strings: the same text and reason.
+        out = list(stub.Attach(gateway_pb2.AttachRequest(request_id=rid), timeout=30))
+        complete = out[-1].complete
+        assert (complete.text, complete.finish_reason, complete.stop_string) == (
+            choice.text, "stop", choice.model_extra["stop_reason"])
+        assert len(complete.output_ids) == reply.usage.completion_tokens
+        assert "".join(r.chunk.text for r in out[:-1]) == choice.text
 
 
 def test_grpc_n_with_logprobs(stack: Stack) -> None:

@@ -75,7 +75,7 @@ class ScriptedStore:
     async def remove_worker(self, worker_id: str) -> None:
         await self._io()
 
-    async def add_request(self, request: Any, worker_id: str, tenant: str = "", label: str = "") -> None:
+    async def add_request(self, request: Any, worker_id: str, tenant: str = "", label: str = "", **_: Any) -> None:
         await self._io(submit=True)
         self.status[request.request_id] = "waiting"
         self.tokens[request.request_id] = []
