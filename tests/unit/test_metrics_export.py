@@ -250,3 +250,19 @@ def test_the_grafana_dashboard_is_valid_and_uses_only_exported_metrics() -> None
     used = {m for e in exprs for m in re.findall(r"accelgen_[a-z0-9_]+", e)}
     missing = used - exported_names()
     assert not missing, f"the dashboard queries metrics nobody exports: {sorted(missing)}"
+
+
+def test_the_grafana_dashboard_is_what_its_script_builds() -> None:
+    """deploy/grafana/accelgen.json is generated: edit scripts/make_grafana_dashboard.py and rerun it."""
+    import importlib.util
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("accelgen_make_grafana_dashboard",
+                                                  repo / "scripts" / "make_grafana_dashboard.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    committed = (repo / "deploy" / "grafana" / "accelgen.json").read_text()
+    assert committed == script.render(script.build()), (
+        "deploy/grafana/accelgen.json differs from what scripts/make_grafana_dashboard.py builds: "
+        "edit the script, not the JSON, and run .venv/bin/python scripts/make_grafana_dashboard.py")
