@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from accelgen.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2
-from tests.support.gateway_stack import FakeScheduler, GatewayStack
+from tests.support.gateway_stack import FakeScheduler, GatewayStack, scripted_logprobs
 
 pytestmark = pytest.mark.integration
 
@@ -40,10 +40,7 @@ class LogprobScheduler(FakeScheduler):
         k = self._requests[request_id].submit.sampling_params
         async for batch in super()._batches(request_id, start):
             if k.HasField("logprobs"):
-                top = [(1, -0.125), (0, -0.25), (2, -1.0)][:k.logprobs]
-                batch.logprobs.extend(common_pb2.TokenLogprob(
-                    token_id=t, logprob=-0.25, rank=2,
-                    top=[common_pb2.TopLogprob(token_id=t + d, logprob=v) for d, v in top]) for t in batch.token_ids)
+                batch.logprobs.extend(scripted_logprobs(batch.token_ids, k.logprobs))
             yield batch
 
 

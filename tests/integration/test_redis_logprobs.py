@@ -5,11 +5,9 @@ expired with them, and read back aligned with the output for a recovery or a lat
 from __future__ import annotations
 
 import asyncio
-from typing import Iterator
 
 import pytest
 
-from launcher.stack import start_redis
 from accelgen.core.logprobs import TokenLogprob
 from accelgen.core.request import Request, RequestStatus, SamplingParams
 from accelgen.core.slo import SLO
@@ -18,13 +16,6 @@ from scheduler_service.delivery import Delivery
 from scheduler_service.state.store import IterationChanges, OutputGap, RedisStore
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, url = start_redis(workdir=tmp_path_factory.mktemp("redis"), key_prefix=None)
-    yield url
-    proc.stop()
 
 
 def _request(rid: str, logprobs: int | None) -> Request:

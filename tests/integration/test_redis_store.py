@@ -5,24 +5,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from typing import Iterator
 
 import pytest
 
-from launcher.stack import start_redis
 from accelgen.core.request import Request, RequestStatus, SamplingParams
 from accelgen.core.slo import SLO
 from accelgen.core.worker_info import WorkerInfo
 from scheduler_service.state.store import IterationChanges, RedisStore, RequestIdTaken
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, url = start_redis(workdir=tmp_path_factory.mktemp("redis"), key_prefix=None)  # several prefixes
-    yield url
-    proc.stop()
 
 
 def _request(rid: str) -> Request:

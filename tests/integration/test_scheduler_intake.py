@@ -11,14 +11,13 @@ import asyncio
 import itertools
 import json
 import time
-from typing import AsyncIterator, Awaitable, Callable, Iterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
 
 from accelgen.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 from accelgen.wire.worker_info import worker_info_to_json
-from launcher.stack import start_redis
 from scheduler_service import delivery
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.errors import ServiceError
@@ -27,13 +26,6 @@ from scheduler_service.workers import WorkerRegistry
 from tests.support.in_process_worker import InProcessWorker
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, url = start_redis(workdir=tmp_path_factory.mktemp("redis"), key_prefix=None)  # a prefix per test
-    yield url
-    proc.stop()
 
 
 _UNUSED_PORTS = itertools.count(1)  # nothing listens there: the stub answers instead

@@ -5,7 +5,7 @@ scheduler delivers the same ones from Redis."""
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator
 
 import grpc
 import pytest
@@ -13,20 +13,12 @@ import pytest
 from accelgen.core.request import SamplingParams
 from accelgen.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from accelgen.wire.logprobs import logprob_from_proto
-from launcher.stack import start_redis
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.main import SchedulerHandle, start_scheduler
 from tests.support.in_process_worker import InProcessWorker
 from worker_service.executors.sim import sim_logprob
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, url = start_redis(workdir=tmp_path_factory.mktemp("redis"), key_prefix=None)
-    yield url
-    proc.stop()
 
 
 async def _scheduler(url: str, prefix: str, hang: bool = False) -> SchedulerHandle:

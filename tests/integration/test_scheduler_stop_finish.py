@@ -6,26 +6,18 @@ finished in the scheduler's metrics; the Submit's stop strings come back in GetR
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
 
 from accelgen.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from launcher.stack import start_redis
 from tests.integration.test_scheduler_logprobs import _scheduler
 
 pytestmark = pytest.mark.integration
 
 P = "accelgen_scheduler_"
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, url = start_redis(workdir=tmp_path_factory.mktemp("redis"), key_prefix=None)
-    yield url
-    proc.stop()
 
 
 def _submit(rid: str, stop: list[str]) -> scheduler_pb2.SubmitRequest:

@@ -63,6 +63,15 @@ class _Record:
     sent: int = 0                        # tokens the fake has sent of it so far (its "progress")
 
 
+def scripted_logprobs(token_ids: Any, k: int) -> list[common_pb2.TokenLogprob]:
+    """Known logprobs for fakes that answer ``logprobs = k``: token t has -0.25 at rank 2, and
+    its top k are t+1 (-0.125), t (-0.25), t+2 (-1.0), in that order."""
+    top = [(1, -0.125), (0, -0.25), (2, -1.0)][:k]
+    return [common_pb2.TokenLogprob(token_id=t, logprob=-0.25, rank=2,
+                                    top=[common_pb2.TopLogprob(token_id=t + d, logprob=v) for d, v in top])
+            for t in token_ids]
+
+
 @dataclass
 class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     """A scripted scheduler. Every request produces ``output_ids`` (or ``tokens_for(request)``)."""

@@ -25,7 +25,7 @@ import openai
 import pytest
 
 from accelgen.v1 import common_pb2, scheduler_pb2
-from tests.support.gateway_stack import FakeScheduler, GatewayStack
+from tests.support.gateway_stack import FakeScheduler, GatewayStack, scripted_logprobs
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SECTION = "## OpenAI API: supported parameters"
@@ -105,10 +105,7 @@ class SamplerScheduler(FakeScheduler):
             if batch.finished and batch.finish_reason != "abort":
                 batch.finish_reason = self.finishes.get(request_id, "stop")
             if k is not None and k.HasField("logprobs"):  # t: -0.25 at rank 2; its top: t+1, t, t+2
-                top = [(1, -0.125), (0, -0.25), (2, -1.0)][:k.logprobs]
-                batch.logprobs.extend(common_pb2.TokenLogprob(
-                    token_id=t, logprob=-0.25, rank=2,
-                    top=[common_pb2.TopLogprob(token_id=t + d, logprob=v) for d, v in top]) for t in batch.token_ids)
+                batch.logprobs.extend(scripted_logprobs(batch.token_ids, k.logprobs))
             yield batch
 
 
