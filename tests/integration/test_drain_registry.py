@@ -20,13 +20,13 @@ from scheduler_service.config import SchedulerConfig
 from scheduler_service.errors import ServiceError
 from scheduler_service.main import start_scheduler
 from scheduler_service.workers import DEFAULT_DRAIN_GRACE_S, WorkerRegistry
-from tests.integration.test_scheduler_intake import _scheduler, _submit, _until, redis_url  # noqa: F401 (a fixture)
+from tests.integration.test_scheduler_intake import _scheduler, _submit, _until
 from tests.support.in_process_worker import InProcessWorker
 
 pytestmark = pytest.mark.integration
 
 
-def test_a_draining_worker_gets_nothing_new_and_a_new_scheduler_keeps_the_drain(redis_url: str) -> None:  # noqa: F811
+def test_a_draining_worker_gets_nothing_new_and_a_new_scheduler_keeps_the_drain(redis_url: str) -> None:
     async def main() -> None:
         first = await _scheduler(redis_url, "drain1:")
         workers: WorkerRegistry = first.app.workers
@@ -72,7 +72,7 @@ def test_a_draining_worker_gets_nothing_new_and_a_new_scheduler_keeps_the_drain(
     asyncio.run(main())
 
 
-def test_past_the_grace_period_the_worker_is_dropped_and_forgotten(redis_url: str) -> None:  # noqa: F811
+def test_past_the_grace_period_the_worker_is_dropped_and_forgotten(redis_url: str) -> None:
     async def main() -> None:
         handle = await _scheduler(redis_url, "drain2:")
         workers: WorkerRegistry = handle.app.workers
@@ -107,7 +107,7 @@ class _Recording(InProcessWorker):
         return reply
 
 
-def test_a_drain_moves_what_its_worker_has_not_started_to_another_worker(redis_url: str) -> None:  # noqa: F811
+def test_a_drain_moves_what_its_worker_has_not_started_to_another_worker(redis_url: str) -> None:
     async def main() -> None:
         config = SchedulerConfig(port=0, redis_url=redis_url, redis_prefix="drain3:", heartbeat_interval_s=0.5,
                                  heartbeat_ttl_s=60.0, lease_ttl_s=2.0, max_num_seqs=1)
