@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo results service-results bench faults protos clean
+.PHONY: install grpcurl test demo results service-results bench faults protos clean
 
 $(STAMP): pyproject.toml
 	bash scripts/install_system_deps.sh
@@ -24,7 +24,13 @@ $(NODE_DEPS): examples/node/package-lock.json | $(STAMP)
 	npm ci --prefix examples/node --no-audit --no-fund
 	touch $(NODE_DEPS)
 
-install: $(STAMP) $(NODE_DEPS)
+# grpcurl for the grpcurl example's test: a pinned, checksummed release binary from GitHub, where
+# GitHub is reachable (else that one test is skipped, saying why). Never fails the install.
+GRPCURL := .cache/bin/grpcurl
+grpcurl:
+	@[ -x $(GRPCURL) ] || bash scripts/install_grpcurl.sh $(GRPCURL)
+
+install: $(STAMP) $(NODE_DEPS) grpcurl
 
 test: install
 	$(BIN)/python scripts/gen_protos.py --check

@@ -192,12 +192,17 @@ SCRIPT = EXAMPLES / "grpcurl" / "generate.sh"
 BODY = EXAMPLES / "grpcurl" / "generate_request.json"
 
 
+LOCAL_BIN = REPO / ".cache" / "bin"  # where `make install` puts grpcurl (scripts/install_grpcurl.sh)
+
+
 def test_grpcurl_script_runs_where_grpcurl_is_installed(stack: Served) -> None:
-    if shutil.which("grpcurl") is None:
-        pytest.skip("grpcurl is not on PATH (a GitHub/Go download, no Debian package); "
-                    "test_grpcurl_script_works_through_reflection checks the script without it")
+    path = f"{LOCAL_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    if shutil.which("grpcurl", path=path) is None:
+        pytest.skip("grpcurl is neither on PATH nor in .cache/bin (make install downloads it from GitHub where "
+                    "GitHub is reachable; no Debian package); test_grpcurl_script_works_through_reflection "
+                    "checks the script without it")
     out = run(["bash", str(SCRIPT), stack.gateway_address],
-              env={"ACCELGEN_API_KEY": KEY, "ACCELGEN_CA_CERT": stack.ca_cert})
+              env={"ACCELGEN_API_KEY": KEY, "ACCELGEN_CA_CERT": stack.ca_cert, "PATH": path})
     assert out.returncode == 0, out.stderr + out.stdout
     assert "accelgen.v1.Gateway" in out.stdout and "rpc Generate" in out.stdout
     assert '"finishReason": "length"' in out.stdout and '"tokenIds"' in out.stdout
