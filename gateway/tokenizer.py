@@ -131,8 +131,13 @@ class IncrementalDetokenizer:
         """Append ``new_ids``; return the text they complete (may be empty while a char is split).
 
         A character still incomplete when the output ends is never emitted: vLLM's detokenizers
-        drop it too, so an output cut mid-character reads the same from both servers."""
-        self._ids.extend(new_ids)
+        drop it too, so an output cut mid-character reads the same from both servers. Token by
+        token, as vLLM does: a batch whose last character is incomplete still gives the text
+        before it (decoded whole, it would end in U+FFFD and give nothing)."""
+        return "".join(self._add_one(token) for token in new_ids)
+
+    def _add_one(self, token: int) -> str:
+        self._ids.append(token)
         prefix_text = self._tok.decode(self._ids[self._prefix:self._read])
         full_text = self._tok.decode(self._ids[self._prefix:])
         if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
