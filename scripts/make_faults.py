@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--fuzz", type=int, default=10000, help="fuzzed inputs per surface (0 = reuse bench/out/fuzz.json)")
     ap.add_argument("--out", type=Path, default=REPO / "docs", help="where reliability.md/.json go")
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "out" / "faults", help="logs and raw records")
+    ap.add_argument("--from-raw", type=Path, default=None, help="judge and report the campaign recorded in this "
+                    "raw.json (a --work's) again, without running one: after a change to the verdict or the report")
     return ap.parse_args(argv)
 
 
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_faults: unknown fault class(es) {', '.join(unknown)}; known: {', '.join(BY_NAME)}",
               file=sys.stderr)
         return 2
+    if args.from_raw is not None:
+        return report(json.loads(args.from_raw.read_text()), run_fuzz(0), args.out)
     vllm = args.executor == "vllm"
     total = args.faults if args.faults is not None else (8 if vllm else 210)
     lo, hi = (float(x) for x in args.gap.split(","))
@@ -92,15 +96,20 @@ def main(argv: list[str] | None = None) -> int:
     result = run_campaign(settings)
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "raw.json").write_text(json.dumps(result))
+    return report(result, fuzz, args.out)
+
+
+def report(result: dict, fuzz: dict | None, out: Path) -> int:
+    """Judge a campaign's records (bench/faults/verdict.py) and write reliability.md/.json."""
     summary = summarize(result)
     if fuzz is not None:
         summary["fuzz"] = fuzz
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "reliability.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (args.out / "reliability.md").write_text(render(summary, fuzz))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reliability.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "reliability.md").write_text(render(summary, fuzz))
     t = summary["totals"]
     print(f"faults {t.get('faults', 0)}, accepted {t.get('accepted', 0)}, lost {t.get('lost', 0)}, "
-          f"differing {t.get('differing', 0)}; wall {summary['wall_s']:.0f} s -> {args.out / 'reliability.md'}")
+          f"differing {t.get('differing', 0)}; wall {summary['wall_s']:.0f} s -> {out / 'reliability.md'}")
     return 0
 
 
