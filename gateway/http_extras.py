@@ -32,6 +32,7 @@ from gateway.errors import http_status_of, status_of
 from gateway.generation import ActiveRequest, GenerationService
 from gateway.openai_http import SSEResponse, caller_of
 from gateway.openai_protocol import request_id_of
+from gateway.stop_strings import OutputText
 from gateway.tokenizer import IncrementalDetokenizer
 
 def _event(payload: dict[str, Any]) -> str:
@@ -62,8 +63,11 @@ def add_routes(app: FastAPI, service: GenerationService) -> None:
         caller = caller_of(request, service)
         caller.charge()
         state = await service.owned_state(caller, rid, include_prompt=True)
-        detok = IncrementalDetokenizer(service.tokenizer, list(state.prompt_token_ids))
-        text = detok.add(list(state.output_ids))
+        # The text as the stream made it: the request's stored stop strings cut it the same way.
+        output = OutputText(IncrementalDetokenizer(service.tokenizer, list(state.prompt_token_ids)),
+                            list(state.stop), state.include_stop_str_in_output)
+        output.update(list(state.output_ids), stop_terminated=False)
+        text = output.text
         return JSONResponse({"id": rid, "status": state.status, "finish_reason": state.finish_reason or None,
                              "label": state.label or None, "text": text, "token_ids": list(state.output_ids),
                              "prompt_tokens": state.prompt_tokens, "completion_tokens": len(state.output_ids)},

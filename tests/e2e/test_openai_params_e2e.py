@@ -8,6 +8,7 @@ byte tokenizer turns into text, and a stop string made of common ASCII letters t
 
 from __future__ import annotations
 
+import json
 import string
 import time
 import urllib.request
@@ -97,6 +98,9 @@ def test_stop_string_ends_the_request_at_the_scheduler(stack: Stack, client: ope
             choice.text, "stop", choice.model_extra["stop_reason"])
         assert len(complete.output_ids) == reply.usage.completion_tokens
         assert "".join(r.chunk.text for r in out[:-1]) == choice.text
+    # So does the HTTP state read: the same text, not the stop string the kept tokens end with.
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.http_port}/v1/requests/{rid}", timeout=10) as resp:
+        assert json.loads(resp.read())["text"] == choice.text
 
 
 def test_grpc_n_with_logprobs(stack: Stack) -> None:
